@@ -1,0 +1,197 @@
+"""CP (canonical polyadic) decomposition of a convolution kernel, by ALS in numpy.
+
+kernel[t, s, i, j] ~= sum_r last[t, r] * first[r, s] * vertical[r, i] * horizontal[r, j]
+
+which runs as four layers: 1x1 (S->R), kh x 1 depthwise, 1 x kw depthwise,
+1x1 (R->T). The ALS is organised around two BLAS calls per sweep (the MTTKRPs
+of the two large modes); the two small spatial modes reuse a shared partial
+contraction. Gram solves are done in float64 with a tiny ridge, the best
+iterate is kept, and a sweep whose factors blow up (degenerate, mutually
+cancelling components) stops the run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import RankError
+
+
+@dataclass(frozen=True)
+class ConvFactors:
+    """The four CP factors of a (T, S, kh, kw) kernel, float32, in Caffe blob shapes.
+
+    first : (R, S, 1, 1); vertical : (R, 1, kh, 1); horizontal : (R, 1, 1, kw);
+    last : (T, R, 1, 1); relative_error : ||K - K_R||_F / ||K||_F; iterations run.
+    """
+
+    first: np.ndarray
+    vertical: np.ndarray
+    horizontal: np.ndarray
+    last: np.ndarray
+    relative_error: float
+    iterations: int
+
+    @property
+    def rank(self) -> int:
+        return self.first.shape[0]
+
+
+def cp_reconstruct(factors: ConvFactors) -> np.ndarray:
+    """The (T, S, kh, kw) kernel the factors represent, float32."""
+    a = factors.last[:, :, 0, 0].astype(np.float64)
+    b = factors.first[:, :, 0, 0].T.astype(np.float64)
+    c = factors.vertical[:, 0, :, 0].T.astype(np.float64)
+    d = factors.horizontal[:, 0, 0, :].T.astype(np.float64)
+    return np.einsum("tr,sr,ir,jr->tsij", a, b, c, d, optimize=True).astype(np.float32)
+
+
+def _leading_vectors(unfolded: np.ndarray, rank: int, rng: np.random.Generator) -> np.ndarray:
+    """Leading left singular vectors of an unfolding, padded with random columns."""
+    gram = unfolded @ unfolded.T
+    evals, evecs = np.linalg.eigh(gram)
+    evecs = evecs[:, ::-1]
+    dim = unfolded.shape[0]
+    k = min(rank, dim)
+    cols = [evecs[:, :k]]
+    if rank > dim:
+        cols.append(rng.standard_normal((dim, rank - dim)) / np.sqrt(dim))
+    return np.concatenate(cols, axis=1)
+
+
+def _solve(gram: np.ndarray, mttkrp: np.ndarray) -> np.ndarray:
+    """Factor = mttkrp @ gram^-1 with a relative ridge for stability (float64)."""
+    ridge = 1e-12 * max(float(np.trace(gram)) / gram.shape[0], 1e-300)
+    g = gram + ridge * np.eye(gram.shape[0])
+    try:
+        return np.linalg.solve(g, mttkrp.T).T
+    except np.linalg.LinAlgError:
+        return mttkrp @ np.linalg.pinv(g)
+
+
+def cp_conv(
+    kernel: np.ndarray,
+    rank: int,
+    *,
+    seed: int = 0,
+    n_iter_max: int = 200,
+    tol: float = 1e-9,
+    init: ConvFactors | None = None,
+) -> ConvFactors:
+    """CP-ALS of ``kernel`` (T, S, kh, kw) at ``rank``.
+
+    Deterministic for a given ``seed`` and thread count. ``init`` warm-starts
+    from other factors (extra components are drawn at random, surplus ones are
+    dropped, the largest kept). Stops when the relative error improves by less
+    than ``tol`` in a sweep.
+    """
+    if kernel.ndim != 4:
+        raise ValueError(f"kernel must be 4-D (T, S, kh, kw), got shape {kernel.shape}")
+    t, s, kh, kw = kernel.shape
+    if rank < 1:
+        raise RankError(f"rank {rank} must be >= 1")
+    x64 = np.asarray(kernel, dtype=np.float64)
+    norm_x = float(np.linalg.norm(x64))
+    rng = np.random.default_rng(seed)
+    if norm_x == 0.0 or not np.isfinite(norm_x):
+        zeros = np.zeros
+        return _pack(zeros((t, rank)), zeros((s, rank)), zeros((kh, rank)), zeros((kw, rank)), 0.0, 0)
+    # float64 where it is cheap (and exact recovery needs the digits); float32
+    # BLAS for large kernels, where the two GEMMs per sweep dominate.
+    work = np.float64 if t * s * kh * kw * rank <= 2e7 else np.float32
+    x = (x64 / norm_x).astype(work)  # unit norm: keeps float32 BLAS well scaled
+    x_s = np.ascontiguousarray(x.transpose(1, 0, 2, 3).reshape(s, t * kh * kw))  # (S, T*kh*kw)
+
+    if init is not None and init.rank > 0:
+        a, b, c, d = _unpack(init)
+        a = a / norm_x ** 0.25
+        b, c, d = (f / norm_x ** 0.25 for f in (b, c, d))
+        weight = np.linalg.norm(a, axis=0) * np.linalg.norm(b, axis=0) * np.linalg.norm(c, axis=0) * np.linalg.norm(d, axis=0)
+        keep = np.argsort(weight)[::-1][:rank]
+        a, b, c, d = (f[:, keep] for f in (a, b, c, d))
+        extra = rank - a.shape[1]
+        if extra > 0:
+            scale = 0.1 * float(np.median(weight)) ** 0.25 if weight.size else 0.1
+            a, b, c, d = (
+                np.concatenate([f, scale * rng.standard_normal((f.shape[0], extra))], axis=1)
+                for f in (a, b, c, d)
+            )
+    else:
+        x_t = x64.reshape(t, -1) / norm_x
+        a = _leading_vectors(x_t, rank, rng)
+        b = _leading_vectors(x64.transpose(1, 0, 2, 3).reshape(s, -1) / norm_x, rank, rng)
+        c = _leading_vectors(x64.transpose(2, 0, 1, 3).reshape(kh, -1) / norm_x, rank, rng)
+        d = _leading_vectors(x64.transpose(3, 0, 1, 2).reshape(kw, -1) / norm_x, rank, rng)
+
+    best = None
+    best_err = np.inf
+    prev_err = np.inf
+    iterations = 0
+    for iterations in range(1, n_iter_max + 1):
+        ga, gc, gd = a.T @ a, c.T @ c, d.T @ d
+        # Mode S: MTTKRP with the Khatri-Rao product of (A, C, D) -- one GEMM.
+        krp = np.einsum("tr,ir,jr->tijr", a, c, d, optimize=True).reshape(t * kh * kw, rank)
+        b = _solve(ga * gc * gd, (x_s @ krp.astype(work)).astype(np.float64))
+        gb = b.T @ b
+        # Shared partial contraction Z[r, t, i, j] = sum_s b[s, r] x[t, s, i, j] -- one GEMM.
+        z = (b.T.astype(work) @ x_s).astype(np.float64).reshape(rank, t, kh, kw)
+        c = _solve(ga * gb * gd, np.einsum("rtij,tr,jr->ir", z, a, d, optimize=True))
+        gc = c.T @ c
+        d = _solve(ga * gb * gc, np.einsum("rtij,tr,ir->jr", z, a, c, optimize=True))
+        gd = d.T @ d
+        m_a = np.einsum("rtij,ir,jr->tr", z, c, d, optimize=True)
+        a = _solve(gb * gc * gd, m_a)
+        ga = a.T @ a
+        # ||X - Xhat||^2 = 1 - 2 <X, Xhat> + ||Xhat||^2 (X has unit norm).
+        fit_sq = 1.0 - 2.0 * float(np.sum(a * m_a)) + float(np.sum(ga * gb * gc * gd))
+        err = float(np.sqrt(max(fit_sq, 0.0)))
+        scale = max(float(np.max(np.abs(f))) for f in (a, b, c, d))
+        if not np.isfinite(err) or not np.isfinite(scale) or scale > 1e6:
+            break  # degenerate: components diverge while cancelling each other
+        if err < best_err:
+            best_err = err
+            best = (a.copy(), b.copy(), c.copy(), d.copy())
+        if prev_err - err < tol * max(prev_err, 1e-12) and iterations > 2:
+            break
+        prev_err = err
+    if best is None:
+        raise RankError(f"CP-ALS at rank {rank} diverged on a {kernel.shape} kernel")
+    a, b, c, d = best
+    # Exact error of the kept iterate (the running estimate loses digits near 0).
+    approx = np.einsum("tr,sr,ir,jr->tsij", a, b, c, d, optimize=True)
+    rel = float(np.linalg.norm(x64 / norm_x - approx))
+    return _pack(a * norm_x, b, c, d, rel, iterations)
+
+
+def _balanced(a, b, c, d):
+    """Give every factor column the same norm (the 4th root of the component weight)."""
+    norms = [np.linalg.norm(f, axis=0) for f in (a, b, c, d)]
+    weight = norms[0] * norms[1] * norms[2] * norms[3]
+    root = weight ** 0.25
+    out = []
+    for f, n in zip((a, b, c, d), norms):
+        safe = np.where(n > 0, n, 1.0)
+        out.append(f / safe * root)
+    return out
+
+
+def _pack(a, b, c, d, rel: float, iterations: int) -> ConvFactors:
+    a, b, c, d = _balanced(a, b, c, d)
+    rank = a.shape[1]
+    return ConvFactors(
+        first=np.ascontiguousarray(b.T.reshape(rank, -1, 1, 1), dtype=np.float32),
+        vertical=np.ascontiguousarray(c.T.reshape(rank, 1, -1, 1), dtype=np.float32),
+        horizontal=np.ascontiguousarray(d.T.reshape(rank, 1, 1, -1), dtype=np.float32),
+        last=np.ascontiguousarray(a.reshape(a.shape[0], rank, 1, 1), dtype=np.float32),
+        relative_error=float(rel),
+        iterations=int(iterations),
+    )
+
+
+def _unpack(f: ConvFactors):
+    a = f.last[:, :, 0, 0].astype(np.float64)
+    b = f.first[:, :, 0, 0].T.astype(np.float64)
+    c = f.vertical[:, 0, :, 0].T.astype(np.float64)
+    d = f.horizontal[:, 0, 0, :].T.astype(np.float64)
+    return a, b, c, d

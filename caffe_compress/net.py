@@ -1,0 +1,268 @@
+"""The in-memory network: ordered layers with numpy weights, free of protobuf.
+
+A :class:`Net` is what ``io.load`` returns and ``io.save`` writes. Layer
+parameters are kept as plain nested dicts keyed by the Caffe field names
+(``{"convolution_param": {"num_output": 96, "kernel_size": [7]}}``), so the
+maths and the planner never see protobuf. Passes never mutate a Net: they build
+a new one with :func:`dataclasses.replace`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping
+
+import numpy as np
+
+from .errors import ModelError
+
+# Layer types whose blobs are learned weights that a deploy net cannot run without.
+WEIGHTED_TYPES = frozenset(
+    {"Convolution", "Deconvolution", "InnerProduct", "BatchNorm", "PReLU", "Embed", "Normalize"}
+)
+# Scale and Bias carry weights only when they have a single bottom.
+OPTIONALLY_WEIGHTED_TYPES = frozenset({"Scale", "Bias"})
+
+
+@dataclass(frozen=True, eq=False)
+class Layer:
+    """One Caffe layer.
+
+    params : dict
+        Every LayerParameter field except name/type/bottom/top/blobs, as plain
+        Python values (enums by name, messages as dicts, repeated as lists).
+    blobs : tuple of ndarray
+        The learned weights, float32, in Caffe's canonical shapes (convolution
+        weight (T, S/group, kh, kw); InnerProduct weight (N, K); biases (N,)).
+    """
+
+    name: str
+    type: str
+    bottoms: tuple[str, ...] = ()
+    tops: tuple[str, ...] = ()
+    params: Mapping = field(default_factory=dict)
+    blobs: tuple[np.ndarray, ...] = ()
+
+    @property
+    def param_count(self) -> int:
+        return int(sum(b.size for b in self.blobs))
+
+    def sub(self, key: str) -> dict:
+        """The ``key`` sub-message (e.g. ``convolution_param``), or {}."""
+        value = self.params.get(key)
+        return value if isinstance(value, dict) else {}
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Convolution hyper-parameters with Caffe's defaults applied (2-D only)."""
+
+    num_output: int
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    pad: tuple[int, int]
+    dilation: tuple[int, int]
+    group: int
+    bias_term: bool
+    axis: int
+
+
+def _pair(values: list, explicit_h, explicit_w, default: int, what: str, layer: str) -> tuple[int, int]:
+    if explicit_h is not None or explicit_w is not None:
+        if values:
+            raise ModelError(f"layer '{layer}': both {what} and {what}_h/{what}_w are set")
+        h = default if explicit_h is None else int(explicit_h)
+        w = default if explicit_w is None else int(explicit_w)
+        return h, w
+    if not values:
+        return default, default
+    if len(values) == 1:
+        return int(values[0]), int(values[0])
+    if len(values) == 2:
+        return int(values[0]), int(values[1])
+    raise ModelError(f"layer '{layer}': {what} has {len(values)} values; only 2-D convolutions are supported")
+
+
+def conv_geometry(layer: Layer) -> ConvGeometry:
+    """Read a Convolution/Deconvolution layer's geometry, applying Caffe defaults."""
+    p = layer.sub("convolution_param")
+    kernel = _pair(p.get("kernel_size", []), p.get("kernel_h"), p.get("kernel_w"), 0, "kernel_size", layer.name)
+    if kernel[0] <= 0 or kernel[1] <= 0:
+        raise ModelError(f"layer '{layer.name}': kernel size must be positive, got {kernel}")
+    stride = _pair(p.get("stride", []), p.get("stride_h"), p.get("stride_w"), 1, "stride", layer.name)
+    pad_h = p.get("pad_h") if "pad_h" in p else None
+    pad_w = p.get("pad_w") if "pad_w" in p else None
+    pad = _pair(p.get("pad", []), pad_h, pad_w, 0, "pad", layer.name)
+    dilation = _pair(p.get("dilation", []), None, None, 1, "dilation", layer.name)
+    if min(stride) <= 0 or min(dilation) <= 0:
+        raise ModelError(f"layer '{layer.name}': stride and dilation must be positive")
+    num_output = int(p.get("num_output", 0))
+    group = int(p.get("group", 1))
+    if num_output <= 0:
+        raise ModelError(f"layer '{layer.name}': num_output must be > 0, got {num_output}")
+    if group <= 0 or num_output % group:
+        raise ModelError(f"layer '{layer.name}': group {group} does not divide num_output {num_output}")
+    return ConvGeometry(
+        num_output=num_output,
+        kernel=kernel,
+        stride=stride,
+        pad=pad,
+        dilation=dilation,
+        group=group,
+        bias_term=bool(p.get("bias_term", True)),
+        axis=int(p.get("axis", 1)),
+    )
+
+
+@dataclass(frozen=True)
+class InnerProductGeometry:
+    num_output: int
+    bias_term: bool
+    axis: int
+    transpose: bool
+
+
+def inner_product_geometry(layer: Layer) -> InnerProductGeometry:
+    p = layer.sub("inner_product_param")
+    num_output = int(p.get("num_output", 0))
+    if num_output <= 0:
+        raise ModelError(f"layer '{layer.name}': num_output must be > 0, got {num_output}")
+    return InnerProductGeometry(
+        num_output=num_output,
+        bias_term=bool(p.get("bias_term", True)),
+        axis=int(p.get("axis", 1)),
+        transpose=bool(p.get("transpose", False)),
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class Net:
+    """An ordered list of layers. Inputs are ``Input`` layers (legacy headers are upgraded)."""
+
+    name: str
+    layers: tuple[Layer, ...]
+
+    def __iter__(self) -> Iterator[Layer]:
+        return iter(self.layers)
+
+    def layer(self, name: str) -> Layer:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+    def has_layer(self, name: str) -> bool:
+        return any(layer.name == name for layer in self.layers)
+
+    @property
+    def param_count(self) -> int:
+        return sum(layer.param_count for layer in self.layers)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of float32 weights (what dominates the caffemodel)."""
+        return 4 * self.param_count
+
+    def input_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes declared by Input layers (empty tuple when undeclared)."""
+        shapes: dict[str, tuple[int, ...]] = {}
+        for layer in self.layers:
+            if layer.type != "Input":
+                continue
+            declared = layer.sub("input_param").get("shape", [])
+            for i, top in enumerate(layer.tops):
+                if not declared:
+                    shapes[top] = ()
+                else:
+                    dims = declared[i if len(declared) > 1 else 0].get("dim", [])
+                    shapes[top] = tuple(int(d) for d in dims)
+        return shapes
+
+    def output_names(self) -> list[str]:
+        """Blobs produced but never consumed (the network outputs), in order."""
+        consumed: set[str] = set()
+        produced: list[str] = []
+        for layer in self.layers:
+            for bottom in layer.bottoms:
+                consumed.add(bottom)
+            for top in layer.tops:
+                if top in layer.bottoms:
+                    continue  # in-place: still the same blob
+                if top not in produced:
+                    produced.append(top)
+        return [t for t in produced if t not in consumed]
+
+    def check(self) -> "Net":
+        """Verify graph structure and weight shapes; raise ModelError naming the offender.
+
+        Returns self so that passes can write ``return new_net.check()``.
+        """
+        names: set[str] = set()
+        available: set[str] = set()
+        for layer in self.layers:
+            if not layer.name:
+                raise ModelError(f"a layer of type '{layer.type}' has no name")
+            if layer.name in names:
+                raise ModelError(f"layer '{layer.name}': duplicate layer name")
+            names.add(layer.name)
+            if not layer.type:
+                raise ModelError(f"layer '{layer.name}': no type")
+            for bottom in layer.bottoms:
+                if bottom not in available:
+                    raise ModelError(f"layer '{layer.name}': unknown bottom '{bottom}'")
+            for top in layer.tops:
+                if top in available and top not in layer.bottoms:
+                    raise ModelError(
+                        f"layer '{layer.name}': top '{top}' is already produced by an earlier layer "
+                        "and this layer is not in-place"
+                    )
+            available.update(layer.tops)
+            for i, blob in enumerate(layer.blobs):
+                if blob.dtype != np.float32:
+                    raise ModelError(f"layer '{layer.name}': blob {i} is {blob.dtype}, expected float32")
+                bad = blob.size - int(np.count_nonzero(np.isfinite(blob)))
+                if bad:
+                    raise ModelError(f"layer '{layer.name}': blob {i} has {bad} NaN/Inf values")
+            _check_weight_shapes(layer)
+        return self
+
+
+def _check_weight_shapes(layer: Layer) -> None:
+    if layer.type in ("Convolution", "Deconvolution"):
+        geo = conv_geometry(layer)
+        if not layer.blobs:
+            raise ModelError(f"layer '{layer.name}': has no weights")
+        w = layer.blobs[0]
+        if w.ndim != 4 or w.shape[2:] != geo.kernel:
+            raise ModelError(
+                f"layer '{layer.name}': weight shape {w.shape} does not match kernel {geo.kernel}"
+            )
+        out_dim = w.shape[0] if layer.type == "Convolution" else w.shape[1] * geo.group
+        if out_dim != geo.num_output:
+            raise ModelError(
+                f"layer '{layer.name}': weight shape {w.shape} does not match num_output {geo.num_output}"
+            )
+        _check_bias(layer, geo.bias_term, geo.num_output)
+    elif layer.type == "InnerProduct":
+        geo = inner_product_geometry(layer)
+        if not layer.blobs:
+            raise ModelError(f"layer '{layer.name}': has no weights")
+        w = layer.blobs[0]
+        n = w.shape[1] if geo.transpose and w.ndim == 2 else w.shape[0]
+        if w.ndim != 2 or n != geo.num_output:
+            raise ModelError(
+                f"layer '{layer.name}': weight shape {w.shape} does not match num_output {geo.num_output}"
+            )
+        _check_bias(layer, geo.bias_term, geo.num_output)
+
+
+def _check_bias(layer: Layer, bias_term: bool, num_output: int) -> None:
+    expected = 2 if bias_term else 1
+    if len(layer.blobs) != expected:
+        raise ModelError(
+            f"layer '{layer.name}': has {len(layer.blobs)} blobs, expected {expected} "
+            f"(bias_term: {str(bias_term).lower()})"
+        )
+    if bias_term and layer.blobs[1].size != num_output:
+        raise ModelError(
+            f"layer '{layer.name}': bias has {layer.blobs[1].size} values, expected {num_output}"
+        )

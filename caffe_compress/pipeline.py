@@ -1,0 +1,322 @@
+"""compress(): files -> load -> net -> plan -> decompose -> rewrite -> check -> save -> validate -> report."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from . import io, plan as planner, rewrite, validate
+from .errors import ModelError, RankError, UsageError
+from .net import Layer, Net, conv_geometry
+from .report import Report
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TRADEOFF = 0.95
+DEFAULT_PROBES = 8
+CP_ITERATIONS = 25
+
+ProgressFn = Callable[[str], None]
+INPUT_PREFIX = "\x00input:"
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+
+def default_prefix(weights: str | os.PathLike) -> Path:
+    return Path.cwd() / f"{Path(weights).stem}-compressed"
+
+
+def _producer_names(net: Net) -> dict[tuple[str, int], str]:
+    """OpenCV output name of the blob each layer reads: (consumer index, bottom index) -> 'layer[.k]'."""
+    last_producer: dict[str, str] = {}
+    result: dict[tuple[str, int], str] = {}
+    for layer in net.layers:
+        for i, bottom in enumerate(layer.bottoms):
+            if bottom in last_producer:
+                result[(layer.name, i)] = last_producer[bottom]
+        for k, top in enumerate(layer.tops):
+            if layer.type == "Input":
+                last_producer[top] = f"{INPUT_PREFIX}{top}"  # fed by us, not an OpenCV layer output
+            else:
+                last_producer[top] = layer.name if k == 0 else f"{layer.name}.{k}"
+    result.update({("__output__", i): last_producer[name] for i, name in enumerate(net.output_names())})
+    return result
+
+
+def _check_layer_options(net: Net, ranks: Mapping[str, int], keep: Iterable[str]) -> None:
+    names = {layer.name for layer in net.layers}
+    for name in keep:
+        if name not in names:
+            raise UsageError(f"--keep: no layer named '{name}' in the model")
+    for name, rank in ranks.items():
+        if name not in names:
+            raise UsageError(f"--rank: no layer named '{name}' in the model")
+        if name in keep:
+            raise UsageError(f"--rank {name}={rank}: the layer is also given to --keep")
+        layer = net.layer(name)
+        method, reason = planner.describe_layer(layer, keep=False, forced_rank=rank)
+        if method == planner.METHOD_KEEP:
+            raise UsageError(f"--rank {name}={rank}: a {layer.type} layer cannot be decomposed"
+                             + (f" ({reason})" if reason else ""))
+        limit = planner.max_rank(layer, method)
+        groups = conv_geometry(layer).group if layer.type == "Convolution" else 1
+        if not 1 <= rank <= limit:
+            raise RankError(f"--rank {name}={rank}: out of range 1..{limit} for weight shape "
+                            f"{'x'.join(map(str, layer.blobs[0].shape))}")
+        if rank % groups:
+            raise RankError(f"--rank {name}={rank}: must be a multiple of the layer's group count {groups}")
+
+
+def _probe_inputs(net: Net, *, images: Path | None, preprocessing: validate.Preprocessing,
+                  count: int, seed: int, option: str) -> tuple[dict[str, np.ndarray], str]:
+    shapes = net.input_shapes()
+    if not shapes:
+        raise ModelError("the deploy net declares no Input layer or input: header, so it cannot be probed")
+    for name, shape in shapes.items():
+        if not shape:
+            raise ModelError(f"input '{name}' has no declared shape; add input_shape or input_dim to the prototxt")
+    inputs = {}
+    if images is not None:
+        if len(shapes) != 1:
+            raise UsageError(f"{option}: the model has {len(shapes)} inputs; images can feed only a single-input model")
+        (name, shape), = shapes.items()
+        files = validate.list_images(images, option=option)
+        inputs[name] = validate.image_batch(files[:64], shape, preprocessing, option=option)
+        return inputs, f"images:{images} ({min(len(files), 64)})"
+    for i, (name, shape) in enumerate(shapes.items()):
+        inputs[name] = validate.random_probes(shape, count, seed=seed + i)
+    return inputs, f"random ({count})"
+
+
+def _relative_output_error(original: Mapping[str, np.ndarray], other: Mapping[str, np.ndarray]) -> float:
+    """RMS over samples and outputs of ||y' - y|| / ||y||."""
+    errs = []
+    for name, y in original.items():
+        z = other[name]
+        n = y.shape[0] if y.ndim > 1 else 1
+        a, b = y.reshape(n, -1).astype(np.float64), z.reshape(n, -1).astype(np.float64)
+        ref = np.linalg.norm(a, axis=1)
+        errs.extend(np.linalg.norm(a - b, axis=1) / np.maximum(ref, 1e-30))
+    return float(np.sqrt(np.mean(np.square(errs)))) if errs else 0.0
+
+
+def _with_weight(net: Net, name: str, weight: np.ndarray) -> Net:
+    layers = tuple(
+        replace(layer, blobs=(weight,) + layer.blobs[1:]) if layer.name == name else layer for layer in net.layers
+    )
+    return replace(net, layers=layers)
+
+
+def _conv_out_shape(layer: Layer, in_shape: tuple[int, ...]) -> tuple[int, ...]:
+    geo = conv_geometry(layer)
+    b, _, h, w = in_shape
+    oh = (h + 2 * geo.pad[0] - (geo.dilation[0] * (geo.kernel[0] - 1) + 1)) // geo.stride[0] + 1
+    ow = (w + 2 * geo.pad[1] - (geo.dilation[1] * (geo.kernel[1] - 1) + 1)) // geo.stride[1] + 1
+    return (b, geo.num_output, oh, ow)
+
+
+def compress(
+    deploy: str | os.PathLike,
+    weights: str | os.PathLike,
+    *,
+    tradeoff: float = DEFAULT_TRADEOFF,
+    output: str | os.PathLike | None = None,
+    ranks: Mapping[str, int] | None = None,
+    keep: Sequence[str] = (),
+    validate_output: bool = True,
+    images: str | os.PathLike | None = None,
+    calibration: str | os.PathLike | None = None,
+    preprocessing: validate.Preprocessing = validate.Preprocessing(),
+    probes: int = DEFAULT_PROBES,
+    seed: int = 0,
+    progress: ProgressFn | None = None,
+) -> Report:
+    """Compress a Caffe model; write ``PREFIX.prototxt``/``PREFIX.caffemodel``; return a Report.
+
+    tradeoff : float in [0, 1] -- 0 lossless, 1 smallest (see README).
+    ranks : {layer: rank} forced ranks; keep : layers never touched.
+    images : directory of images for validation (default: random probes).
+    calibration : directory of images whose activations drive the rank choice.
+    """
+    say = progress or (lambda message: None)
+    tradeoff = planner.check_tradeoff(tradeoff)
+    ranks = dict(ranks or {})
+    keep = tuple(keep)
+    if probes < 1:
+        raise UsageError(f"--probes: {probes} must be >= 1")
+    timer = _Timer()
+    total_start = time.perf_counter()
+    prefix = Path(output) if output is not None else default_prefix(weights)
+
+    say("loading model")
+    with timer.stage("load"):
+        net = io.load(deploy, weights)
+    _check_layer_options(net, ranks, keep)
+
+    candidates: list[planner.Candidate] = []
+    skipped: dict[str, str] = {}
+    chosen: dict[str, int] = {}
+    predicted = 0.0
+    ws = planner.Workspace()
+    probe_inputs: dict[str, np.ndarray] | None = None
+    probe_label = "none"
+    original_cv = None
+    wants_plan = tradeoff > 0 or bool(ranks)
+    original_bytes = (io.prototxt_bytes(net), io.caffemodel_bytes(net))
+
+    if wants_plan:
+        with timer.stage("probe"):
+            say("probing the original model in OpenCV")
+            calib = Path(calibration) if calibration is not None else None
+            probe_inputs, _ = _probe_inputs(net, images=calib, preprocessing=preprocessing, count=probes,
+                                            seed=seed, option="--calibration")
+            original_cv = validate.load_opencv_net(*original_bytes, what=str(deploy))
+            producers = _producer_names(net)
+            decomposable = []
+            for layer in net.layers:
+                method, reason = planner.describe_layer(layer, keep=layer.name in keep, forced_rank=ranks.get(layer.name))
+                if method == planner.METHOD_KEEP:
+                    if reason:
+                        skipped[layer.name] = reason
+                    continue
+                if (layer.name, 0) not in producers:
+                    skipped[layer.name] = "its input blob is not produced by a layer"
+                    continue
+                decomposable.append((layer, method))
+            wanted = sorted({producers[(layer.name, 0)] for layer, _ in decomposable} - {
+                INPUT_PREFIX + name for name in probe_inputs})
+            out_names = [producers[("__output__", i)] for i in range(len(net.output_names()))]
+            acts = validate.forward(original_cv, probe_inputs, wanted + out_names, what=str(deploy))
+            acts.update({INPUT_PREFIX + name: value for name, value in probe_inputs.items()})
+            reference = {name: acts[name] for name in out_names}
+
+        with timer.stage("analyse"):
+            for layer, method in decomposable:
+                say(f"analysing {layer.name}")
+                x = acts[producers[(layer.name, 0)]]
+                start = time.perf_counter()
+                if method == planner.METHOD_SVD:
+                    cand = planner.analyse_inner_product(
+                        layer, x, min_rank_divisor=planner.MIN_RANK_DIVISOR, ws=ws, forced_rank=ranks.get(layer.name))
+                else:
+                    if x.ndim != 4:
+                        skipped[layer.name] = f"input is {x.ndim}-D; only 2-D convolutions are decomposed"
+                        continue
+                    cand = planner.analyse_convolution(
+                        layer, x, _conv_out_shape(layer, x.shape), method,
+                        min_rank_divisor=planner.MIN_RANK_DIVISOR, seed=seed, ws=ws,
+                        cp_iterations=CP_ITERATIONS, forced_rank=ranks.get(layer.name))
+                timer.timings[f"analyse/{layer.name}"] = time.perf_counter() - start
+                if not cand.ranks:
+                    skipped[layer.name] = "no rank reduces its parameter count (break-even)"
+                    continue
+                candidates.append(cand)
+
+        with timer.stage("sensitivity"):
+            # One OpenCV run per layer with only that layer approximated, at a mid-grid rank.
+            for i, cand in enumerate(candidates):
+                if cand.layer in ranks or tradeoff in (0.0, 1.0):
+                    continue
+                say(f"measuring the sensitivity of {cand.layer}")
+                probe_rank = cand.ranks[len(cand.ranks) // 2]
+                layer_err = cand.output_error[probe_rank]
+                if layer_err <= 1e-9:
+                    continue
+                layer = net.layer(cand.layer)
+                approx = planner.approximate_weight(layer, cand, probe_rank, ws)
+                trial = _with_weight(net, cand.layer, approx)
+                trial_cv = validate.load_opencv_net(io.prototxt_bytes(trial), io.caffemodel_bytes(trial), what="probe")
+                trial_out = validate.forward(trial_cv, probe_inputs, out_names, what="probe")
+                end_err = _relative_output_error(reference, trial_out)
+                candidates[i] = replace(cand, gain=end_err / layer_err)
+
+        with timer.stage("plan"):
+            chosen, predicted = planner.choose_ranks(candidates, tradeoff, forced=ranks)
+
+    plan = planner.build_plan(net, candidates, chosen, skipped, tradeoff, predicted)
+
+    say("rewriting the network")
+    with timer.stage("rewrite"):
+        replacements: dict[str, tuple[Layer, ...]] = {}
+        for lp in plan.layers:
+            if lp.method == planner.METHOD_KEEP or not lp.rank:
+                continue
+            layer = net.layer(lp.layer)
+            if lp.method == planner.METHOD_SVD:
+                factors = ws.linear_factors(lp.layer, lp.rank)[0]
+                replacements[lp.layer] = rewrite.decompose_inner_product(net, layer, factors)
+            elif lp.method == planner.METHOD_POINTWISE:
+                replacements[lp.layer] = rewrite.decompose_pointwise(net, layer, ws.linear_factors(lp.layer, lp.rank))
+            else:
+                replacements[lp.layer] = rewrite.decompose_convolution(net, layer, ws.cp[lp.layer][lp.rank])
+        new_net = rewrite.replace_layers(net, replacements)
+
+    say("writing the model")
+    deploy_path, weights_path = Path(deploy), Path(weights)
+    with timer.stage("write"):
+        staged = io.stage(new_net, prefix, protect=(deploy_path, weights_path))
+    try:
+        agreements: tuple[validate.OutputAgreement, ...] = ()
+        validation_label = "none"
+        if validate_output:
+            say("validating with OpenCV")
+            with timer.stage("validate"):
+                val_inputs, validation_label = _probe_inputs(
+                    net, images=Path(images) if images is not None else None, preprocessing=preprocessing,
+                    count=probes, seed=seed + 1000, option="--images")
+                if original_cv is None:
+                    original_cv = validate.load_opencv_net(*original_bytes, what=str(deploy))
+                compressed_cv = validate.load_opencv_net(staged.temp_prototxt, staged.temp_caffemodel,
+                                                         what=f"compressed model {staged.prototxt}")
+                producers_old = _producer_names(net)
+                producers_new = _producer_names(new_net)
+                outs_old = [producers_old[("__output__", i)] for i in range(len(net.output_names()))]
+                outs_new = [producers_new[("__output__", i)] for i in range(len(new_net.output_names()))]
+                a = validate.forward(original_cv, val_inputs, outs_old, what=str(deploy))
+                b = validate.forward(compressed_cv, val_inputs, outs_new, what=f"compressed model {staged.prototxt}")
+                keyed_b = {old: b[new] for old, new in zip(outs_old, outs_new)}
+                agreements = tuple(validate.compare_outputs(a, keyed_b))
+        staged.commit()
+    except BaseException:
+        staged.discard()
+        raise
+
+    timer.timings["total"] = time.perf_counter() - total_start
+    macs_before = sum(lp.macs_before for lp in plan.layers)
+    macs_after = sum(lp.macs_after for lp in plan.layers)
+    return Report(
+        deploy=str(deploy),
+        weights=str(weights),
+        output_prototxt=str(staged.prototxt),
+        output_caffemodel=str(staged.caffemodel),
+        tradeoff=tradeoff,
+        error_budget=plan.error_budget,
+        predicted_error=predicted,
+        layers=plan.layers,
+        params_before=net.param_count,
+        params_after=new_net.param_count,
+        bytes_before=weights_path.stat().st_size,
+        bytes_after=staged.caffemodel.stat().st_size,
+        macs_before=macs_before,
+        macs_after=macs_after,
+        validation=agreements,
+        validation_inputs=validation_label,
+        timings=timer.timings,
+    )

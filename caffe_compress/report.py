@@ -1,0 +1,143 @@
+"""What a run did: a Report, its stdout table and its JSON form (stable keys, see README)."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+from .plan import LayerPlan
+from .validate import OutputAgreement
+
+JSON_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Report:
+    deploy: str
+    weights: str
+    output_prototxt: str
+    output_caffemodel: str
+    tradeoff: float
+    error_budget: float
+    predicted_error: float
+    layers: tuple[LayerPlan, ...]
+    params_before: int
+    params_after: int
+    bytes_before: int  # size of the input caffemodel file
+    bytes_after: int  # size of the written caffemodel file
+    macs_before: int
+    macs_after: int
+    validation: tuple[OutputAgreement, ...]
+    validation_inputs: str  # "random" or "images:<dir>" or "none"
+    timings: dict = field(default_factory=dict)  # stage -> seconds
+
+    @property
+    def ratio(self) -> float:
+        return self.bytes_before / self.bytes_after if self.bytes_after else float("inf")
+
+    def to_json(self) -> dict:
+        return {
+            "schema_version": JSON_SCHEMA_VERSION,
+            "input": {"prototxt": self.deploy, "caffemodel": self.weights, "bytes": self.bytes_before},
+            "output": {
+                "prototxt": self.output_prototxt,
+                "caffemodel": self.output_caffemodel,
+                "bytes": self.bytes_after,
+            },
+            "tradeoff": self.tradeoff,
+            "error_budget": None if self.error_budget == float("inf") else self.error_budget,
+            "predicted_output_error": self.predicted_error,
+            "totals": {
+                "params_before": self.params_before,
+                "params_after": self.params_after,
+                "bytes_before": self.bytes_before,
+                "bytes_after": self.bytes_after,
+                "ratio": self.ratio,
+                "macs_before": self.macs_before,
+                "macs_after": self.macs_after,
+            },
+            "layers": [
+                {
+                    "name": lp.layer,
+                    "type": lp.type,
+                    "weight_shape": list(lp.weight_shape),
+                    "method": lp.method,
+                    "rank": lp.rank,
+                    "params_before": lp.params_before,
+                    "params_after": lp.params_after,
+                    "macs_before": lp.macs_before,
+                    "macs_after": lp.macs_after,
+                    "weight_error": lp.weight_error,
+                    "output_error": lp.output_error,
+                    "note": lp.reason,
+                }
+                for lp in self.layers
+            ],
+            "validation": {
+                "inputs": self.validation_inputs,
+                "outputs": [asdict(v) for v in self.validation],
+            },
+            "timings_s": {k: v for k, v in self.timings.items() if not k.startswith("_")},
+        }
+
+    def json_text(self) -> str:
+        return json.dumps(self.to_json(), indent=2, sort_keys=False) + "\n"
+
+
+def _si(n: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def format_table(report: Report) -> str:
+    header = ("layer", "type", "weight shape", "method", "rank", "params", "weight err", "est out err")
+    rows: list[Sequence[str]] = []
+    for lp in report.layers:
+        params = (
+            f"{_si(lp.params_before)} -> {_si(lp.params_after)}"
+            if lp.params_after != lp.params_before
+            else _si(lp.params_before)
+        )
+        rows.append((
+            lp.layer,
+            lp.type,
+            "x".join(str(d) for d in lp.weight_shape),
+            lp.method if lp.method != "keep" else ("keep: " + lp.reason if lp.reason else "keep"),
+            str(lp.rank) if lp.rank else "-",
+            params,
+            f"{lp.weight_error:.3f}" if lp.rank else "-",
+            f"{lp.output_error:.3f}" if lp.rank else "-",
+        ))
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.append("")
+    lines.append(
+        f"parameters {_si(report.params_before)} -> {_si(report.params_after)}, "
+        f"caffemodel {_mb(report.bytes_before)} -> {_mb(report.bytes_after)} ({report.ratio:.2f}x smaller), "
+        f"MACs {_si(report.macs_before)} -> {_si(report.macs_after)}"
+    )
+    budget = "unlimited" if report.error_budget == float("inf") else f"{report.error_budget:.4f}"
+    lines.append(
+        f"trade-off {report.tradeoff:g}: predicted output error {report.predicted_error:.4f} (budget {budget})"
+    )
+    if report.validation:
+        for v in report.validation:
+            lines.append(
+                f"validation ({report.validation_inputs}) output '{v.name}': top-1 agreement "
+                f"{100 * v.top1_agreement:.1f}%, relative error mean {v.mean_relative_error:.2e} "
+                f"max {v.max_relative_error:.2e}, cosine {v.cosine_similarity:.6f}"
+            )
+    else:
+        lines.append("validation: skipped (--no-validate)")
+    timing = ", ".join(f"{k} {v:.2f}s" for k, v in report.timings.items() if not k.startswith("_") and "/" not in k)
+    lines.append(f"time: {timing}")
+    lines.append(f"wrote {report.output_prototxt} and {report.output_caffemodel}")
+    return "\n".join(lines)

@@ -1,0 +1,193 @@
+"""OpenCV DNN: run the original and the compressed model on the same inputs and compare.
+
+OpenCV is imported lazily so that ``import caffe_compress`` has no side effects;
+a missing or too-new OpenCV (5.x has no Caffe importer) gives one clear error.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from .errors import MissingDependencyError, UsageError, ValidationError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def cv2_module():
+    try:
+        import cv2  # noqa: PLC0415 - deliberate lazy import
+    except ImportError:
+        raise MissingDependencyError(
+            "opencv: cannot import cv2; install opencv-python-headless>=4.5,<5"
+        ) from None
+    if not hasattr(cv2, "dnn") or not hasattr(cv2.dnn, "readNetFromCaffe"):
+        raise MissingDependencyError(
+            f"opencv {getattr(cv2, '__version__', '?')}: no Caffe importer (removed in OpenCV 5); "
+            "install opencv-python-headless>=4.5,<5"
+        )
+    return cv2
+
+
+def load_opencv_net(prototxt: bytes | Path, caffemodel: bytes | Path, *, what: str = "model"):
+    """A cv2.dnn.Net from files or in-memory bytes; ValidationError if OpenCV refuses it."""
+    cv2 = cv2_module()
+    try:
+        if isinstance(prototxt, (bytes, bytearray)):
+            net = cv2.dnn.readNetFromCaffe(
+                np.frombuffer(prototxt, dtype=np.uint8), np.frombuffer(caffemodel, dtype=np.uint8)
+            )
+        else:
+            net = cv2.dnn.readNetFromCaffe(str(prototxt), str(caffemodel))
+    except cv2.error as exc:
+        raise ValidationError(f"{what}: OpenCV cannot load it: {_cv_message(exc)}") from None
+    if net.empty():
+        raise ValidationError(f"{what}: OpenCV loaded an empty network")
+    return net
+
+
+def _cv_message(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    for line in reversed(text):
+        if "error:" in line:
+            return line.split("error:", 1)[1].strip()
+    return text[-1] if text else type(exc).__name__
+
+
+def forward(cv_net, inputs: Mapping[str, np.ndarray], outputs: Sequence[str], *, what: str = "model") -> dict[str, np.ndarray]:
+    """Run the net; returns {blob name: array} for the requested blobs."""
+    cv2 = cv2_module()
+    try:
+        for name, value in inputs.items():
+            cv_net.setInput(np.ascontiguousarray(value, dtype=np.float32), name)
+        values = cv_net.forward(list(outputs))
+    except cv2.error as exc:
+        raise ValidationError(f"{what}: OpenCV forward pass failed: {_cv_message(exc)}") from None
+    return {name: np.array(v, dtype=np.float32, copy=True) for name, v in zip(outputs, values)}
+
+
+# ------------------------------------------------------------------ probe inputs
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How image files become network inputs (OpenCV blobFromImage semantics)."""
+
+    size: tuple[int, int] | None = None  # (width, height) of the network input; None = from the net
+    resize: tuple[int, int] | None = None  # resize to (w, h) then centre-crop to size
+    mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+    scale: float = 1.0
+    swap_rb: bool = False
+
+
+def list_images(directory: Path, *, option: str) -> list[Path]:
+    if not directory.is_dir():
+        raise UsageError(f"{option}: {directory} is not a directory")
+    files = sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise UsageError(f"{option}: {directory} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def image_batch(paths: Sequence[Path], shape: tuple[int, ...], pre: Preprocessing, *, option: str) -> np.ndarray:
+    """Read and preprocess images into an (N, C, H, W) float32 batch."""
+    cv2 = cv2_module()
+    if len(shape) != 4:
+        raise UsageError(f"{option}: the network input has shape {shape}; images need a 4-D (N, C, H, W) input")
+    _, channels, height, width = shape
+    size = pre.size or (width, height)
+    batch = []
+    for p in paths:
+        img = cv2.imread(str(p), cv2.IMREAD_COLOR if channels == 3 else cv2.IMREAD_GRAYSCALE)
+        if img is None:
+            raise UsageError(f"{option}: {p}: cannot decode image")
+        if pre.resize:
+            img = cv2.resize(img, pre.resize)
+            y0 = (img.shape[0] - size[1]) // 2
+            x0 = (img.shape[1] - size[0]) // 2
+            if y0 < 0 or x0 < 0:
+                raise UsageError(f"{option}: --resize {pre.resize} is smaller than the input size {size}")
+            img = img[y0 : y0 + size[1], x0 : x0 + size[0]]
+        batch.append(
+            cv2.dnn.blobFromImage(img, pre.scale, size, pre.mean, swapRB=pre.swap_rb, crop=False)
+        )
+    return np.concatenate(batch, axis=0).astype(np.float32)
+
+
+def random_probes(shape: tuple[int, ...], count: int, *, seed: int) -> np.ndarray:
+    """Smooth random images: low-pass noise in pixel units, centred on 0.
+
+    Caffe models mostly take mean-subtracted 0..255 pixels; smooth noise with
+    that range excites a network more like real images do than white noise.
+    """
+    rng = np.random.default_rng(seed)
+    dims = tuple(int(d) for d in shape)
+    if len(dims) != 4 or min(dims[2:]) < 4:
+        return rng.standard_normal((count,) + dims[1:]).astype(np.float32)
+    _, c, h, w = dims
+    coarse = rng.uniform(-110.0, 110.0, size=(count, c, max(h // 8, 2), max(w // 8, 2)))
+    # bilinear upsampling by separable interpolation
+    yi = np.linspace(0, coarse.shape[2] - 1, h)
+    xi = np.linspace(0, coarse.shape[3] - 1, w)
+    y0 = np.floor(yi).astype(int)
+    x0 = np.floor(xi).astype(int)
+    y1 = np.minimum(y0 + 1, coarse.shape[2] - 1)
+    x1 = np.minimum(x0 + 1, coarse.shape[3] - 1)
+    fy = (yi - y0)[None, None, :, None]
+    fx = (xi - x0)[None, None, None, :]
+    top = coarse[:, :, y0][:, :, :, x0] * (1 - fx) + coarse[:, :, y0][:, :, :, x1] * fx
+    bottom = coarse[:, :, y1][:, :, :, x0] * (1 - fx) + coarse[:, :, y1][:, :, :, x1] * fx
+    smooth = top * (1 - fy) + bottom * fy
+    detail = rng.normal(0.0, 12.0, size=smooth.shape)
+    return (smooth + detail).astype(np.float32)
+
+
+# ------------------------------------------------------------------ comparison
+
+
+@dataclass(frozen=True)
+class OutputAgreement:
+    """How close one output blob of the compressed model is to the original's."""
+
+    name: str
+    top1_agreement: float  # fraction of samples (rows) with the same argmax
+    max_relative_error: float  # max over samples of ||y' - y|| / ||y||
+    mean_relative_error: float
+    cosine_similarity: float  # mean over samples
+
+
+def compare_outputs(original: Mapping[str, np.ndarray], compressed: Mapping[str, np.ndarray]) -> list[OutputAgreement]:
+    rows = []
+    for name, y in original.items():
+        z = compressed[name]
+        if y.shape != z.shape:
+            raise ValidationError(f"output '{name}': shape {z.shape} differs from the original {y.shape}")
+        n = y.shape[0] if y.ndim > 1 else 1
+        a = y.reshape(n, -1).astype(np.float64)
+        b = z.reshape(n, -1).astype(np.float64)
+        if not np.all(np.isfinite(b)):
+            raise ValidationError(f"output '{name}': the compressed model produces NaN/Inf")
+        diff = np.linalg.norm(a - b, axis=1)
+        ref = np.linalg.norm(a, axis=1)
+        rel = np.where(ref > 0, diff / np.where(ref > 0, ref, 1.0), diff)
+        nb = np.linalg.norm(b, axis=1)
+        denom = ref * nb
+        cos = np.where(denom > 0, np.sum(a * b, axis=1) / np.where(denom > 0, denom, 1.0), 1.0)
+        top1 = float(np.mean(np.argmax(a, axis=1) == np.argmax(b, axis=1))) if a.shape[1] > 1 else 1.0
+        rows.append(OutputAgreement(name, top1, float(rel.max()), float(rel.mean()), float(cos.mean())))
+    return rows
+
+
+def set_threads(count: int | None) -> None:
+    if count is not None:
+        cv2_module().setNumThreads(int(count))
+
+
+def default_thread_count() -> int:
+    return os.cpu_count() or 1

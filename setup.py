@@ -1,0 +1,26 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="caffe-compress",
+    version="0.1.0",
+    description="Offline, on-device compression of Caffe models for OpenCV DNN by SVD and CP decomposition",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.9",
+    packages=find_packages(include=["caffe_compress", "caffe_compress.*", "gendernet"]),
+    install_requires=[
+        "numpy>=1.21",
+        "scipy>=1.7",
+        "protobuf>=3.20,<8",
+        "tensorly>=0.8",
+        # OpenCV 5 removed cv2.dnn.readNetFromCaffe: the whole tool depends on it.
+        "opencv-python-headless>=4.5,<5",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "hypothesis>=6"],
+        "plot": ["matplotlib>=3.5"],
+        "dev": ["pytest>=7", "hypothesis>=6", "matplotlib>=3.5", "grpcio-tools>=1.60"],
+    },
+    entry_points={"console_scripts": ["caffe-compress=caffe_compress.cli:main"]},
+)
