@@ -13,13 +13,14 @@ Criterion (data-free by default, output-aware, global):
    wide fc6 feeding a 2-way classifier) get a small gain and are cut harder.
 3. The predicted network-output error of a plan is
    ``E = sqrt(sum_L (g_L e_L(r_L))^2)``.
-4. A greedy path from "nothing factored" to "every layer at its minimal rank",
-   each step taking the rank reduction that saves the most cost (file bytes
-   and MACs, equally weighted fractions) per unit of added squared error.
-   Every step shrinks the file.
-5. T picks a prefix of that path: the longest one whose predicted error stays
-   within ``budget(T) = ERROR_SCALE * T / (1 - T)``. So T = 0 is lossless,
-   T = 1 is the whole path, and the file size never grows with T.
+4. A price lambda on squared error: each layer takes the option (unfactored
+   or a grid rank) that minimises its cost (file bytes and MACs, as fractions
+   of the decomposable layers' totals, equally weighted) + lambda * (g e)^2.
+5. T sets the budget ``budget(T) = ERROR_SCALE * T / (1 - T)`` and picks the
+   lowest lambda whose predicted error fits it. So T = 0 is lossless
+   (lambda = inf), T = 1 takes every layer to its minimal rank (lambda = 0),
+   and since a larger budget only lowers lambda, and a lower lambda never
+   raises a rank, the file size never grows with T.
 """
 from __future__ import annotations
 
@@ -379,47 +380,57 @@ def approximate_weight(layer: Layer, candidate: Candidate, rank: int, ws: Worksp
 # ------------------------------------------------------------------ choosing ranks
 
 
+def _lambda_grid() -> list[float]:
+    """Prices of squared error, from 'error is free' (0) to 'error is forbidden' (inf)."""
+    return [0.0] + [10.0 ** (e / 8.0) for e in range(-64, 129)] + [math.inf]
+
+
 def choose_ranks(
     candidates: Sequence[Candidate], tradeoff: float, *, forced: Mapping[str, int] | None = None
 ) -> tuple[dict[str, int], float]:
-    """Walk the greedy path and stop at the error budget. Returns ({layer: rank}, predicted error)."""
+    """Pick ranks for the error budget of ``tradeoff``. Returns ({layer: rank}, predicted error).
+
+    For a price lambda on squared output error, every layer independently takes
+    the option (unfactored or a grid rank) minimising cost + lambda * (g e)^2;
+    a higher price never lowers any layer's rank. T picks the lowest price
+    whose predicted error fits the budget, and a larger budget can only lower
+    that price -- so a larger T never gives a larger file, for any model.
+    """
     forced = dict(forced or {})
     budget = error_budget(tradeoff)
     totals = (sum(c.params_before for c in candidates), sum(c.macs_before for c in candidates))
-    state: dict[str, int | None] = {c.layer: None for c in candidates if c.layer not in forced}
+    free = [c for c in candidates if c.layer not in forced]
     by_name = {c.layer: c for c in candidates}
 
     def contribution(c: Candidate, rank: int | None) -> float:
         return 0.0 if rank is None else (c.gain * c.output_error[rank]) ** 2
 
     base_sq = sum(contribution(by_name[n], r) for n, r in forced.items() if n in by_name and r in by_name[n].output_error)
-    err_sq = base_sq
-    if math.sqrt(err_sq) > budget and tradeoff < 1.0:
-        log.info("forced ranks alone exceed the error budget")
-    while True:
-        best = None
-        for name, rank in state.items():
-            c = by_name[name]
-            options = c.ranks
-            idx = -1 if rank is None else options.index(rank)
-            if idx + 1 >= len(options):
-                continue
-            nxt = options[idx + 1]
-            d_cost = c.cost(rank, totals) - c.cost(nxt, totals)
-            d_err = contribution(c, nxt) - contribution(c, rank)
-            score = d_cost / max(d_err, 1e-12)
-            if best is None or score > best[0]:
-                best = (score, name, nxt, d_err)
-        if best is None:
+
+    def pick(price: float) -> tuple[dict[str, int | None], float]:
+        state: dict[str, int | None] = {}
+        err_sq = base_sq
+        for c in free:
+            options: list[int | None] = [None, *c.ranks]
+            if math.isinf(price):
+                best = None
+            else:
+                best = min(options, key=lambda r: (c.cost(r, totals) + price * contribution(c, r),
+                                                   -(r or 10**9)))
+            state[c.layer] = best
+            err_sq += contribution(c, best)
+        return state, math.sqrt(max(err_sq, 0.0))
+
+    chosen_state: dict[str, int | None] = {}
+    predicted = math.sqrt(base_sq)
+    for price in _lambda_grid():
+        state, err = pick(price)
+        if err <= budget or math.isinf(price):
+            chosen_state, predicted = state, err
             break
-        _, name, nxt, d_err = best
-        if math.sqrt(max(err_sq + d_err, 0.0)) > budget:
-            break
-        state[name] = nxt
-        err_sq += d_err
-    chosen = {n: r for n, r in state.items() if r is not None}
+    chosen = {n: r for n, r in chosen_state.items() if r is not None}
     chosen.update(forced)
-    return chosen, math.sqrt(max(err_sq, 0.0))
+    return chosen, predicted
 
 
 def build_plan(

@@ -1,0 +1,230 @@
+"""Reproduce the GenderNet result: accuracy, size and speed against the trade-off.
+
+    python -m gendernet.reproduce --faces DIR [--out gendernet]
+
+Face sets, detected from DIR's layout:
+  * UTKFace file names ``AGE_GENDER_RACE_DATETIME...jpg`` (gender 0 = male, 1 = female);
+  * Adience: ``fold_*_data.txt`` files next to the aligned faces
+    (``<user_id>/landmark_aligned_face.<face_id>.<original_image>``), gender m/f;
+  * one sub-folder per class: ``male/``, ``female/`` (or ``m``/``f``, ``0``/``1``).
+GenderNet preprocessing: BGR, resize to 256x256, centre crop 227x227, subtract the
+mean (78.4263377603, 87.7689143744, 114.895847746), no R/B swap.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from caffe_compress import compress, zoo
+from caffe_compress.validate import cv2_module
+
+MEAN = (78.4263377603, 87.7689143744, 114.895847746)
+TRADEOFFS = (0.0, 0.5, 0.8, 0.9, 0.95, 0.99, 1.0)
+CLASS_DIRS = {"male": 0, "m": 0, "0": 0, "female": 1, "f": 1, "1": 1}
+UTK = re.compile(r"^(\d+)_([01])_")
+
+
+def load_faces(directory: Path) -> list[tuple[Path, int]]:
+    """(image path, label) pairs; label 0 = male, 1 = female."""
+    folds = sorted(directory.glob("fold_*_data.txt"))
+    if folds:
+        items = []
+        for fold in folds:
+            lines = fold.read_text().splitlines()
+            for line in lines[1:]:
+                cols = line.split("\t")
+                if len(cols) < 5 or cols[4] not in ("m", "f"):
+                    continue
+                user, original, face_id = cols[0], cols[1], cols[2]
+                path = directory / "aligned" / user / f"landmark_aligned_face.{face_id}.{original}"
+                if not path.is_file():
+                    path = directory / user / f"landmark_aligned_face.{face_id}.{original}"
+                if path.is_file():
+                    items.append((path, 0 if cols[4] == "m" else 1))
+        return items
+    subdirs = [d for d in directory.iterdir() if d.is_dir() and d.name.lower() in CLASS_DIRS]
+    if subdirs:
+        return [(p, CLASS_DIRS[d.name.lower()]) for d in sorted(subdirs) for p in sorted(d.iterdir())
+                if p.suffix.lower() in (".jpg", ".jpeg", ".png")]
+    items = []
+    for p in sorted(directory.iterdir()):
+        m = UTK.match(p.name)
+        if m and p.suffix.lower() in (".jpg", ".jpeg", ".png"):
+            items.append((p, int(m.group(2))))
+    return items
+
+
+def preprocess(paths: list[Path]) -> np.ndarray:
+    cv2 = cv2_module()
+    out = np.empty((len(paths), 3, 227, 227), dtype=np.float32)
+    for i, p in enumerate(paths):
+        img = cv2.imread(str(p), cv2.IMREAD_COLOR)
+        if img is None:
+            raise SystemExit(f"reproduce: cannot read image {p}")
+        img = cv2.resize(img, (256, 256))[14:241, 14:241]
+        out[i] = cv2.dnn.blobFromImage(img, 1.0, (227, 227), MEAN, swapRB=False, crop=False)[0]
+    return out
+
+
+def predict(deploy: Path, weights: Path, batch: np.ndarray, *, threads: int | None = None) -> np.ndarray:
+    cv2 = cv2_module()
+    if threads is not None:
+        cv2.setNumThreads(threads)
+    net = cv2.dnn.readNetFromCaffe(str(deploy), str(weights))
+    probs = []
+    for start in range(0, len(batch), 50):
+        net.setInput(batch[start : start + 50])
+        probs.append(net.forward().reshape(-1, 2).copy())
+    return np.concatenate(probs)
+
+
+def latency_ms(deploy: Path, weights: Path, sample: np.ndarray, *, threads: int, runs: int = 20) -> float:
+    cv2 = cv2_module()
+    cv2.setNumThreads(threads)
+    net = cv2.dnn.readNetFromCaffe(str(deploy), str(weights))
+    x = sample[:1]
+    for _ in range(3):
+        net.setInput(x)
+        net.forward()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        net.setInput(x)
+        net.forward()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def run(faces_dir: Path, out_dir: Path, tradeoffs=TRADEOFFS) -> list[dict]:
+    cv2 = cv2_module()
+    model = zoo.fetch("gendernet")
+    faces = load_faces(faces_dir)
+    if not faces:
+        raise SystemExit(f"reproduce: no labelled faces found in {faces_dir}")
+    labels = np.array([lab for _, lab in faces])
+    batch = preprocess([p for p, _ in faces])
+    default_threads = cv2.getNumThreads()
+    ref_probs = predict(model.deploy, model.weights, batch)
+    rows = [{
+        "tradeoff": None, "label": "original", "bytes": model.weights.stat().st_size,
+        "accuracy": float(np.mean(ref_probs.argmax(1) == labels)), "agreement": 1.0,
+        "latency_1t_ms": latency_ms(model.deploy, model.weights, batch, threads=1),
+        "latency_default_ms": latency_ms(model.deploy, model.weights, batch, threads=default_threads),
+        "compress_s": 0.0,
+    }]
+    with tempfile.TemporaryDirectory() as tmp:
+        for t in tradeoffs:
+            prefix = Path(tmp) / f"g{t}"
+            report = compress(model.deploy, model.weights, tradeoff=t, output=prefix)
+            deploy, weights = Path(report.output_prototxt), Path(report.output_caffemodel)
+            probs = predict(deploy, weights, batch)
+            rows.append({
+                "tradeoff": t, "label": f"T={t:g}", "bytes": weights.stat().st_size,
+                "accuracy": float(np.mean(probs.argmax(1) == labels)),
+                "agreement": float(np.mean(probs.argmax(1) == ref_probs.argmax(1))),
+                "latency_1t_ms": latency_ms(deploy, weights, batch, threads=1),
+                "latency_default_ms": latency_ms(deploy, weights, batch, threads=default_threads),
+                "compress_s": report.timings.get("total", 0.0),
+                "ranks": {lp.layer: lp.rank for lp in report.layers if lp.rank},
+            })
+            print(json.dumps(rows[-1]), file=sys.stderr)
+    cv2.setNumThreads(default_threads)
+    write_results(rows, faces_dir, len(faces), out_dir)
+    return rows
+
+
+def write_results(rows: list[dict], faces_dir: Path, n_faces: int, out_dir: Path) -> None:
+    cv2 = cv2_module()
+    orig = rows[0]
+    lines = [
+        "# GenderNet: accuracy, size and speed against the trade-off",
+        "",
+        f"Faces: {n_faces} from `{faces_dir.name}`. OpenCV {cv2.__version__}, "
+        f"CPU: {platform.processor() or platform.machine()}, {cv2.getNumThreads()} default threads. "
+        "Generated by `make gendernet` (`python -m gendernet.reproduce`).",
+        "",
+        "| model | caffemodel | ratio | accuracy | Δ accuracy | top-1 agreement | latency 1 thread | latency default | ranks |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        ranks = ", ".join(f"{k}:{v}" for k, v in r.get("ranks", {}).items()) or "-"
+        lines.append(
+            f"| {r['label']} | {r['bytes'] / 1e6:.2f} MB | {orig['bytes'] / r['bytes']:.2f}x | "
+            f"{100 * r['accuracy']:.1f}% | {100 * (r['accuracy'] - orig['accuracy']):+.1f} | "
+            f"{100 * r['agreement']:.1f}% | {r['latency_1t_ms']:.1f} ms | {r['latency_default_ms']:.1f} ms | {ranks} |"
+        )
+    ok = [r for r in rows[1:] if r["accuracy"] >= orig["accuracy"] - 0.01]
+    if ok:
+        best = min(ok, key=lambda r: r["bytes"])
+        lines += ["", f"Best point with at most a 1-point accuracy drop: {best['label']}, "
+                      f"{orig['bytes'] / best['bytes']:.2f}x smaller, accuracy {100 * best['accuracy']:.1f}%."]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.md").write_text("\n".join(lines) + "\n")
+    (out_dir / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    plot(rows, out_dir / "results.png")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("reproduce: matplotlib not installed, no plot", file=sys.stderr)
+        return
+    orig, comp = rows[0], rows[1:]
+    ts = [r["tradeoff"] for r in comp]
+    fig, (ax1, ax3) = plt.subplots(1, 2, figsize=(12, 4.5))
+    ax1.plot(ts, [100 * r["accuracy"] for r in comp], "o-", color="tab:blue", label="accuracy")
+    ax1.axhline(100 * orig["accuracy"], color="tab:blue", ls="--", lw=1, label="original accuracy")
+    ax1.set_xlabel("trade-off T")
+    ax1.set_ylabel("accuracy (%)", color="tab:blue")
+    ax2 = ax1.twinx()
+    ax2.plot(ts, [r["bytes"] / 1e6 for r in comp], "s-", color="tab:red", label="caffemodel size")
+    ax2.axhline(orig["bytes"] / 1e6, color="tab:red", ls="--", lw=1, label="original size")
+    ax2.set_ylabel("caffemodel (MB)", color="tab:red")
+    ax2.set_yscale("log")
+    ax1.set_title("GenderNet: accuracy and size against the trade-off")
+    h1, l1 = ax1.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax1.legend(h1 + h2, l1 + l2, loc="lower left", fontsize=8)
+    ax3.plot([r["bytes"] / 1e6 for r in comp], [100 * r["accuracy"] for r in comp], "o-", color="tab:green")
+    for r in comp:
+        ax3.annotate(r["label"], (r["bytes"] / 1e6, 100 * r["accuracy"]), fontsize=8,
+                     textcoords="offset points", xytext=(4, 4))
+    ax3.scatter([orig["bytes"] / 1e6], [100 * orig["accuracy"]], color="black", zorder=3, label="original")
+    ax3.set_xscale("log")
+    ax3.set_xlabel("caffemodel (MB, log)")
+    ax3.set_ylabel("accuracy (%)")
+    ax3.set_title("accuracy vs size front")
+    ax3.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--faces", required=True, type=Path, help="labelled face directory")
+    p.add_argument("--out", type=Path, default=Path(__file__).parent, help="where results.md/png go")
+    p.add_argument("--tradeoffs", default=",".join(map(str, TRADEOFFS)))
+    args = p.parse_args(argv)
+    if not args.faces.is_dir():
+        print(f"reproduce: error: --faces: {args.faces} is not a directory", file=sys.stderr)
+        return 2
+    run(args.faces, args.out, tuple(float(t) for t in args.tradeoffs.split(",")))
+    print((args.out / "results.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
