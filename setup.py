@@ -18,7 +18,7 @@ setup(
         "opencv-python-headless>=4.5,<5",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6"],
+        "test": ["pytest>=7", "hypothesis>=6", "grpcio-tools>=1.60"],
         "plot": ["matplotlib>=3.5"],
         "dev": ["pytest>=7", "hypothesis>=6", "matplotlib>=3.5", "grpcio-tools>=1.60"],
     },

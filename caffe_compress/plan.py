@@ -38,7 +38,7 @@ from .rewrite import conv_group_kernels, inner_product_matrix
 
 log = logging.getLogger(__name__)
 
-ERROR_SCALE = 0.01  # predicted relative output error allowed at T = 0.5
+ERROR_SCALE = 0.02  # predicted relative output error allowed at T = 0.5
 MIN_RANK_DIVISOR = 64  # the minimal sensible rank is min(dims) / 64 (at least 1)
 PATCH_SAMPLES = 2048
 

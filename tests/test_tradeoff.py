@@ -1,0 +1,135 @@
+"""The trade-off knob: monotone file size, JSON report keys, exit codes, validation figures."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from nets import write_model
+
+TRADEOFFS = [0, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1]
+
+SMALL_NET = """
+name: "small"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 24 dim: 24 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1" convolution_param { num_output: 16 kernel_size: 5 stride: 2 } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "conv2" type: "Convolution" bottom: "conv1" top: "conv2" convolution_param { num_output: 32 kernel_size: 3 pad: 1 } }
+layer { name: "relu2" type: "ReLU" bottom: "conv2" top: "conv2" }
+layer { name: "pool" type: "Pooling" bottom: "conv2" top: "pool" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "fc1" type: "InnerProduct" bottom: "pool" top: "fc1" inner_product_param { num_output: 64 } }
+layer { name: "relu3" type: "ReLU" bottom: "fc1" top: "fc1" }
+layer { name: "fc2" type: "InnerProduct" bottom: "fc1" top: "fc2" inner_product_param { num_output: 10 } }
+layer { name: "prob" type: "Softmax" bottom: "fc2" top: "prob" }
+"""
+
+
+def small_model(tmp_path):
+    rng = np.random.default_rng(11)
+
+    def he(*shape):
+        fan_in = int(np.prod(shape[1:]))
+        return (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+
+    weights = {
+        "conv1": [he(16, 3, 5, 5), np.zeros(16, np.float32)],
+        "conv2": [he(32, 16, 3, 3), np.full(32, 0.01, np.float32)],
+        "fc1": [he(64, 32 * 5 * 5), np.zeros(64, np.float32)],
+        "fc2": [he(10, 64), np.zeros(10, np.float32)],
+    }
+    return write_model(tmp_path, "small", SMALL_NET, weights)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "caffe_compress", *map(str, args)],
+                          capture_output=True, text=True, timeout=600)
+
+
+def _sizes(deploy, model, tmp_path, extra=()):
+    sizes = []
+    for t in TRADEOFFS:
+        out = tmp_path / f"t{t}"
+        result = run_cli(deploy, model, "--tradeoff", t, "-o", out, *extra)
+        assert result.returncode == 0, result.stderr
+        sizes.append((out.with_suffix(".caffemodel") if False else tmp_path / f"t{t}.caffemodel").stat().st_size)
+    return sizes
+
+
+def test_file_size_is_monotone_in_tradeoff(tmp_path):
+    deploy, model = small_model(tmp_path)
+    sizes = _sizes(deploy, model, tmp_path)
+    assert all(a >= b for a, b in zip(sizes, sizes[1:])), sizes
+    assert sizes[0] >= model.stat().st_size - 64  # T = 0 is lossless
+    assert sizes[-1] < sizes[0] / 2  # T = 1 is really smaller
+
+
+def test_gendernet_size_is_monotone(tmp_path, gendernet):
+    sizes = _sizes(gendernet.deploy, gendernet.weights, tmp_path, extra=("--no-validate",))
+    assert all(a >= b for a, b in zip(sizes, sizes[1:])), sizes
+    assert gendernet.weights.stat().st_size / sizes[TRADEOFFS.index(0.95)] >= 5
+
+
+def test_json_report_keys_and_validation_figures(tmp_path):
+    deploy, model = small_model(tmp_path)
+    result = run_cli(deploy, model, "--tradeoff", "0.9", "-o", tmp_path / "o", "--json", tmp_path / "r.json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert set(report) >= {"schema_version", "input", "output", "tradeoff", "error_budget",
+                           "predicted_output_error", "totals", "layers", "validation", "timings_s"}
+    assert set(report["totals"]) == {"params_before", "params_after", "bytes_before", "bytes_after", "ratio",
+                                     "macs_before", "macs_after"}
+    assert report["totals"]["bytes_after"] == (tmp_path / "o.caffemodel").stat().st_size
+    for layer in report["layers"]:
+        assert set(layer) == {"name", "type", "weight_shape", "method", "rank", "params_before", "params_after",
+                              "macs_before", "macs_after", "weight_error", "output_error", "note"}
+    (out,) = report["validation"]["outputs"]
+    assert out["name"] == "prob"
+    assert 0.0 <= out["top1_agreement"] <= 1.0
+    assert 0.0 <= out["mean_relative_error"] <= out["max_relative_error"]
+    assert -1.0 <= out["cosine_similarity"] <= 1.0 + 1e-9
+    assert "validation" in result.stdout and "top-1 agreement" in result.stdout
+
+
+def test_lossless_validation_is_exact(tmp_path):
+    deploy, model = small_model(tmp_path)
+    result = run_cli(deploy, model, "--tradeoff", "0", "-o", tmp_path / "o", "--json", tmp_path / "r.json")
+    assert result.returncode == 0, result.stderr
+    (out,) = json.loads((tmp_path / "r.json").read_text())["validation"]["outputs"]
+    assert out["top1_agreement"] == 1.0 and out["max_relative_error"] <= 1e-6
+
+
+@pytest.mark.parametrize("args,code,message", [
+    (["--tradeoff", "1.5"], 2, "--tradeoff"),
+    (["--tradeoff", "nan"], 2, "--tradeoff"),
+    (["--tradeoff", "abc"], 2, "--tradeoff"),
+    (["--rank", "nosuch=4"], 2, "no layer named 'nosuch'"),
+    (["--rank", "fc1=0"], 2, "--rank"),
+    (["--rank", "fc1=9999"], 2, "out of range"),
+    (["--rank", "fc1"], 2, "LAYER=R"),
+    (["--keep", "nosuch"], 2, "no layer named 'nosuch'"),
+    (["--bogus"], 2, "unrecognized"),
+])
+def test_usage_errors(tmp_path, args, code, message):
+    deploy, model = small_model(tmp_path)
+    result = run_cli(deploy, model, *args, "-o", tmp_path / "o")
+    assert result.returncode == code, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+    assert not (tmp_path / "o.caffemodel").exists()
+
+
+def test_model_and_io_exit_codes(tmp_path):
+    deploy, model = small_model(tmp_path)
+    assert run_cli(tmp_path / "missing.prototxt", model).returncode == 4
+    assert run_cli(deploy, tmp_path).returncode == 4
+    bad = tmp_path / "bad.prototxt"
+    bad.write_text('layer { name: "x" type: "ReLU" foo: 1 }')
+    r = run_cli(bad, model)
+    assert r.returncode == 3 and "1:" in r.stderr and "foo" in r.stderr
+    r = run_cli(model, deploy, "-o", tmp_path / "o")
+    assert r.returncode == 3 and "swapped" in r.stderr
+    r = run_cli(deploy, model, "-o", tmp_path / "nodir" / "o")
+    assert r.returncode == 5
+    r = run_cli(deploy, model, "-o", tmp_path / "small")  # would overwrite the inputs
+    assert r.returncode == 5 and "overwrite" in r.stderr
