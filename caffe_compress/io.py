@@ -13,11 +13,10 @@ from __future__ import annotations
 import logging
 import os
 import stat
-import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 from google.protobuf import json_format, text_format
@@ -207,7 +206,9 @@ def blob_to_array(blob: pb.BlobProto, *, where: str = "blob") -> np.ndarray:
         count = values.size
     if values.size != count:
         raise ModelError(f"{where}: blob shape {dims} needs {count} values but {values.size} are stored")
-    return values.astype(np.float32).reshape(dims)
+    # float32 payloads are used in place (read-only views of one serialized blob):
+    # no second copy of a 38 MB weight.
+    return values.astype(np.float32, copy=False).reshape(dims)
 
 
 def _varint(n: int) -> bytes:
@@ -544,6 +545,7 @@ def build_net(deploy: pb.NetParameter, weights: pb.NetParameter | None, deploy_p
 def load(deploy: str | os.PathLike, weights: str | os.PathLike) -> Net:
     """Read a deploy prototxt and its caffemodel into a checked :class:`Net`."""
     deploy_msg = parse_prototxt(read_input(deploy, what="prototxt", max_bytes=MAX_PROTOTXT_BYTES), deploy)
+    # The raw bytes are dropped as soon as they are parsed (peak memory).
     weights_msg = parse_caffemodel(
         read_input(weights, what="caffemodel", max_bytes=MAX_CAFFEMODEL_BYTES), weights
     )
@@ -563,24 +565,49 @@ def prototxt_bytes(net: Net) -> bytes:
     return text_format.MessageToString(msg).encode("utf-8")
 
 
-def caffemodel_bytes(net: Net) -> bytes:
-    """A caffemodel with only the weighted layers: name, type and blobs.
+def caffemodel_chunks(net: Net) -> Iterator[bytes | memoryview]:
+    """The caffemodel of ``net`` as a stream of chunks: only the weighted layers (name, type, blobs).
 
-    Built directly in the wire format (NetParameter.layer = 100, LayerParameter
-    name = 1, type = 2, blobs = 7) so no weight is copied through protobuf.
+    Written directly in the wire format (NetParameter.layer = 100, LayerParameter
+    name = 1, type = 2, blobs = 7): weights go from the arrays to the output
+    without any copy through protobuf.
     """
-    parts: list[bytes] = []
     if net.name:
-        parts += _len_field(1, net.name.encode("utf-8"))
+        yield b"".join(_len_field(1, net.name.encode("utf-8")))
     for layer in net.layers:
         if not layer.blobs:
             continue
-        body: list[bytes] = _len_field(1, layer.name.encode("utf-8")) + _len_field(2, layer.type.encode("utf-8"))
-        for blob in layer.blobs:
-            body += _len_field(7, _blob_wire(blob))
-        payload = b"".join(body)
-        parts += _len_field(100, payload)
-    return b"".join(parts)
+        head = b"".join(_len_field(1, layer.name.encode("utf-8")) + _len_field(2, layer.type.encode("utf-8")))
+        blobs = [_blob_header(blob) for blob in layer.blobs]
+        size = len(head) + sum(len(k) + len(n) + len(h) + blob.size * 4 for (k, n, h), blob in zip(blobs, layer.blobs))
+        yield _key(100, 2) + _varint(size) + head
+        for (key, length, header), blob in zip(blobs, layer.blobs):
+            yield key + length + header
+            yield np.ascontiguousarray(blob, dtype="<f4").data
+
+
+def caffemodel_bytes(net: Net) -> bytearray:
+    """The whole caffemodel of ``net`` in memory."""
+    out = bytearray()
+    for chunk in caffemodel_chunks(net):
+        out += chunk
+    return out
+
+
+def write_files(net: Net, prototxt: Path, caffemodel: Path) -> None:
+    """Plain (non-atomic) write of a pair, streaming the weights: for scratch files."""
+    prototxt.write_bytes(prototxt_bytes(net))
+    with open(caffemodel, "wb") as fh:
+        for chunk in caffemodel_chunks(net):
+            fh.write(chunk)
+
+
+def _blob_header(array: np.ndarray) -> tuple[bytes, bytes, bytes]:
+    """(key, length, everything before the float payload) of a blob field 7, for streaming."""
+    dims = b"".join(_varint(int(d)) for d in array.shape)
+    shape_msg = b"".join(_len_field(1, dims)) if array.shape else b""
+    header = b"".join(_len_field(7, shape_msg)) + _key(5, 2) + _varint(array.size * 4)
+    return _key(7, 2), _varint(len(header) + array.size * 4), header
 
 
 @dataclass
@@ -640,11 +667,12 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def _write_temp(directory: Path, stem: str, data: bytes) -> Path:
+def _write_temp(directory: Path, stem: str, chunks: Iterable[bytes | memoryview]) -> Path:
     fd, name = tempfile.mkstemp(prefix=f".{stem}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            for chunk in chunks:
+                fh.write(chunk)
             fh.flush()
             os.fsync(fh.fileno())
     except BaseException:
@@ -681,12 +709,11 @@ def stage(net: Net, prefix: str | os.PathLike, *, protect: Iterable[str | os.Pat
     for out in (proto_path, model_path):
         if out.exists() and not out.is_file():
             raise WriteError(f"{out}: exists and is not a regular file")
-    model_data = caffemodel_bytes(net)
     proto_data = prototxt_bytes(net)
     temps: list[Path] = []
     try:
-        temps.append(_write_temp(directory, model_path.name, model_data))
-        temps.append(_write_temp(directory, proto_path.name, proto_data))
+        temps.append(_write_temp(directory, model_path.name, caffemodel_chunks(net)))
+        temps.append(_write_temp(directory, proto_path.name, [proto_data]))
     except OSError as exc:
         for t in temps:
             t.unlink(missing_ok=True)

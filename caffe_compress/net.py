@@ -223,6 +223,8 @@ class Net:
                 if bad:
                     raise ModelError(f"layer '{layer.name}': blob {i} has {bad} NaN/Inf values")
             _check_weight_shapes(layer)
+            if layer.type == "Input":
+                _check_input_shapes(layer)
         return self
 
 
@@ -253,6 +255,18 @@ def _check_weight_shapes(layer: Layer) -> None:
                 f"layer '{layer.name}': weight shape {w.shape} does not match num_output {geo.num_output}"
             )
         _check_bias(layer, geo.bias_term, geo.num_output)
+
+
+MAX_AXES = 32
+
+
+def _check_input_shapes(layer: Layer) -> None:
+    for shape in layer.sub("input_param").get("shape", []):
+        dims = [int(d) for d in shape.get("dim", [])]
+        if len(dims) > MAX_AXES:
+            raise ModelError(f"input '{layer.name}': shape has {len(dims)} axes (at most {MAX_AXES})")
+        if any(d <= 0 for d in dims):
+            raise ModelError(f"input '{layer.name}': shape {dims} has a zero or negative dimension")
 
 
 def _check_bias(layer: Layer, bias_term: bool, num_output: int) -> None:

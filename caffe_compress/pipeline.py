@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import replace
@@ -12,7 +13,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from . import io, plan as planner, rewrite, validate
-from .errors import ModelError, RankError, UsageError
+from .errors import ModelError, RankError, UsageError, ValidationError
 from .net import Layer, Net, conv_geometry
 from .report import Report
 
@@ -20,10 +21,22 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TRADEOFF = 0.95
 DEFAULT_PROBES = 8
-CP_ITERATIONS = 25
+CP_ITERATIONS = 20
+MAX_PROBE_ELEMENTS = 1 << 26  # 256 MB of float32 probe input at most
+MAX_PROBES = 256
+NEGLIGIBLE_COST_SHARE = 0.005  # a layer below 0.5% of params+MACs gets no sensitivity trial
 
 ProgressFn = Callable[[str], None]
 INPUT_PREFIX = "\x00input:"
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MB (0 where unknown)."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return 0.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 class _Timer:
@@ -37,6 +50,7 @@ class _Timer:
             yield
         finally:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+            log.debug("stage %s: %.2fs, peak RSS %.0f MB", name, self.timings[name], peak_rss_mb())
 
 
 def default_prefix(weights: str | os.PathLike) -> Path:
@@ -92,6 +106,11 @@ def _probe_inputs(net: Net, *, images: Path | None, preprocessing: validate.Prep
     for name, shape in shapes.items():
         if not shape:
             raise ModelError(f"input '{name}' has no declared shape; add input_shape or input_dim to the prototxt")
+        elements = int(np.prod([int(d) for d in shape[1:]], dtype=object)) if len(shape) > 1 else 1
+        if elements > MAX_PROBE_ELEMENTS:
+            raise ModelError(f"input '{name}': shape {tuple(shape)} is too large to probe "
+                             f"({elements} values per sample, at most {MAX_PROBE_ELEMENTS})")
+        count = max(1, min(count, MAX_PROBE_ELEMENTS // max(elements, 1)))
     inputs = {}
     if images is not None:
         if len(shapes) != 1:
@@ -132,7 +151,19 @@ def _conv_out_shape(layer: Layer, in_shape: tuple[int, ...]) -> tuple[int, ...]:
     return (b, geo.num_output, oh, ow)
 
 
-def compress(
+def compress(deploy: str | os.PathLike, weights: str | os.PathLike, **options) -> Report:
+    """Compress a Caffe model; write ``PREFIX.prototxt``/``PREFIX.caffemodel``; return a Report.
+
+    Options (keyword-only): tradeoff (float in [0, 1]: 0 lossless, 1 smallest; default 0.95),
+    output (prefix), ranks ({layer: rank}), keep (layer names), validate_output (bool),
+    images (validation image dir), calibration (image dir driving the rank choice),
+    preprocessing (Preprocessing), probes (int), seed (int), progress (callable).
+    """
+    with tempfile.TemporaryDirectory(prefix="caffe-compress-") as scratch:
+        return _compress(deploy, weights, scratch_dir=Path(scratch), **options)
+
+
+def _compress(
     deploy: str | os.PathLike,
     weights: str | os.PathLike,
     *,
@@ -147,20 +178,14 @@ def compress(
     probes: int = DEFAULT_PROBES,
     seed: int = 0,
     progress: ProgressFn | None = None,
+    scratch_dir: Path,
 ) -> Report:
-    """Compress a Caffe model; write ``PREFIX.prototxt``/``PREFIX.caffemodel``; return a Report.
-
-    tradeoff : float in [0, 1] -- 0 lossless, 1 smallest (see README).
-    ranks : {layer: rank} forced ranks; keep : layers never touched.
-    images : directory of images for validation (default: random probes).
-    calibration : directory of images whose activations drive the rank choice.
-    """
     say = progress or (lambda message: None)
     tradeoff = planner.check_tradeoff(tradeoff)
     ranks = dict(ranks or {})
     keep = tuple(keep)
-    if probes < 1:
-        raise UsageError(f"--probes: {probes} must be >= 1")
+    if not 1 <= probes <= MAX_PROBES:
+        raise UsageError(f"--probes: {probes} must be between 1 and {MAX_PROBES}")
     timer = _Timer()
     total_start = time.perf_counter()
     prefix = Path(output) if output is not None else default_prefix(weights)
@@ -179,7 +204,19 @@ def compress(
     probe_label = "none"
     original_cv = None
     wants_plan = tradeoff > 0 or bool(ranks)
-    original_bytes = (io.prototxt_bytes(net), io.caffemodel_bytes(net))
+
+    def opencv_net_of(model: Net, what: str, error=ModelError):
+        # OpenCV reads a streamed scratch file: no in-memory copy of the caffemodel.
+        proto, weights_file = scratch_dir / "m.prototxt", scratch_dir / "m.caffemodel"
+        io.write_files(model, proto, weights_file)
+        try:
+            return validate.load_opencv_net(proto, weights_file, what=what, error=error)
+        finally:
+            weights_file.unlink(missing_ok=True)
+
+    def opencv_original():
+        # OpenCV reads our lossless V2 rewrite of the input (phase-filtered, upgraded).
+        return opencv_net_of(net, str(deploy))
 
     if wants_plan:
         with timer.stage("probe"):
@@ -187,7 +224,7 @@ def compress(
             calib = Path(calibration) if calibration is not None else None
             probe_inputs, _ = _probe_inputs(net, images=calib, preprocessing=preprocessing, count=probes,
                                             seed=seed, option="--calibration")
-            original_cv = validate.load_opencv_net(*original_bytes, what=str(deploy))
+            original_cv = opencv_original()
             producers = _producer_names(net)
             decomposable = []
             for layer in net.layers:
@@ -203,9 +240,10 @@ def compress(
             wanted = sorted({producers[(layer.name, 0)] for layer, _ in decomposable} - {
                 INPUT_PREFIX + name for name in probe_inputs})
             out_names = [producers[("__output__", i)] for i in range(len(net.output_names()))]
-            acts = validate.forward(original_cv, probe_inputs, wanted + out_names, what=str(deploy))
+            acts = validate.forward(original_cv, probe_inputs, wanted + out_names, what=str(deploy), error=ModelError)
             acts.update({INPUT_PREFIX + name: value for name, value in probe_inputs.items()})
             reference = {name: acts[name] for name in out_names}
+            original_cv = None  # peak memory: validation builds a fresh reference net
 
         with timer.stage("analyse"):
             for layer, method in decomposable:
@@ -229,11 +267,15 @@ def compress(
                     continue
                 candidates.append(cand)
 
+        del acts  # peak memory: not needed while the trial nets are built
         with timer.stage("sensitivity"):
             # One OpenCV run per layer with only that layer approximated, at a mid-grid rank.
             for i, cand in enumerate(candidates):
                 if cand.layer in ranks or tradeoff in (0.0, 1.0):
                     continue
+                totals = (sum(c.params_before for c in candidates), sum(c.macs_before for c in candidates))
+                if cand.cost(None, totals) < NEGLIGIBLE_COST_SHARE:
+                    continue  # too small to matter either way: keep the conservative gain of 1
                 say(f"measuring the sensitivity of {cand.layer}")
                 probe_rank = cand.ranks[len(cand.ranks) // 2]
                 layer_err = cand.output_error[probe_rank]
@@ -242,8 +284,9 @@ def compress(
                 layer = net.layer(cand.layer)
                 approx = planner.approximate_weight(layer, cand, probe_rank, ws)
                 trial = _with_weight(net, cand.layer, approx)
-                trial_cv = validate.load_opencv_net(io.prototxt_bytes(trial), io.caffemodel_bytes(trial), what="probe")
-                trial_out = validate.forward(trial_cv, probe_inputs, out_names, what="probe")
+                trial_cv = opencv_net_of(trial, f"trial of {cand.layer}", error=ValidationError)
+                trial_out = validate.forward(trial_cv, probe_inputs, out_names, what=f"trial of {cand.layer}")
+                del trial, trial_cv  # one trial net alive at a time (peak memory)
                 end_err = _relative_output_error(reference, trial_out)
                 candidates[i] = replace(cand, gain=end_err / layer_err)
 
@@ -267,6 +310,7 @@ def compress(
             else:
                 replacements[lp.layer] = rewrite.decompose_convolution(net, layer, ws.cp[lp.layer][lp.rank])
         new_net = rewrite.replace_layers(net, replacements)
+        del replacements, ws  # the factors now live in new_net only
 
     say("writing the model")
     deploy_path, weights_path = Path(deploy), Path(weights)
@@ -282,14 +326,14 @@ def compress(
                     net, images=Path(images) if images is not None else None, preprocessing=preprocessing,
                     count=probes, seed=seed + 1000, option="--images")
                 if original_cv is None:
-                    original_cv = validate.load_opencv_net(*original_bytes, what=str(deploy))
+                    original_cv = opencv_original()
                 compressed_cv = validate.load_opencv_net(staged.temp_prototxt, staged.temp_caffemodel,
                                                          what=f"compressed model {staged.prototxt}")
                 producers_old = _producer_names(net)
                 producers_new = _producer_names(new_net)
                 outs_old = [producers_old[("__output__", i)] for i in range(len(net.output_names()))]
                 outs_new = [producers_new[("__output__", i)] for i in range(len(new_net.output_names()))]
-                a = validate.forward(original_cv, val_inputs, outs_old, what=str(deploy))
+                a = validate.forward(original_cv, val_inputs, outs_old, what=str(deploy), error=ModelError)
                 b = validate.forward(compressed_cv, val_inputs, outs_new, what=f"compressed model {staged.prototxt}")
                 keyed_b = {old: b[new] for old, new in zip(outs_old, outs_new)}
                 agreements = tuple(validate.compare_outputs(a, keyed_b))

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 ERROR_SCALE = 0.02  # predicted relative output error allowed at T = 0.5
 MIN_RANK_DIVISOR = 64  # the minimal sensible rank is min(dims) / 64 (at least 1)
-PATCH_SAMPLES = 2048
+PATCH_SAMPLES = 1024
 
 METHOD_SVD = "svd"
 METHOD_CP = "cp"
@@ -133,12 +133,12 @@ class Workspace:
         return [b.factors(rank_total // len(bases)) for b in bases]
 
 
-def _rank_grid(low: int, high: int, step: int) -> tuple[int, ...]:
-    """Descending candidate ranks between low and high: 1, 1.5, 2, 3, 4, 6, 8, ... (multiples of step)."""
+def _rank_grid(low: int, high: int, step: int, *, fine: bool = True) -> tuple[int, ...]:
+    """Descending candidate ranks between low and high: 1, (1.5,) 2, (3,) 4, (6,) 8, ... (multiples of step)."""
     values = set()
     r = 1
     while r <= high:
-        for v in (r, (3 * r) // 2):
+        for v in ((r, (3 * r) // 2) if fine else (r,)):
             if low <= v <= high:
                 values.add(v)
         r *= 2
@@ -212,7 +212,7 @@ def max_rank(layer: Layer, method: str) -> int:
 def _ip_rows(x: np.ndarray, axis: int) -> np.ndarray:
     axis = axis if axis >= 0 else x.ndim + axis
     lead = int(np.prod(x.shape[:axis])) if axis > 0 else 1
-    return x.reshape(lead, -1).astype(np.float64)
+    return x.reshape(lead, -1).astype(np.float32)
 
 
 def _sample_patches(x: np.ndarray, layer: Layer, out_shape: tuple[int, ...], rng) -> np.ndarray:
@@ -249,9 +249,9 @@ def analyse_inner_product(
     rows = _ip_rows(x, geo.axis)
     if rows.shape[1] != k:
         raise UsageError(f"layer '{layer.name}': input has {rows.shape[1]} features but the weight expects {k}")
-    y = rows @ w.T.astype(np.float64) + bias
+    y = (rows @ w.T).astype(np.float64) + bias
     ref = float(np.sum(y * y))
-    proj = rows @ basis.vt.T  # (M, m): coordinates of inputs along right singular vectors
+    proj = (rows @ basis.vt.T).astype(np.float64)  # (M, m): inputs along the right singular vectors
     energy = (basis.s ** 2) * np.sum(proj * proj, axis=0)  # output energy each component carries
     tail = np.concatenate([np.cumsum(energy[::-1])[::-1], [0.0]])
     m = basis.s.size
@@ -284,11 +284,11 @@ def analyse_convolution(
     t, sg, kh, kw = w.shape
     bias_count = t if geo.bias_term else 0
     rng = np.random.default_rng(seed)
-    patches = _sample_patches(x, layer, out_shape, rng).astype(np.float64)  # (P, C, kh, kw)
+    patches = _sample_patches(x, layer, out_shape, rng).astype(np.float32)  # (P, C, kh, kw)
     kernels = conv_group_kernels(layer)
     group_patches = [patches[:, i * sg : (i + 1) * sg].reshape(patches.shape[0], -1) for i in range(g)]
-    ys = [gp @ k.reshape(k.shape[0], -1).T.astype(np.float64) for gp, k in zip(group_patches, kernels)]
-    y = np.concatenate(ys, axis=1)
+    ys = [gp @ k.reshape(k.shape[0], -1).T for gp, k in zip(group_patches, kernels)]
+    y = np.concatenate(ys, axis=1).astype(np.float64)
     if geo.bias_term:
         y = y + layer.blobs[1].astype(np.float64)[None, :]
     ref = float(np.sum(y * y))
@@ -312,9 +312,9 @@ def analyse_convolution(
             w_sq = 0.0
             for gp, basis in zip(group_patches, bases):
                 f = basis.factors(rg)
-                approx = f.second.astype(np.float64) @ f.first.astype(np.float64)
-                resid = (basis.u * basis.s) @ basis.vt - approx
-                d = gp @ resid.T
+                approx = f.second @ f.first
+                resid = ((basis.u * basis.s) @ basis.vt).astype(np.float32) - approx
+                d = (gp @ resid.T).astype(np.float64)
                 d_sq += float(np.sum(d * d))
                 w_sq += float(np.sum(resid * resid))
             out_err[rg * g] = _relative(d_sq, ref)
@@ -326,7 +326,8 @@ def analyse_convolution(
         cap = max(t // g, sg)  # CP beyond the channel counts costs much and rarely pays
         high = min(break_even_group, cap)
         low = max(1, min(t // g, sg) // min_rank_divisor)
-        group_ranks = _rank_grid(low, high, 1) if high >= 1 else ()
+        # CP costs one ALS run per rank: a coarser (power-of-two) grid.
+        group_ranks = _rank_grid(low, high, 1, fine=False) if high >= 1 else ()
         if forced_rank is not None:
             group_ranks = (forced_rank // g,)
         store: dict[int, list[ConvFactors]] = {}
@@ -344,10 +345,10 @@ def analyse_convolution(
             d_sq = 0.0
             wr_sq = 0.0
             for gp, k, f in zip(group_patches, kernels, facs):
-                resid = (k - cp_reconstruct(f)).astype(np.float64)
-                d = gp @ resid.reshape(resid.shape[0], -1).T
+                resid = k - cp_reconstruct(f)
+                d = (gp @ resid.reshape(resid.shape[0], -1).T).astype(np.float64)
                 d_sq += float(np.sum(d * d))
-                wr_sq += float(np.sum(resid * resid))
+                wr_sq += float(np.sum(np.square(resid, dtype=np.float64)))
             out_err[rg * g] = _relative(d_sq, ref)
             w_err[rg * g] = _relative(wr_sq, w_norm_sq)
         ws.cp[layer.name] = store
@@ -368,10 +369,10 @@ def approximate_weight(layer: Layer, candidate: Candidate, rank: int, ws: Worksp
     """The layer's weight blob as the factored layers would compute it (same shape)."""
     if candidate.method == METHOD_SVD:
         f = ws.linear_factors(layer.name, rank)[0]
-        approx = (f.second.astype(np.float64) @ f.first.astype(np.float64)).astype(np.float32)
+        approx = f.second @ f.first  # float32: the weight can be tens of MB
         return approx.T.copy() if inner_product_geometry(layer).transpose else approx
     if candidate.method == METHOD_POINTWISE:
-        parts = [(f.second.astype(np.float64) @ f.first.astype(np.float64)) for f in ws.linear_factors(layer.name, rank)]
+        parts = [f.second @ f.first for f in ws.linear_factors(layer.name, rank)]
         return np.concatenate(parts, axis=0).astype(np.float32).reshape(layer.blobs[0].shape)
     parts = [cp_reconstruct(f) for f in ws.cp[layer.name][rank]]
     return np.concatenate(parts, axis=0).astype(np.float32)

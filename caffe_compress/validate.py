@@ -32,11 +32,16 @@ def cv2_module():
             f"opencv {getattr(cv2, '__version__', '?')}: no Caffe importer (removed in OpenCV 5); "
             "install opencv-python-headless>=4.5,<5"
         )
+    try:  # OpenCV's own log lines would break the one-line error contract
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    except AttributeError:
+        pass
     return cv2
 
 
-def load_opencv_net(prototxt: bytes | Path, caffemodel: bytes | Path, *, what: str = "model"):
-    """A cv2.dnn.Net from files or in-memory bytes; ValidationError if OpenCV refuses it."""
+def load_opencv_net(prototxt: bytes | Path, caffemodel: bytes | Path, *, what: str = "model",
+                    error: type[Exception] = ValidationError):
+    """A cv2.dnn.Net from files or in-memory bytes; ``error`` (ValidationError) if OpenCV refuses it."""
     cv2 = cv2_module()
     try:
         if isinstance(prototxt, (bytes, bytearray)):
@@ -46,9 +51,9 @@ def load_opencv_net(prototxt: bytes | Path, caffemodel: bytes | Path, *, what: s
         else:
             net = cv2.dnn.readNetFromCaffe(str(prototxt), str(caffemodel))
     except cv2.error as exc:
-        raise ValidationError(f"{what}: OpenCV cannot load it: {_cv_message(exc)}") from None
+        raise error(f"{what}: OpenCV cannot load it: {_cv_message(exc)}") from None
     if net.empty():
-        raise ValidationError(f"{what}: OpenCV loaded an empty network")
+        raise error(f"{what}: OpenCV loaded an empty network")
     return net
 
 
@@ -60,7 +65,8 @@ def _cv_message(exc: Exception) -> str:
     return text[-1] if text else type(exc).__name__
 
 
-def forward(cv_net, inputs: Mapping[str, np.ndarray], outputs: Sequence[str], *, what: str = "model") -> dict[str, np.ndarray]:
+def forward(cv_net, inputs: Mapping[str, np.ndarray], outputs: Sequence[str], *, what: str = "model",
+            error: type[Exception] = ValidationError) -> dict[str, np.ndarray]:
     """Run the net; returns {blob name: array} for the requested blobs."""
     cv2 = cv2_module()
     try:
@@ -68,7 +74,7 @@ def forward(cv_net, inputs: Mapping[str, np.ndarray], outputs: Sequence[str], *,
             cv_net.setInput(np.ascontiguousarray(value, dtype=np.float32), name)
         values = cv_net.forward(list(outputs))
     except cv2.error as exc:
-        raise ValidationError(f"{what}: OpenCV forward pass failed: {_cv_message(exc)}") from None
+        raise error(f"{what}: OpenCV forward pass failed: {_cv_message(exc)}") from None
     return {name: np.array(v, dtype=np.float32, copy=True) for name, v in zip(outputs, values)}
 
 

@@ -36,7 +36,8 @@ class LinearFactors:
 class SpectralBasis:
     """All singular triplets of W, largest first, so any rank is cheap to cut.
 
-    u : (N, m) float64; s : (m,) float64; vt : (m, K) float64, m = min(N, K)
+    u : (N, m); s : (m,) float64; vt : (m, K); m = min(N, K). u and vt are float32
+    for large matrices (memory), float64 otherwise.
     """
 
     u: np.ndarray
@@ -56,8 +57,8 @@ class SpectralBasis:
         if not 1 <= rank <= m:
             raise RankError(f"rank {rank} out of range 1..{m}")
         root = np.sqrt(self.s[:rank])
-        first = (root[:, None] * self.vt[:rank]).astype(np.float32)
-        second = (self.u[:, :rank] * root[None, :]).astype(np.float32)
+        first = (root[:, None] * self.vt[:rank].astype(np.float64)).astype(np.float32)
+        second = (self.u[:, :rank].astype(np.float64) * root[None, :]).astype(np.float32)
         return LinearFactors(first, second, self.relative_error(rank))
 
 
@@ -65,12 +66,15 @@ def spectral_basis(weight: np.ndarray) -> SpectralBasis:
     """Full singular-value decomposition of ``weight`` (N, K), via the smaller Gram matrix."""
     if weight.ndim != 2:
         raise ValueError(f"weight must be 2-D, got shape {weight.shape}")
-    w = np.asarray(weight, dtype=np.float64)
-    n, k = w.shape
+    n, k = weight.shape
     transposed = n > k
+    # Big matrices stay float32 (memory: GenderNet's fc6 is 38 MB as float32);
+    # the small Gram matrix and its eigenproblem are float64.
+    big = weight.size > 4_000_000
+    w = np.asarray(weight, dtype=np.float32 if big else np.float64)
     if transposed:
         w = w.T
-    gram = w @ w.T
+    gram = (w @ w.T).astype(np.float64)
     evals, evecs = np.linalg.eigh(gram)
     order = np.argsort(evals)[::-1]
     evals = np.clip(evals[order], 0.0, None)
@@ -79,7 +83,8 @@ def spectral_basis(weight: np.ndarray) -> SpectralBasis:
     # V^T = S^-1 U^T W; singular values that are ~0 give arbitrary (zeroed) rows.
     tiny = s <= s[0] * 1e-12 if s.size and s[0] > 0 else np.ones_like(s, dtype=bool)
     inv = np.where(tiny, 0.0, 1.0 / np.where(tiny, 1.0, s))
-    vt = (u.T @ w) * inv[:, None]
+    vt = u.T.astype(w.dtype) @ w
+    vt *= inv[:, None].astype(w.dtype)  # in place: vt can be tens of MB
     frob = float(np.sqrt(np.sum(evals)))
     if transposed:
         u, vt = vt.T, u.T
