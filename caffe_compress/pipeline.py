@@ -31,7 +31,18 @@ INPUT_PREFIX = "\x00input:"
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MB (0 where unknown)."""
+    """Peak resident set size of this process so far, in MB (0 where unknown).
+
+    Linux: VmHWM of this program image. getrusage's ru_maxrss is avoided there
+    because it also counts the parent's memory at fork time, before exec.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         import resource
     except ImportError:  # not on POSIX
@@ -202,7 +213,6 @@ def _compress(
     ws = planner.Workspace()
     probe_inputs: dict[str, np.ndarray] | None = None
     probe_label = "none"
-    original_cv = None
     wants_plan = tradeoff > 0 or bool(ranks)
 
     def opencv_net_of(model: Net, what: str, error=ModelError):
@@ -218,6 +228,21 @@ def _compress(
         # OpenCV reads our lossless V2 rewrite of the input (phase-filtered, upgraded).
         return opencv_net_of(net, str(deploy))
 
+    producers = _producer_names(net)
+    decomposable = []
+    for layer in net.layers:
+        method, reason = planner.describe_layer(layer, keep=layer.name in keep, forced_rank=ranks.get(layer.name))
+        if method == planner.METHOD_KEEP:
+            if reason:
+                skipped[layer.name] = reason
+            continue
+        if (layer.name, 0) not in producers:
+            skipped[layer.name] = "its input blob is not produced by a layer"
+            continue
+        if not wants_plan:
+            skipped[layer.name] = "nothing is factored at T = 0"
+        decomposable.append((layer, method))
+
     if wants_plan:
         with timer.stage("probe"):
             say("probing the original model in OpenCV")
@@ -225,25 +250,13 @@ def _compress(
             probe_inputs, _ = _probe_inputs(net, images=calib, preprocessing=preprocessing, count=probes,
                                             seed=seed, option="--calibration")
             original_cv = opencv_original()
-            producers = _producer_names(net)
-            decomposable = []
-            for layer in net.layers:
-                method, reason = planner.describe_layer(layer, keep=layer.name in keep, forced_rank=ranks.get(layer.name))
-                if method == planner.METHOD_KEEP:
-                    if reason:
-                        skipped[layer.name] = reason
-                    continue
-                if (layer.name, 0) not in producers:
-                    skipped[layer.name] = "its input blob is not produced by a layer"
-                    continue
-                decomposable.append((layer, method))
             wanted = sorted({producers[(layer.name, 0)] for layer, _ in decomposable} - {
                 INPUT_PREFIX + name for name in probe_inputs})
             out_names = [producers[("__output__", i)] for i in range(len(net.output_names()))]
             acts = validate.forward(original_cv, probe_inputs, wanted + out_names, what=str(deploy), error=ModelError)
             acts.update({INPUT_PREFIX + name: value for name, value in probe_inputs.items()})
             reference = {name: acts[name] for name in out_names}
-            original_cv = None  # peak memory: validation builds a fresh reference net
+            del original_cv  # peak memory: validation builds a fresh reference net
 
         with timer.stage("analyse"):
             for layer, method in decomposable:
@@ -325,15 +338,14 @@ def _compress(
                 val_inputs, validation_label = _probe_inputs(
                     net, images=Path(images) if images is not None else None, preprocessing=preprocessing,
                     count=probes, seed=seed + 1000, option="--images")
-                if original_cv is None:
-                    original_cv = opencv_original()
-                compressed_cv = validate.load_opencv_net(staged.temp_prototxt, staged.temp_caffemodel,
-                                                         what=f"compressed model {staged.prototxt}")
                 producers_old = _producer_names(net)
                 producers_new = _producer_names(new_net)
                 outs_old = [producers_old[("__output__", i)] for i in range(len(net.output_names()))]
                 outs_new = [producers_new[("__output__", i)] for i in range(len(new_net.output_names()))]
-                a = validate.forward(original_cv, val_inputs, outs_old, what=str(deploy), error=ModelError)
+                a = validate.forward(opencv_original(), val_inputs, outs_old, what=str(deploy), error=ModelError)
+                # one OpenCV net alive at a time (peak memory)
+                compressed_cv = validate.load_opencv_net(staged.temp_prototxt, staged.temp_caffemodel,
+                                                         what=f"compressed model {staged.prototxt}")
                 b = validate.forward(compressed_cv, val_inputs, outs_new, what=f"compressed model {staged.prototxt}")
                 keyed_b = {old: b[new] for old, new in zip(outs_old, outs_new)}
                 agreements = tuple(validate.compare_outputs(a, keyed_b))
@@ -343,6 +355,7 @@ def _compress(
         raise
 
     timer.timings["total"] = time.perf_counter() - total_start
+    timer.timings["_peak_rss_mb"] = peak_rss_mb()
     macs_before = sum(lp.macs_before for lp in plan.layers)
     macs_after = sum(lp.macs_after for lp in plan.layers)
     return Report(

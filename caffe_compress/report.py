@@ -78,6 +78,7 @@ class Report:
                 "outputs": [asdict(v) for v in self.validation],
             },
             "timings_s": {k: v for k, v in self.timings.items() if not k.startswith("_")},
+            "peak_rss_mb": self.timings.get("_peak_rss_mb"),
         }
 
     def json_text(self) -> str:
@@ -138,6 +139,6 @@ def format_table(report: Report) -> str:
     else:
         lines.append("validation: skipped (--no-validate)")
     timing = ", ".join(f"{k} {v:.2f}s" for k, v in report.timings.items() if not k.startswith("_") and "/" not in k)
-    lines.append(f"time: {timing}")
+    lines.append(f"time: {timing}; peak memory {report.timings.get('_peak_rss_mb', 0):.0f} MB")
     lines.append(f"wrote {report.output_prototxt} and {report.output_caffemodel}")
     return "\n".join(lines)

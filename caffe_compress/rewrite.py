@@ -6,8 +6,10 @@
   keeps its grouping in the two 1x1 layers.
 * 1x1 Convolution at rank r -> two 1x1 convolutions (SVD), grouping kept.
 
-New layers are named ``<name>_cp1..4`` / ``<name>_svd1..2``; the last one keeps
-the original top, so in-place layers and consumers keep working.
+New layers are named ``<name>_cp1..3`` / ``<name>_svd1``; the last one keeps
+the original layer's *name and top*, so in-place layers, consumers, and
+applications that ask OpenCV for an output by layer name
+(``net.forward("fc8")``) keep working.
 """
 from __future__ import annotations
 
@@ -52,7 +54,8 @@ def decompose_inner_product(net: Net, layer: Layer, factors: LinearFactors) -> t
     """Two InnerProduct layers computing ``factors.second @ factors.first`` plus the original bias."""
     geo = inner_product_geometry(layer)
     rank = factors.rank
-    first_name, second_name = _fresh_blob_names(net, f"{layer.name}_svd", 2)
+    first_name, _ = _fresh_blob_names(net, f"{layer.name}_svd", 2)
+    second_name = layer.name
     second_axis = geo.axis if geo.axis >= 0 else -1  # the rank axis is always last
     first_params = {"num_output": rank, "bias_term": False}
     if geo.axis != 1:
@@ -125,7 +128,7 @@ def decompose_convolution(net: Net, layer: Layer, factors: Sequence[ConvFactors]
         (horizontal_w,),
     )
     last = Layer(
-        names[3], "Convolution", (names[2],), layer.tops,
+        layer.name, "Convolution", (names[2],), layer.tops,
         _conv_params(num_output=geo.num_output, bias_term=geo.bias_term, kernel_size=[1], group=group),
         (last_w,) + ((layer.blobs[1],) if geo.bias_term else ()),
     )
@@ -151,7 +154,7 @@ def decompose_pointwise(net: Net, layer: Layer, factors: Sequence[LinearFactors]
         (first_w.astype(np.float32),),
     )
     second = Layer(
-        names[1], "Convolution", (names[0],), layer.tops,
+        layer.name, "Convolution", (names[0],), layer.tops,
         _conv_params(num_output=geo.num_output, bias_term=geo.bias_term, kernel_size=[1], group=group),
         (last_w.astype(np.float32),) + ((layer.blobs[1],) if geo.bias_term else ()),
     )

@@ -190,6 +190,27 @@ def compare_outputs(original: Mapping[str, np.ndarray], compressed: Mapping[str,
     return rows
 
 
+def median_latency_ms(prototxt: Path, caffemodel: Path, sample: np.ndarray, *, threads: int,
+                      runs: int = 20, warmup: int = 5) -> float:
+    """Median single-input OpenCV forward time in ms, after ``warmup`` runs, with ``threads`` threads."""
+    import time
+
+    cv2 = cv2_module()
+    cv2.setNumThreads(int(threads))
+    net = load_opencv_net(Path(prototxt), Path(caffemodel), what=str(prototxt))
+    x = np.ascontiguousarray(sample, dtype=np.float32)
+    for _ in range(warmup):
+        net.setInput(x)
+        net.forward()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        net.setInput(x)
+        net.forward()
+        times.append(time.perf_counter() - start)
+    return 1000.0 * float(np.median(times))
+
+
 def set_threads(count: int | None) -> None:
     if count is not None:
         cv2_module().setNumThreads(int(count))

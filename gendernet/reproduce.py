@@ -16,7 +16,6 @@ import argparse
 import json
 import platform
 import re
-import statistics
 import sys
 import tempfile
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from caffe_compress import compress, zoo
-from caffe_compress.validate import cv2_module
+from caffe_compress.validate import cv2_module, median_latency_ms
 
 MEAN = (78.4263377603, 87.7689143744, 114.895847746)
 TRADEOFFS = (0.0, 0.5, 0.8, 0.9, 0.95, 0.99, 1.0)
@@ -88,20 +87,7 @@ def predict(deploy: Path, weights: Path, batch: np.ndarray, *, threads: int | No
 
 
 def latency_ms(deploy: Path, weights: Path, sample: np.ndarray, *, threads: int, runs: int = 20) -> float:
-    cv2 = cv2_module()
-    cv2.setNumThreads(threads)
-    net = cv2.dnn.readNetFromCaffe(str(deploy), str(weights))
-    x = sample[:1]
-    for _ in range(3):
-        net.setInput(x)
-        net.forward()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        net.setInput(x)
-        net.forward()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    return median_latency_ms(deploy, weights, sample[:1], threads=threads, runs=runs)
 
 
 def run(faces_dir: Path, out_dir: Path, tradeoffs=TRADEOFFS) -> list[dict]:

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from caffe_compress import zoo  # noqa: E402
-from caffe_compress.validate import cv2_module  # noqa: E402
+from caffe_compress.validate import cv2_module, median_latency_ms  # noqa: E402
 
 TIME_RATIO_BUDGET = 3.0
 RSS_BUDGET_MB = 400.0
@@ -60,25 +60,15 @@ def compress_in_child(deploy: Path, weights: Path, tradeoff: float, prefix: Path
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"bench: compression failed: {stderr.strip()}")
     report = json.loads(report_path.read_text())
-    peak_mb = usage.ru_maxrss / 1024.0  # Linux: kB
+    # The child's own VmHWM (from its report): wait4's ru_maxrss would also count
+    # this parent's memory at fork time.
+    peak_mb = report.get("peak_rss_mb") or usage.ru_maxrss / 1024.0
     return {"tradeoff": tradeoff, "wall_s": wall, "peak_rss_mb": peak_mb, "report": report}
 
 
 def latency_ms(deploy: Path, weights: Path, *, threads: int, runs: int) -> float:
-    cv2 = cv2_module()
-    cv2.setNumThreads(threads)
-    net = cv2.dnn.readNetFromCaffe(str(deploy), str(weights))
     x = np.random.default_rng(0).uniform(-100, 100, (1, 3, 227, 227)).astype(np.float32)
-    for _ in range(5):
-        net.setInput(x)
-        net.forward()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        net.setInput(x)
-        net.forward()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    return median_latency_ms(deploy, weights, x, threads=threads, runs=runs)
 
 
 def main() -> int:

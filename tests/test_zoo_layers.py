@@ -1,0 +1,96 @@
+"""Layer types found in real models: round trip and compression keep OpenCV working."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from nets import max_relative_difference, opencv_outputs, write_model
+
+RICH = """
+name: "rich"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 32 dim: 32 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+        convolution_param { num_output: 16 kernel_size: 3 pad: 1 } }
+layer { name: "bn1" type: "BatchNorm" bottom: "conv1" top: "conv1" batch_norm_param { use_global_stats: true } }
+layer { name: "scale1" type: "Scale" bottom: "conv1" top: "conv1" scale_param { bias_term: true } }
+layer { name: "prelu1" type: "PReLU" bottom: "conv1" top: "conv1" }
+layer { name: "dw" type: "Convolution" bottom: "conv1" top: "dw"
+        convolution_param { num_output: 16 kernel_size: 3 pad: 1 group: 16 } }
+layer { name: "dil" type: "Convolution" bottom: "conv1" top: "dil"
+        convolution_param { num_output: 16 kernel_size: 3 pad: 2 dilation: 2 } }
+layer { name: "sum" type: "Eltwise" bottom: "dw" bottom: "dil" top: "sum" eltwise_param { operation: SUM } }
+layer { name: "slice" type: "Slice" bottom: "sum" top: "s1" top: "s2" slice_param { axis: 1 slice_point: 8 } }
+layer { name: "cat" type: "Concat" bottom: "s2" bottom: "s1" top: "cat" }
+layer { name: "up" type: "Deconvolution" bottom: "cat" top: "up"
+        convolution_param { num_output: 4 kernel_size: 2 stride: 2 } }
+layer { name: "norm" type: "Normalize" bottom: "cat" top: "norm"
+        norm_param { across_spatial: false channel_shared: false } }
+layer { name: "loc" type: "Convolution" bottom: "norm" top: "loc" convolution_param { num_output: 8 kernel_size: 3 pad: 1 } }
+layer { name: "loc_perm" type: "Permute" bottom: "loc" top: "loc_perm" permute_param { order: 0 order: 2 order: 3 order: 1 } }
+layer { name: "loc_flat" type: "Flatten" bottom: "loc_perm" top: "loc_flat" flatten_param { axis: 1 } }
+layer { name: "conf" type: "Convolution" bottom: "norm" top: "conf" convolution_param { num_output: 6 kernel_size: 3 pad: 1 } }
+layer { name: "conf_perm" type: "Permute" bottom: "conf" top: "conf_perm" permute_param { order: 0 order: 2 order: 3 order: 1 } }
+layer { name: "conf_flat" type: "Flatten" bottom: "conf_perm" top: "conf_flat" flatten_param { axis: 1 } }
+layer { name: "prior" type: "PriorBox" bottom: "norm" bottom: "data" top: "prior"
+        prior_box_param { min_size: 8 max_size: 16 aspect_ratio: 2 flip: false clip: false
+                          variance: 0.1 variance: 0.1 variance: 0.2 variance: 0.2 } }
+layer { name: "pool" type: "Pooling" bottom: "up" top: "pool" pooling_param { pool: AVE global_pooling: true } }
+layer { name: "fc" type: "InnerProduct" bottom: "pool" top: "fc" inner_product_param { num_output: 10 } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "fc" bottom: "label" top: "loss" include { phase: TRAIN } }
+"""
+
+
+def rich_weights():
+    rng = np.random.default_rng(3)
+
+    def r(*shape, scale=0.3):
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    return {
+        "conv1": [r(16, 3, 3, 3), r(16)],
+        "bn1": [r(16), np.abs(r(16)) + 0.5, np.ones(1, np.float32)],
+        "scale1": [np.abs(r(16)) + 0.5, r(16)],
+        "prelu1": [np.full(16, 0.25, np.float32)],
+        "dw": [r(16, 1, 3, 3), r(16)],
+        "dil": [r(16, 16, 3, 3, scale=0.1), r(16)],
+        "up": [r(16, 4, 2, 2), r(4)],
+        "norm": [np.full(16, 20.0, np.float32)],
+        "loc": [r(8, 16, 3, 3, scale=0.05), r(8)],
+        "conf": [r(6, 16, 3, 3, scale=0.05), r(6)],
+        "fc": [r(10, 4), r(10)],
+    }
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "caffe_compress", *map(str, args)], capture_output=True,
+                          text=True, timeout=300)
+
+
+OUTPUTS = ["loc_flat", "conf_flat", "prior", "fc"]
+
+
+@pytest.mark.parametrize("tradeoff", ["0", "0.5", "1"])
+def test_rich_model(tmp_path, tradeoff):
+    deploy, model = write_model(tmp_path, "rich", RICH, rich_weights(),
+                                extra_layers={"train_conv": [np.ones((2, 2), np.float32)]})
+    result = run_cli(deploy, model, "--tradeoff", tradeoff, "-o", tmp_path / "out", "--json", tmp_path / "r.json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    methods = {l["name"]: l["method"] for l in report["layers"]}
+    assert methods["dw"] == "keep" and methods["up"] == "keep"  # depthwise / deconvolution left alone
+    notes = {l["name"]: l["note"] for l in report["layers"]}
+    assert "depthwise" in notes["dw"] and "deconvolution" in notes["up"]
+    reference = tmp_path / "reference.prototxt"
+    reference.write_text("\n".join(l for l in RICH.splitlines() if "phase: TRAIN" not in l))
+    x = {"data": np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)}
+    a = opencv_outputs(reference, model, x, OUTPUTS)
+    b = opencv_outputs(tmp_path / "out.prototxt", tmp_path / "out.caffemodel", x, OUTPUTS)
+    for name, ya, yb in zip(OUTPUTS, a, b):
+        assert ya.shape == yb.shape, name
+        if tradeoff == "0":
+            assert max_relative_difference(ya, yb) <= 1e-6, name
+    assert np.array_equal(a[2], b[2])  # prior boxes do not depend on weights
+    sizes = report["totals"]
+    assert sizes["bytes_after"] <= sizes["bytes_before"]
