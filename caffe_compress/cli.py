@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="PREFIX",
                    help="write PREFIX.prototxt and PREFIX.caffemodel (default: <weights-stem>-compressed)")
     p.add_argument("-t", "--tradeoff", default=None, metavar="T",
-                   help="size/accuracy trade-off in [0, 1]: 0 lossless, 1 smallest (default 0.95)")
+                   help="size/accuracy trade-off in [0, 1]: 0 lossless, 1 smallest "
+                        "(default 0.95; 0 when --rank is given)")
     p.add_argument("--rank", action="append", default=[], metavar="LAYER=R", help="force a rank (repeatable)")
     p.add_argument("--keep", action="append", default=[], metavar="LAYER", help="never touch LAYER (repeatable)")
     p.add_argument("--no-validate", action="store_true", help="skip the OpenCV comparison")
@@ -132,13 +133,15 @@ def _run_compress(argv: Sequence[str]) -> int:
 
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
-    tradeoff = check_tradeoff(args.tradeoff) if args.tradeoff is not None else DEFAULT_TRADEOFF
     ranks: dict[str, int] = {}
     for text in args.rank:
         name, rank = _rank_option(text)
         if name in ranks:
             raise UsageError(f"--rank: layer '{name}' is given twice")
         ranks[name] = rank
+    # --rank alone factors just those layers; with --tradeoff the planner also handles the rest.
+    default = 0.0 if ranks else DEFAULT_TRADEOFF
+    tradeoff = check_tradeoff(args.tradeoff) if args.tradeoff is not None else default
     pre = Preprocessing(
         size=_size(args.size, "--size") if args.size else None,
         resize=_size(args.resize, "--resize") if args.resize else None,

@@ -37,6 +37,10 @@ class ModelError(CaffeCompressError):
     exit_code = EXIT_BAD_MODEL
 
 
+class NumericalError(ModelError):
+    """A decomposition failed to converge on a layer's weights."""
+
+
 class UnreadableInputError(CaffeCompressError):
     """An input path is missing, not a regular file, or cannot be read."""
 

@@ -81,8 +81,30 @@ def _producer_names(net: Net) -> dict[tuple[str, int], str]:
                 last_producer[top] = f"{INPUT_PREFIX}{top}"  # fed by us, not an OpenCV layer output
             else:
                 last_producer[top] = layer.name if k == 0 else f"{layer.name}.{k}"
-    result.update({("__output__", i): last_producer[name] for i, name in enumerate(net.output_names())})
+    for i, name in enumerate(_compared_blobs(net)):
+        result[("__output__", i)] = last_producer[name]
     return result
+
+
+# Outputs whose shape depends on the values (a detection count): compare their inputs instead.
+VALUE_SHAPED_TYPES = frozenset({"DetectionOutput"})
+
+
+def _compared_blobs(net: Net) -> list[str]:
+    """The blobs on which original and compressed nets are compared: the net outputs,
+    with a value-shaped output (DetectionOutput) replaced by its inputs."""
+    producer = {}
+    for layer in net.layers:
+        for top in layer.tops:
+            producer[top] = layer
+    blobs: list[str] = []
+    for name in net.output_names():
+        layer = producer.get(name)
+        if layer is not None and layer.type in VALUE_SHAPED_TYPES:
+            blobs.extend(b for b in layer.bottoms if b not in blobs)
+        elif name not in blobs:
+            blobs.append(name)
+    return blobs
 
 
 def _check_layer_options(net: Net, ranks: Mapping[str, int], keep: Iterable[str]) -> None:
@@ -252,7 +274,7 @@ def _compress(
             original_cv = opencv_original()
             wanted = sorted({producers[(layer.name, 0)] for layer, _ in decomposable} - {
                 INPUT_PREFIX + name for name in probe_inputs})
-            out_names = [producers[("__output__", i)] for i in range(len(net.output_names()))]
+            out_names = [producers[("__output__", i)] for i in range(len(_compared_blobs(net)))]
             acts = validate.forward(original_cv, probe_inputs, wanted + out_names, what=str(deploy), error=ModelError)
             acts.update({INPUT_PREFIX + name: value for name, value in probe_inputs.items()})
             reference = {name: acts[name] for name in out_names}
@@ -277,6 +299,12 @@ def _compress(
                 timer.timings[f"analyse/{layer.name}"] = time.perf_counter() - start
                 if not cand.ranks:
                     skipped[layer.name] = "no rank reduces its parameter count (break-even)"
+                    continue
+                forced = ranks.get(layer.name)
+                if forced is not None and cand.params_at[forced] >= cand.params_before:
+                    skipped[layer.name] = (f"--rank {forced} would not reduce its parameters "
+                                           f"({cand.params_at[forced]} >= {cand.params_before}); left alone")
+                    ranks.pop(layer.name)
                     continue
                 candidates.append(cand)
 
@@ -340,8 +368,8 @@ def _compress(
                     count=probes, seed=seed + 1000, option="--images")
                 producers_old = _producer_names(net)
                 producers_new = _producer_names(new_net)
-                outs_old = [producers_old[("__output__", i)] for i in range(len(net.output_names()))]
-                outs_new = [producers_new[("__output__", i)] for i in range(len(new_net.output_names()))]
+                outs_old = [producers_old[("__output__", i)] for i in range(len(_compared_blobs(net)))]
+                outs_new = [producers_new[("__output__", i)] for i in range(len(_compared_blobs(new_net)))]
                 a = validate.forward(opencv_original(), val_inputs, outs_old, what=str(deploy), error=ModelError)
                 # one OpenCV net alive at a time (peak memory)
                 compressed_cv = validate.load_opencv_net(staged.temp_prototxt, staged.temp_caffemodel,
@@ -376,4 +404,6 @@ def _compress(
         validation=agreements,
         validation_inputs=validation_label,
         timings=timer.timings,
+        layers_before=len(net.layers),
+        layers_after=len(new_net.layers),
     )

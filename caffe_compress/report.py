@@ -29,6 +29,8 @@ class Report:
     macs_after: int
     validation: tuple[OutputAgreement, ...]
     validation_inputs: str  # "random" or "images:<dir>" or "none"
+    layers_before: int = 0  # layer count of the deploy net (after phase filtering)
+    layers_after: int = 0
     timings: dict = field(default_factory=dict)  # stage -> seconds
 
     @property
@@ -48,6 +50,8 @@ class Report:
             "error_budget": None if self.error_budget == float("inf") else self.error_budget,
             "predicted_output_error": self.predicted_error,
             "totals": {
+                "layers_before": self.layers_before,
+                "layers_after": self.layers_after,
                 "params_before": self.params_before,
                 "params_after": self.params_after,
                 "bytes_before": self.bytes_before,
@@ -121,6 +125,7 @@ def format_table(report: Report) -> str:
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.append("")
     lines.append(
+        f"layers {report.layers_before} -> {report.layers_after}, "
         f"parameters {_si(report.params_before)} -> {_si(report.params_after)}, "
         f"caffemodel {_mb(report.bytes_before)} -> {_mb(report.bytes_after)} ({report.ratio:.2f}x smaller), "
         f"MACs {_si(report.macs_before)} -> {_si(report.macs_after)}"

@@ -13,6 +13,7 @@ applications that ask OpenCV for an output by layer name
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from typing import Mapping, Sequence
 
@@ -21,9 +22,11 @@ import numpy as np
 from .decompose import ConvFactors, LinearFactors
 from .net import Layer, Net, conv_geometry, inner_product_geometry
 
+log = logging.getLogger(__name__)
+
 
 def inner_product_matrix(layer: Layer) -> np.ndarray:
-    """The (N, K) weight of an InnerProduct layer, whatever its ``transpose`` flag."""
+    """The (N, K) weight of an InnerProduct layer, whatever its ``transpose`` flag (Caffe semantics)."""
     geo = inner_product_geometry(layer)
     w = layer.blobs[0]
     return w.T if geo.transpose else w
@@ -53,6 +56,10 @@ def _fresh_blob_names(net: Net, base: str, count: int) -> list[str]:
 def decompose_inner_product(net: Net, layer: Layer, factors: LinearFactors) -> tuple[Layer, Layer]:
     """Two InnerProduct layers computing ``factors.second @ factors.first`` plus the original bias."""
     geo = inner_product_geometry(layer)
+    if geo.transpose:
+        log.warning("layer '%s': OpenCV 4.x ignores 'transpose: true' and reads the weight as N x K; "
+                    "the factored layers follow Caffe's semantics (y = x W), so OpenCV's outputs will change",
+                    layer.name)
     rank = factors.rank
     first_name, _ = _fresh_blob_names(net, f"{layer.name}_svd", 2)
     second_name = layer.name

@@ -77,7 +77,7 @@ def test_json_report_keys_and_validation_figures(tmp_path):
     report = json.loads((tmp_path / "r.json").read_text())
     assert set(report) >= {"schema_version", "input", "output", "tradeoff", "error_budget",
                            "predicted_output_error", "totals", "layers", "validation", "timings_s", "peak_rss_mb"}
-    assert set(report["totals"]) == {"params_before", "params_after", "bytes_before", "bytes_after", "ratio",
+    assert set(report["totals"]) == {"layers_before", "layers_after", "params_before", "params_after", "bytes_before", "bytes_after", "ratio",
                                      "macs_before", "macs_after"}
     assert report["totals"]["bytes_after"] == (tmp_path / "o.caffemodel").stat().st_size
     for layer in report["layers"]:

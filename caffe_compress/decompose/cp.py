@@ -50,8 +50,11 @@ def cp_reconstruct(factors: ConvFactors) -> np.ndarray:
 def _leading_vectors(unfolded: np.ndarray, rank: int, rng: np.random.Generator) -> np.ndarray:
     """Leading left singular vectors of an unfolding, padded with random columns."""
     gram = unfolded @ unfolded.T
-    evals, evecs = np.linalg.eigh(gram)
-    evecs = evecs[:, ::-1]
+    try:
+        evals, evecs = np.linalg.eigh(gram)
+        evecs = evecs[:, ::-1]
+    except np.linalg.LinAlgError:  # rare: fall back to a random orthonormal start
+        evecs, _ = np.linalg.qr(rng.standard_normal(gram.shape))
     dim = unfolded.shape[0]
     k = min(rank, dim)
     cols = [evecs[:, :k]]

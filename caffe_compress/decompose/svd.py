@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import RankError
+from ..errors import NumericalError, RankError
 
 
 @dataclass(frozen=True)
@@ -75,10 +75,18 @@ def spectral_basis(weight: np.ndarray) -> SpectralBasis:
     if transposed:
         w = w.T
     gram = (w @ w.T).astype(np.float64)
-    evals, evecs = np.linalg.eigh(gram)
-    order = np.argsort(evals)[::-1]
-    evals = np.clip(evals[order], 0.0, None)
-    u = evecs[:, order]
+    try:
+        evals, evecs = np.linalg.eigh(gram)
+        order = np.argsort(evals)[::-1]
+        evals = np.clip(evals[order], 0.0, None)
+        u = evecs[:, order]
+    except np.linalg.LinAlgError:
+        # Fallback: a direct SVD of the (short, wide) matrix; LAPACK's gesdd then gesvd.
+        try:
+            u, sv, _ = np.linalg.svd(w.astype(np.float64), full_matrices=False)
+        except np.linalg.LinAlgError:
+            raise NumericalError(f"SVD of a {weight.shape[0]}x{weight.shape[1]} weight did not converge") from None
+        evals = sv**2
     s = np.sqrt(evals)
     # V^T = S^-1 U^T W; singular values that are ~0 give arbitrary (zeroed) rows.
     tiny = s <= s[0] * 1e-12 if s.size and s[0] > 0 else np.ones_like(s, dtype=bool)
