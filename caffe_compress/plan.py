@@ -327,7 +327,9 @@ def analyse_convolution(
     else:
         per_group_cost = sg + kh + kw + t // g
         break_even_group = (t // g * sg * kh * kw - 1) // per_group_cost
-        cap = max(t // g, sg)  # CP beyond the channel counts costs much and rarely pays
+        # CP beyond the channel counts costs much and rarely pays; the grid's top is
+        # the largest power of two within them (ALS time grows with the rank).
+        cap = 1 << (max(t // g, sg).bit_length() - 1)
         high = min(break_even_group, cap)
         low = max(1, min(t // g, sg) // min_rank_divisor)
         # CP costs one ALS run per rank: a coarser (power-of-two) grid.

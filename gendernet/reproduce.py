@@ -169,31 +169,50 @@ def plot(rows: list[dict], path: Path) -> None:
         print("reproduce: matplotlib not installed, no plot", file=sys.stderr)
         return
     orig, comp = rows[0], rows[1:]
-    ts = [r["tradeoff"] for r in comp]
-    fig, (ax1, ax3) = plt.subplots(1, 2, figsize=(12, 4.5))
-    ax1.plot(ts, [100 * r["accuracy"] for r in comp], "o-", color="tab:blue", label="accuracy")
+    xs = list(range(len(comp)))
+    acc = [100 * r["accuracy"] for r in comp]
+    size = [r["bytes"] / 1e6 for r in comp]
+    fig, (ax1, ax3) = plt.subplots(1, 2, figsize=(13, 5))
+    # Left: one evenly spaced slot per T, so the points near T = 1 stay readable.
+    ax1.plot(xs, acc, "o-", color="tab:blue", lw=2, label="accuracy")
     ax1.axhline(100 * orig["accuracy"], color="tab:blue", ls="--", lw=1, label="original accuracy")
+    ax1.set_xticks(xs, [f"{r['tradeoff']:g}" for r in comp])
     ax1.set_xlabel("trade-off T")
-    ax1.set_ylabel("accuracy (%)", color="tab:blue")
+    ax1.set_ylabel("accuracy on the face set (%)", color="tab:blue")
+    ax1.set_ylim(min(acc + [100 * orig["accuracy"]]) - 5, max(acc + [100 * orig["accuracy"]]) + 5)
+    for x, a in zip(xs, acc):
+        ax1.annotate(f"{a:.1f}", (x, a), textcoords="offset points", xytext=(0, 8), ha="center",
+                     fontsize=8, color="tab:blue")
     ax2 = ax1.twinx()
-    ax2.plot(ts, [r["bytes"] / 1e6 for r in comp], "s-", color="tab:red", label="caffemodel size")
+    ax2.plot(xs, size, "s-", color="tab:red", lw=2, label="caffemodel size")
     ax2.axhline(orig["bytes"] / 1e6, color="tab:red", ls="--", lw=1, label="original size")
-    ax2.set_ylabel("caffemodel (MB)", color="tab:red")
     ax2.set_yscale("log")
-    ax1.set_title("GenderNet: accuracy and size against the trade-off")
+    ax2.set_ylabel("caffemodel (MB, log scale)", color="tab:red")
+    for x, r in zip(xs, comp):
+        ax2.annotate(f"{orig['bytes'] / r['bytes']:.1f}x", (x, r["bytes"] / 1e6), textcoords="offset points",
+                     xytext=(0, -14), ha="center", fontsize=8, color="tab:red")
+    ax1.set_title("GenderNet: accuracy and file size against the trade-off")
     h1, l1 = ax1.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
-    ax1.legend(h1 + h2, l1 + l2, loc="lower left", fontsize=8)
-    ax3.plot([r["bytes"] / 1e6 for r in comp], [100 * r["accuracy"] for r in comp], "o-", color="tab:green")
+    ax1.legend(h1 + h2, l1 + l2, loc="lower left", fontsize=8, framealpha=0.9)
+    # Right: the accuracy-vs-size front; points with the same model share one label.
+    groups: dict[tuple, list[str]] = {}
     for r in comp:
-        ax3.annotate(r["label"], (r["bytes"] / 1e6, 100 * r["accuracy"]), fontsize=8,
-                     textcoords="offset points", xytext=(4, 4))
-    ax3.scatter([orig["bytes"] / 1e6], [100 * orig["accuracy"]], color="black", zorder=3, label="original")
+        groups.setdefault((r["bytes"], r["accuracy"]), []).append(f"{r['tradeoff']:g}")
+    ax3.plot(size, acc, "-", color="tab:green", lw=1, alpha=0.6)
+    for (nbytes, accuracy), labels in groups.items():
+        ax3.scatter([nbytes / 1e6], [100 * accuracy], color="tab:green", zorder=3)
+        ax3.annotate("T=" + ", ".join(labels), (nbytes / 1e6, 100 * accuracy), fontsize=8,
+                     textcoords="offset points", xytext=(5, -12))
+    ax3.scatter([orig["bytes"] / 1e6], [100 * orig["accuracy"]], color="black", marker="*", s=120, zorder=4,
+                label="original")
+    ax3.axhline(100 * orig["accuracy"] - 1, color="gray", ls=":", lw=1, label="original - 1 point")
     ax3.set_xscale("log")
-    ax3.set_xlabel("caffemodel (MB, log)")
-    ax3.set_ylabel("accuracy (%)")
-    ax3.set_title("accuracy vs size front")
-    ax3.legend(fontsize=8)
+    ax3.set_xlabel("caffemodel (MB, log scale)")
+    ax3.set_ylabel("accuracy on the face set (%)")
+    ax3.set_ylim(ax1.get_ylim())
+    ax3.set_title("accuracy vs size")
+    ax3.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -203,7 +222,11 @@ def main(argv=None) -> int:
     p.add_argument("--faces", required=True, type=Path, help="labelled face directory")
     p.add_argument("--out", type=Path, default=Path(__file__).parent, help="where results.md/png go")
     p.add_argument("--tradeoffs", default=",".join(map(str, TRADEOFFS)))
+    p.add_argument("--replot", action="store_true", help="only redraw results.png from results.json")
     args = p.parse_args(argv)
+    if args.replot:
+        plot(json.loads((args.out / "results.json").read_text()), args.out / "results.png")
+        return 0
     if not args.faces.is_dir():
         print(f"reproduce: error: --faces: {args.faces} is not a directory", file=sys.stderr)
         return 2
