@@ -14,6 +14,7 @@ import numpy as np
 
 from . import io, plan as planner, rewrite, validate
 from .errors import ModelError, RankError, UsageError, ValidationError
+from .decompose import cp_conv, cp_reconstruct
 from .net import Layer, Net, conv_geometry
 from .report import Report
 
@@ -21,7 +22,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TRADEOFF = 0.95
 DEFAULT_PROBES = 8
-CP_ITERATIONS = 20
+CP_ITERATIONS = 20  # ALS sweeps at the top of a layer's rank grid (fewer further down)
+POLISH_CP_ITERATIONS = 30  # extra sweeps for the rank the planner picks
+FORCED_CP_ITERATIONS = 1000  # a rank given with --rank: run to convergence
 MAX_PROBE_ELEMENTS = 1 << 26  # 256 MB of float32 probe input at most
 MAX_PROBES = 256
 NEGLIGIBLE_COST_SHARE = 0.005  # a layer below 0.5% of params+MACs gets no sensitivity trial
@@ -337,8 +340,9 @@ def _compress(
     plan = planner.build_plan(net, candidates, chosen, skipped, tradeoff, predicted)
 
     say("rewriting the network")
-    with timer.stage("rewrite"):
+    with timer.stage("decompose"):
         replacements: dict[str, tuple[Layer, ...]] = {}
+        polished: dict[str, float] = {}
         for lp in plan.layers:
             if lp.method == planner.METHOD_KEEP or not lp.rank:
                 continue
@@ -349,8 +353,27 @@ def _compress(
             elif lp.method == planner.METHOD_POINTWISE:
                 replacements[lp.layer] = rewrite.decompose_pointwise(net, layer, ws.linear_factors(lp.layer, lp.rank))
             else:
-                replacements[lp.layer] = rewrite.decompose_convolution(net, layer, ws.cp[lp.layer][lp.rank])
+                # Polish the chosen rank's CP (the sweep ran few iterations per rank); a rank the
+                # user forced gets a full run, so exact low-rank kernels come out exact.
+                say(f"decomposing {lp.layer}")
+                forced = lp.layer in ranks
+                start = time.perf_counter()
+                kernels = rewrite.conv_group_kernels(layer)
+                factors = [
+                    cp_conv(k, lp.rank // len(kernels), seed=seed, init=f,
+                            n_iter_max=FORCED_CP_ITERATIONS if forced else POLISH_CP_ITERATIONS,
+                            tol=1e-10 if forced else 1e-6)
+                    for k, f in zip(kernels, ws.cp[lp.layer][lp.rank])
+                ]
+                timer.timings[f"decompose/{lp.layer}"] = time.perf_counter() - start
+                w = layer.blobs[0].astype(np.float64)
+                residual = sum(float(np.sum((k - cp_reconstruct(f)).astype(np.float64) ** 2))
+                               for k, f in zip(kernels, factors))
+                polished[lp.layer] = float(np.sqrt(residual / max(float(np.sum(w * w)), 1e-300)))
+                replacements[lp.layer] = rewrite.decompose_convolution(net, layer, factors)
         new_net = rewrite.replace_layers(net, replacements)
+        plan = replace(plan, layers=tuple(
+            replace(lp, weight_error=polished[lp.layer]) if lp.layer in polished else lp for lp in plan.layers))
         del replacements, ws  # the factors now live in new_net only
 
     say("writing the model")

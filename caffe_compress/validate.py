@@ -211,6 +211,20 @@ def median_latency_ms(prototxt: Path, caffemodel: Path, sample: np.ndarray, *, t
     return 1000.0 * float(np.median(times))
 
 
+def cpu_model() -> str:
+    """A human-readable CPU name for reports (from /proc/cpuinfo where available)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def set_threads(count: int | None) -> None:
     if count is not None:
         cv2_module().setNumThreads(int(count))

@@ -148,3 +148,30 @@ def test_face_set_layouts(tmp_path):
         header + "\nu1\timg1.jpg\t7\t(25, 32)\tm\t0\t0\t1\t1\t0\t0\t0\nu2\timg2.jpg\t9\t(8, 12)\tf\t0\t0\t1\t1\t0\t0\t0\n"
         "u3\timg3.jpg\t1\t(8, 12)\tu\t0\t0\t1\t1\t0\t0\t0\n")
     assert sorted(lab for _, lab in load_faces(adience)) == [0, 1]
+
+
+def test_fetch_without_any_source_says_where_to_put_files(tmp_path, monkeypatch):
+    from caffe_compress import zoo
+
+    monkeypatch.setattr(zoo, "UPSTREAM", "http://127.0.0.1:9/")
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
+    err = stdio.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(stdio.StringIO()):
+        code = cli.main(["fetch", "gendernet", "--cache", str(tmp_path / "cache")])
+    assert code == 7
+    message = err.getvalue()
+    assert message.count("\n") == 1 and "by hand" in message and str(tmp_path / "cache" / "gendernet") in message
+
+
+def test_cp_matches_tensorly_quality():
+    tl = pytest.importorskip("tensorly")
+    from tensorly.decomposition import parafac
+
+    from caffe_compress.decompose import cp_conv, cp_reconstruct
+
+    kernel = np.random.default_rng(4).standard_normal((24, 12, 3, 3)).astype(np.float32)
+    ours = cp_conv(kernel, 16, n_iter_max=200)
+    cp = parafac(tl.tensor(kernel.astype(np.float64)), rank=16, n_iter_max=200, init="svd", random_state=0)
+    theirs = np.linalg.norm(tl.cp_to_tensor(cp) - kernel) / np.linalg.norm(kernel)
+    assert np.linalg.norm(cp_reconstruct(ours) - kernel) / np.linalg.norm(kernel) <= theirs * 1.05

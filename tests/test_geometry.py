@@ -103,3 +103,57 @@ layer {{ name: "dw" type: "Convolution" bottom: "data" top: "dw" convolution_par
     assert "depthwise" in result.stdout
     result = _run(deploy, model, "--rank", "dw=2", "-o", tmp_path / "out2")
     assert result.returncode == 2 and "depthwise" in result.stderr
+
+
+def test_every_geometry_in_one_network_at_true_ranks(tmp_path):
+    """A held-out-style net: all geometries chained, each compressed with --rank at its true rank."""
+    rng = np.random.default_rng(9)
+    layers, weights, ranks = [], {}, []
+    channels, bottom = S, "data"
+    for i, (case, ((kh, kw), param, group, rank)) in enumerate(CASES.items()):
+        if "stride" in param or "dilation" in param and i > 8:
+            param = param  # keep the geometry; the input below is large enough for all strides
+        name = f"c{i}"
+        kernels = [cp_kernel(T // group, channels // group, kh, kw, rank // group, seed=i * 10 + g) for g in range(group)]
+        blobs = [np.concatenate(kernels, axis=0)]
+        if "bias_term: false" not in param:
+            blobs.append(rng.standard_normal(T).astype(np.float32) * 0.1)
+        weights[name] = blobs
+        layers.append(f'layer {{ name: "{name}" type: "Convolution" bottom: "{bottom}" top: "{name}" '
+                      f'convolution_param {{ num_output: {T} {param} }} }}')
+        ranks += ["--rank", f"{name}={rank}"]
+        channels, bottom = T, name
+    text = (f'layer {{ name: "data" type: "Input" top: "data" input_param {{ shape {{ dim: 1 dim: {S} dim: 400 dim: 300 }} }} }}\n'
+            + "\n".join(layers) + "\n"
+            + f'layer {{ name: "fc" type: "InnerProduct" bottom: "{bottom}" top: "fc" inner_product_param {{ num_output: 12 }} }}\n')
+    # the spatial size left at the end decides the fc width: ask OpenCV
+    import cv2
+    probe_deploy, probe_model = write_model(tmp_path, "probe", text.replace("InnerProduct", "Flatten")
+                                            .replace("inner_product_param { num_output: 12 }", ""), weights)
+    net = cv2.dnn.readNetFromCaffe(str(probe_deploy), str(probe_model))
+    net.setInput(np.zeros((1, S, 400, 300), np.float32))
+    k = net.forward().size
+    weights["fc"] = [low_rank_matrix(12, k, 3, seed=1), np.zeros(12, np.float32)]
+    deploy, model = write_model(tmp_path, "all", text, weights)
+    result = _run(deploy, model, *ranks, "--rank", "fc=3", "-o", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    x = {"data": rng.standard_normal((1, S, 400, 300)).astype(np.float32)}
+    a = opencv_outputs(deploy, model, x)[0]
+    b = opencv_outputs(tmp_path / "out.prototxt", tmp_path / "out.caffemodel", x)[0]
+    assert max_relative_difference(a, b) <= 1e-3
+
+
+def test_inner_product_axis_2(tmp_path):
+    text = """
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 4 dim: 30 } } }
+layer { name: "fc" type: "InnerProduct" bottom: "data" top: "fc" inner_product_param { num_output: 20 axis: 2 } }
+"""
+    w = low_rank_matrix(20, 30, 4, seed=2)
+    deploy, model = write_model(tmp_path, "ax", text, {"fc": [w, np.ones(20, np.float32)]})
+    result = _run(deploy, model, "--rank", "fc=4", "-o", tmp_path / "o")
+    assert result.returncode == 0, result.stderr
+    x = {"data": np.random.default_rng(1).standard_normal((2, 4, 30)).astype(np.float32)}
+    a = opencv_outputs(deploy, model, x)[0]
+    b = opencv_outputs(tmp_path / "o.prototxt", tmp_path / "o.caffemodel", x)[0]
+    assert a.shape == b.shape == (2, 4, 20)
+    assert max_relative_difference(a, b) <= 1e-4

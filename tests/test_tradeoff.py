@@ -52,7 +52,7 @@ def _sizes(deploy, model, tmp_path, extra=()):
         out = tmp_path / f"t{t}"
         result = run_cli(deploy, model, "--tradeoff", t, "-o", out, *extra)
         assert result.returncode == 0, result.stderr
-        sizes.append((out.with_suffix(".caffemodel") if False else tmp_path / f"t{t}.caffemodel").stat().st_size)
+        sizes.append((tmp_path / f"t{t}.caffemodel").stat().st_size)
     return sizes
 
 
@@ -133,3 +133,39 @@ def test_model_and_io_exit_codes(tmp_path):
     assert r.returncode == 5
     r = run_cli(deploy, model, "-o", tmp_path / "small")  # would overwrite the inputs
     assert r.returncode == 5 and "overwrite" in r.stderr
+
+
+def _images(directory, count=6):
+    import cv2
+
+    directory.mkdir()
+    rng = np.random.default_rng(5)
+    for i in range(count):
+        img = cv2.GaussianBlur(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8), (7, 7), 3)
+        cv2.imwrite(str(directory / f"img{i}.png"), img)
+    return directory
+
+
+def test_images_and_calibration_with_preprocessing(tmp_path):
+    deploy, model = small_model(tmp_path)
+    images = _images(tmp_path / "imgs")
+    result = run_cli(deploy, model, "--tradeoff", "0.9", "-o", tmp_path / "o", "--json", tmp_path / "r.json",
+                     "--images", images, "--calibration", images, "--mean", "104,117,123", "--scale", "0.017",
+                     "--resize", "28x28", "--size", "24x24", "--swap-rb")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["validation"]["inputs"].startswith("images:") and "(6)" in report["validation"]["inputs"]
+    result = run_cli(deploy, model, "-o", tmp_path / "o2", "--images", tmp_path / "nope")
+    assert result.returncode == 2 and "--images" in result.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run_cli(deploy, model, "-o", tmp_path / "o3", "--calibration", empty)
+    assert result.returncode == 2 and "no images" in result.stderr
+
+
+def test_rich_model_size_is_monotone(tmp_path):
+    from test_zoo_layers import RICH, rich_weights
+
+    deploy, model = write_model(tmp_path, "rich", RICH, rich_weights())
+    sizes = _sizes(deploy, model, tmp_path, extra=("--no-validate",))
+    assert all(a >= b for a, b in zip(sizes, sizes[1:])), sizes

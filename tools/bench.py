@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from caffe_compress import zoo  # noqa: E402
-from caffe_compress.validate import cv2_module, median_latency_ms  # noqa: E402
+from caffe_compress.validate import cpu_model, cv2_module, median_latency_ms  # noqa: E402
 
 TIME_RATIO_BUDGET = 3.0
 RSS_BUDGET_MB = 400.0
@@ -105,20 +105,13 @@ def main() -> int:
         "speedup_1t": {"value": speedup, "budget": SPEEDUP_BUDGET, "ok": speedup >= SPEEDUP_BUDGET},
     }
     machine = {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "numpy": np.__version__,
         "opencv": cv2.__version__,
         "opencv_default_threads": default_threads,
     }
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                machine["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
 
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, OpenCV {machine['opencv']}, numpy {machine['numpy']}")
     print(f"reference: numpy.linalg.svd of a float32 512x18816 matrix: {svd_s:.2f} s")
