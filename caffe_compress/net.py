@@ -225,6 +225,7 @@ class Net:
             _check_weight_shapes(layer)
             if layer.type == "Input":
                 _check_input_shapes(layer)
+        _check_channels(self)
         return self
 
 
@@ -258,6 +259,53 @@ def _check_weight_shapes(layer: Layer) -> None:
 
 
 MAX_AXES = 32
+
+# Layers whose output has the channel count of their (first) input.
+_CHANNEL_PRESERVING = frozenset({
+    "ReLU", "PReLU", "ELU", "Sigmoid", "TanH", "AbsVal", "BNLL", "Power", "Exp", "Log", "Threshold",
+    "Dropout", "LRN", "MVN", "BatchNorm", "Scale", "Bias", "Normalize", "Pooling", "Softmax", "Split",
+    "Eltwise", "Clip", "Swish",
+})
+
+
+def _check_channels(net: "Net") -> None:
+    """Propagate channel counts (axis 1) where they are certain; check convolutions against them.
+
+    Unknown layer types stop the propagation for their outputs (no false alarms).
+    """
+    channels: dict[str, int | None] = {}
+    for layer in net.layers:
+        first = channels.get(layer.bottoms[0]) if layer.bottoms else None
+        out: int | None = None
+        if layer.type == "Input":
+            for top, dims in zip(layer.tops, _declared_shapes(layer)):
+                channels[top] = dims[1] if len(dims) > 1 else None
+            continue
+        if layer.type in ("Convolution", "Deconvolution"):
+            geo = conv_geometry(layer)
+            if first is not None and geo.axis == 1:
+                expected = layer.blobs[0].shape[1] * geo.group if layer.type == "Convolution" else layer.blobs[0].shape[0]
+                if first % geo.group:
+                    raise ModelError(f"layer '{layer.name}': group {geo.group} does not divide its {first} input channels")
+                if expected != first:
+                    raise ModelError(
+                        f"layer '{layer.name}': weight shape {tuple(layer.blobs[0].shape)} expects {expected} "
+                        f"input channels but its input '{layer.bottoms[0]}' has {first}")
+            out = geo.num_output if geo.axis == 1 else None
+        elif layer.type in _CHANNEL_PRESERVING:
+            out = first
+        elif layer.type == "Concat" and int(layer.sub("concat_param").get("axis", 1)) == 1:
+            parts = [channels.get(b) for b in layer.bottoms]
+            out = sum(parts) if all(p is not None for p in parts) else None
+        for top in layer.tops:
+            channels[top] = out
+
+
+def _declared_shapes(layer: Layer) -> list[list[int]]:
+    shapes = [[int(d) for d in s.get("dim", [])] for s in layer.sub("input_param").get("shape", [])]
+    if len(shapes) == 1 and len(layer.tops) > 1:
+        shapes = shapes * len(layer.tops)
+    return shapes + [[]] * (len(layer.tops) - len(shapes))
 
 
 def _check_input_shapes(layer: Layer) -> None:

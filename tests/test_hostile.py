@@ -128,6 +128,7 @@ def _text_case(tmp_path, model, text, *extra, expect=(3,), message=None):
                                                       'name: "relu1" type: "ReLU" bottom: "data" top: "conv1"'),
      "already produced"),
     (GOOD.replace("num_output: 8 kernel_size: 3", "num_output: 8 kernel_size: 3 group: 3"), "group 3 does not divide"),
+    (GOOD.replace("num_output: 8 kernel_size: 3", "num_output: 8 kernel_size: 3 group: 2"), "group 2 does not divide its 3 input channels"),
     (GOOD.replace("num_output: 8 kernel_size: 3", "num_output: 0 kernel_size: 3"), "num_output must be > 0"),
     (GOOD.replace("num_output: 8 kernel_size: 3", "num_output: 8 kernel_size: 5"), "does not match kernel"),
     (GOOD.replace("num_output: 4", "num_output: 5"), "does not match num_output"),
@@ -240,4 +241,4 @@ def test_channel_mismatch_between_weights_and_input(tmp_path, model):
 
     def mutate(msg):
         msg.layer[0].blobs[0].CopyFrom(io.array_to_blob(np.ones((8, 5, 3, 3), np.float32)))
-    _blob_case(tmp_path, model, mutate, "input channels")
+    _blob_case(tmp_path, model, mutate, "expects 5 input channels but its input 'data' has 3")

@@ -116,17 +116,21 @@ def main() -> int:
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, OpenCV {machine['opencv']}, numpy {machine['numpy']}")
     print(f"reference: numpy.linalg.svd of a float32 512x18816 matrix: {svd_s:.2f} s")
     print()
-    print("| T | compress (wall) | ratio to SVD | peak RSS | size | load | probe | analyse | sensitivity | write | validate |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| T | compress (wall) | ratio to SVD | peak RSS | size | load | probe | analyse | sensitivity | decompose "
+          "| write | validate |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for run in results:
         tm = run["report"]["timings_s"]
         print(f"| {run['tradeoff']} | {run['wall_s']:.2f} s | {run['wall_s'] / svd_s:.2f}x | {run['peak_rss_mb']:.0f} MB | "
               f"{run['report']['totals']['ratio']:.2f}x smaller | {tm.get('load', 0):.2f} | {tm.get('probe', 0):.2f} | "
-              f"{tm.get('analyse', 0):.2f} | {tm.get('sensitivity', 0):.2f} | {tm.get('write', 0):.2f} | "
+              f"{tm.get('analyse', 0):.2f} | {tm.get('sensitivity', 0):.2f} | {tm.get('decompose', 0):.2f} | "
+              f"{tm.get('write', 0):.2f} | "
               f"{tm.get('validate', 0):.2f} |")
     print()
-    per_layer = {k.split("/", 1)[1]: v for k, v in main_run["report"]["timings_s"].items() if k.startswith("analyse/")}
-    print("analyse per layer at T=0.95: " + ", ".join(f"{k} {v:.2f}s" for k, v in per_layer.items()))
+    for stage in ("analyse", "decompose"):
+        per_layer = {k.split("/", 1)[1]: v for k, v in main_run["report"]["timings_s"].items()
+                     if k.startswith(stage + "/")}
+        print(f"{stage} per layer at T=0.95: " + ", ".join(f"{k} {v:.2f}s" for k, v in per_layer.items()))
     print()
     print("| T | original 1 thread | compressed 1 thread | speed-up | original default threads | compressed default threads |")
     print("| --- | --- | --- | --- | --- | --- |")
