@@ -17,9 +17,7 @@ fetch: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m caffe_compress fetch gendernet
-	mkdir -p out
-	$(PY) -m caffe_compress $$($(PY) -c 'from caffe_compress import zoo; m = zoo.fetch("gendernet"); print(m.deploy, m.weights)') \
-		--tradeoff 0.95 -o out/gendernet-0.95 --json out/gendernet-0.95.json
+	$(PY) tools/demo.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -225,6 +225,8 @@ def _compress(
     timer = _Timer()
     total_start = time.perf_counter()
     prefix = Path(output) if output is not None else default_prefix(weights)
+    if prefix.is_dir():  # -o DIR: write DIR/<weights-stem>-compressed.*
+        prefix = prefix / default_prefix(weights).name
 
     say("loading model")
     with timer.stage("load"):
