@@ -141,6 +141,9 @@ def format_table(report: Report) -> str:
                 f"{100 * v.top1_agreement:.1f}%, relative error mean {v.mean_relative_error:.2e} "
                 f"max {v.max_relative_error:.2e}, cosine {v.cosine_similarity:.6f}"
             )
+        if report.validation_inputs.startswith("random") and report.params_after != report.params_before:
+            lines.append("note: random probes are harder than real inputs (the original is unsure about them); "
+                         "--images DIR gives figures on real data")
     else:
         lines.append("validation: skipped (--no-validate)")
     timing = ", ".join(f"{k} {v:.2f}s" for k, v in report.timings.items() if not k.startswith("_") and "/" not in k)
