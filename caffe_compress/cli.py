@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from . import __version__
-from .errors import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, CaffeCompressError, UsageError
+from .errors import EXIT_INTERNAL, EXIT_OK, CaffeCompressError, UsageError
 
 PROG = "caffe-compress"
 

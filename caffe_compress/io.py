@@ -23,7 +23,7 @@ from google.protobuf import json_format, text_format
 from google.protobuf.message import DecodeError
 
 from ._proto import caffe_pb2 as pb
-from .errors import ModelError, UnreadableInputError, UsageError, WriteError
+from .errors import ModelError, UnreadableInputError, WriteError
 from .net import OPTIONALLY_WEIGHTED_TYPES, WEIGHTED_TYPES, Layer, Net
 
 log = logging.getLogger(__name__)

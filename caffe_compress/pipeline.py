@@ -187,19 +187,7 @@ def _conv_out_shape(layer: Layer, in_shape: tuple[int, ...]) -> tuple[int, ...]:
     return (b, geo.num_output, oh, ow)
 
 
-def compress(deploy: str | os.PathLike, weights: str | os.PathLike, **options) -> Report:
-    """Compress a Caffe model; write ``PREFIX.prototxt``/``PREFIX.caffemodel``; return a Report.
-
-    Options (keyword-only): tradeoff (float in [0, 1]: 0 lossless, 1 smallest; default 0.95),
-    output (prefix), ranks ({layer: rank}), keep (layer names), validate_output (bool),
-    images (validation image dir), calibration (image dir driving the rank choice),
-    preprocessing (Preprocessing), probes (int), seed (int), progress (callable).
-    """
-    with tempfile.TemporaryDirectory(prefix="caffe-compress-") as scratch:
-        return _compress(deploy, weights, scratch_dir=Path(scratch), **options)
-
-
-def _compress(
+def compress(
     deploy: str | os.PathLike,
     weights: str | os.PathLike,
     *,
@@ -210,13 +198,38 @@ def _compress(
     validate_output: bool = True,
     images: str | os.PathLike | None = None,
     calibration: str | os.PathLike | None = None,
-    preprocessing: validate.Preprocessing = validate.Preprocessing(),
+    preprocessing: validate.Preprocessing | None = None,
     probes: int = DEFAULT_PROBES,
     seed: int = 0,
     progress: ProgressFn | None = None,
-    scratch_dir: Path,
+) -> Report:
+    """Compress a Caffe model; write ``PREFIX.prototxt``/``PREFIX.caffemodel``; return a Report.
+
+    tradeoff : float in [0, 1] -- 0 lossless, 1 smallest (default 0.95; see README).
+    output : prefix of the written pair (default ``<weights-stem>-compressed`` in the cwd).
+    ranks : {layer: rank} forced ranks; keep : layers never touched.
+    validate_output : compare original and written model in OpenCV before publishing.
+    images : directory of images for validation (default: random probes).
+    calibration : directory of images whose activations drive the rank choice.
+    preprocessing : how image files become inputs (mean, scale, size, resize, swap_rb).
+    probes : number of random probe inputs; seed : for probes and CP.
+    progress : callable receiving one-line progress messages.
+    """
+    with tempfile.TemporaryDirectory(prefix="caffe-compress-") as scratch:
+        return _compress(
+            deploy, weights, tradeoff=tradeoff, output=output, ranks=ranks, keep=keep,
+            validate_output=validate_output, images=images, calibration=calibration,
+            preprocessing=preprocessing, probes=probes, seed=seed, progress=progress,
+            scratch_dir=Path(scratch),
+        )
+
+
+def _compress(
+    deploy, weights, *, tradeoff, output, ranks, keep, validate_output, images, calibration, preprocessing,
+    probes, seed, progress, scratch_dir: Path,
 ) -> Report:
     say = progress or (lambda message: None)
+    preprocessing = preprocessing or validate.Preprocessing()
     tradeoff = planner.check_tradeoff(tradeoff)
     ranks = dict(ranks or {})
     keep = tuple(keep)
@@ -239,7 +252,6 @@ def _compress(
     predicted = 0.0
     ws = planner.Workspace()
     probe_inputs: dict[str, np.ndarray] | None = None
-    probe_label = "none"
     wants_plan = tradeoff > 0 or bool(ranks)
 
     def opencv_net_of(model: Net, what: str, error=ModelError):

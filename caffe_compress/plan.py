@@ -27,12 +27,12 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from .decompose import ConvFactors, LinearFactors, SpectralBasis, cp_conv, cp_reconstruct, spectral_basis
-from .errors import RankError, UsageError
+from .errors import UsageError
 from .net import Layer, Net, conv_geometry, inner_product_geometry
 from .rewrite import conv_group_kernels, inner_product_matrix
 

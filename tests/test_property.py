@@ -3,7 +3,6 @@ import contextlib
 import io as stdio
 import os
 
-import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

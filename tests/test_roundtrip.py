@@ -1,7 +1,6 @@
 """Lossless rewrite (--tradeoff 0): OpenCV outputs identical, output is V2, parameters preserved."""
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
