@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 MAX_PROTOTXT_BYTES = 16 * 1024 * 1024
 MAX_CAFFEMODEL_BYTES = 2 * 1024**3 - 1
 MAX_BLOB_AXES = 32
+MAX_LAYERS = 10_000  # the largest real Caffe nets have a few thousand; bounds the time of every pass
 
 # ------------------------------------------------------------------ reading files
 
@@ -446,6 +447,9 @@ def upgrade(msg: pb.NetParameter, path) -> list[pb.LayerParameter]:
     """V0/V1/V2 deploy -> filtered V2 LayerParameters (legacy inputs become Input layers)."""
     if msg.layer and msg.layers:
         raise ModelError(f"{path}: has both 'layer' and legacy 'layers' entries; use one format")
+    count = len(msg.layer) + len(msg.layers) + len(msg.input)
+    if count > MAX_LAYERS:
+        raise ModelError(f"{path}: has {count} layers, more than the {MAX_LAYERS} this tool accepts")
     layers = _legacy_input_layers(msg, path)
     if msg.layers:
         layers += [_upgrade_v1(v1, i) for i, v1 in enumerate(msg.layers)]

@@ -180,15 +180,12 @@ class Net:
     def output_names(self) -> list[str]:
         """Blobs produced but never consumed (the network outputs), in order."""
         consumed: set[str] = set()
-        produced: list[str] = []
+        produced: dict[str, None] = {}  # ordered set: O(1) membership for huge nets
         for layer in self.layers:
-            for bottom in layer.bottoms:
-                consumed.add(bottom)
+            consumed.update(layer.bottoms)
             for top in layer.tops:
-                if top in layer.bottoms:
-                    continue  # in-place: still the same blob
-                if top not in produced:
-                    produced.append(top)
+                if top not in layer.bottoms:  # in-place: still the same blob
+                    produced.setdefault(top, None)
         return [t for t in produced if t not in consumed]
 
     def check(self) -> "Net":

@@ -141,7 +141,8 @@ def _probe_inputs(net: Net, *, images: Path | None, preprocessing: validate.Prep
         raise ModelError("the deploy net declares no Input layer or input: header, so it cannot be probed")
     for name, shape in shapes.items():
         if not shape:
-            raise ModelError(f"input '{name}' has no declared shape; add input_shape or input_dim to the prototxt")
+            raise ModelError(f"input '{name}' has no declared shape, so OpenCV cannot run it here; add input_shape "
+                             "or input_dim to the prototxt (or pass --no-validate with --tradeoff 0)")
         elements = int(np.prod([int(d) for d in shape[1:]], dtype=object)) if len(shape) > 1 else 1
         if elements > MAX_PROBE_ELEMENTS:
             raise ModelError(f"input '{name}': shape {tuple(shape)} is too large to probe "
@@ -245,6 +246,12 @@ def _compress(
     with timer.stage("load"):
         net = io.load(deploy, weights)
     _check_layer_options(net, ranks, keep)
+    val_inputs: dict[str, np.ndarray] = {}
+    validation_label = "none"
+    if validate_output:  # read --images now: a bad option fails before any real work
+        val_inputs, validation_label = _probe_inputs(
+            net, images=Path(images) if images is not None else None, preprocessing=preprocessing,
+            count=probes, seed=seed + 1000, option="--images")
 
     candidates: list[planner.Candidate] = []
     skipped: dict[str, str] = {}
@@ -396,13 +403,9 @@ def _compress(
         staged = io.stage(new_net, prefix, protect=(deploy_path, weights_path))
     try:
         agreements: tuple[validate.OutputAgreement, ...] = ()
-        validation_label = "none"
         if validate_output:
             say("validating with OpenCV")
             with timer.stage("validate"):
-                val_inputs, validation_label = _probe_inputs(
-                    net, images=Path(images) if images is not None else None, preprocessing=preprocessing,
-                    count=probes, seed=seed + 1000, option="--images")
                 producers_old = _producer_names(net)
                 producers_new = _producer_names(new_net)
                 outs_old = [producers_old[("__output__", i)] for i in range(len(_compared_blobs(net)))]

@@ -135,6 +135,8 @@ def _text_case(tmp_path, model, text, *extra, expect=(3,), message=None):
     (GOOD + 'layers { name: "x" type: RELU bottom: "prob" top: "prob" }', "both 'layer' and legacy 'layers'"),
     (GOOD.replace("dim: 12 dim: 12", "dim: -12 dim: 12"), "negative"),
     ("layer {" * 20000, ""),
+    (GOOD + "".join(f'layer {{ name: "r{i}" type: "ReLU" bottom: "prob" top: "prob" }}\n' for i in range(10001)),
+     "more than the 10000"),
     (b"name: \"\xff\xfe\" layer {}", "not UTF-8"),
     ("", "defines no layers"),
 ])
