@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 MAX_PROTOTXT_BYTES = 16 * 1024 * 1024
 MAX_CAFFEMODEL_BYTES = 2 * 1024**3 - 1
 MAX_BLOB_AXES = 32
+MAX_CAFFEMODEL_LAYERS = 100_000
 MAX_LAYERS = 10_000  # the largest real Caffe nets have a few thousand; bounds the time of every pass
 
 # ------------------------------------------------------------------ reading files
@@ -107,6 +108,9 @@ def parse_caffemodel(data: bytes, path: str | os.PathLike) -> pb.NetParameter:
         except Exception:  # noqa: BLE001 - any failure just means "no hint"
             pass
         raise ModelError(f"{path}: not a valid caffemodel (truncated or corrupt protobuf){hint}") from None
+    if len(msg.layer) + len(msg.layers) > MAX_CAFFEMODEL_LAYERS:
+        raise ModelError(f"{path}: holds {len(msg.layer) + len(msg.layers)} layers, more than the "
+                         f"{MAX_CAFFEMODEL_LAYERS} this tool accepts")
     if not msg.layer and not msg.layers:
         try:
             text_format.Parse(data.decode("utf-8"), pb.NetParameter())

@@ -25,7 +25,7 @@ DEFAULT_PROBES = 8
 CP_ITERATIONS = 20  # ALS sweeps at the top of a layer's rank grid (fewer further down)
 POLISH_CP_ITERATIONS = 30  # extra sweeps for the rank the planner picks
 FORCED_CP_ITERATIONS = 1000  # a rank given with --rank: run to convergence
-MAX_PROBE_ELEMENTS = 1 << 26  # 256 MB of float32 probe input at most
+MAX_PROBE_ELEMENTS = 1 << 24  # 64 MB of float32 per probe input (3 x 2048 x 2048 fits)
 MAX_PROBES = 256
 NEGLIGIBLE_COST_SHARE = 0.005  # a layer below 0.5% of params+MACs gets no sensitivity trial
 
