@@ -23,6 +23,9 @@ CASES = {
     "dilation2": ((3, 3), "kernel_size: 3 dilation: 2 pad: 2", 1, 4),
     "no-bias": ((3, 3), "kernel_size: 3 bias_term: false", 1, 4),
     "group2": ((3, 3), "kernel_size: 3 pad: 1 group: 2", 2, 6),
+    "k1x1-stride2-pad1": ((1, 1), "kernel_size: 1 stride: 2 pad: 1", 1, 3),
+    "k1x1-group2": ((1, 1), "kernel_size: 1 group: 2", 2, 4),
+    "k3x3-stride2-dilation2-pad-h-ne-w": ((3, 3), "kernel_size: 3 stride: 2 dilation: 2 pad_h: 1 pad_w: 3", 1, 4),
 }
 
 S, T = 8, 16
