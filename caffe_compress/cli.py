@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 from typing import Sequence
@@ -153,6 +155,11 @@ def _run_compress(argv: Sequence[str]) -> int:
         json_path = Path(args.json)
         if not json_path.parent.is_dir():
             raise UsageError(f"--json: directory {json_path.parent} does not exist")
+        if json_path.is_dir():
+            raise UsageError(f"--json: {json_path} is a directory")
+        for inp in (args.deploy, args.weights):
+            if json_path.exists() and Path(inp).exists() and os.path.samefile(json_path, inp):
+                raise UsageError(f"--json: {json_path} is an input file; choose another name")
     show_progress = not args.quiet and sys.stderr.isatty()
 
     def progress(message: str) -> None:
@@ -169,13 +176,24 @@ def _run_compress(argv: Sequence[str]) -> int:
 
     print(format_table(report))
     if args.json:
-        try:
-            Path(args.json).write_text(report.json_text())
-        except OSError as exc:
-            from .errors import WriteError
-
-            raise WriteError(f"--json: {args.json}: {exc.strerror}") from None
+        _write_atomically(Path(args.json), report.json_text())
     return EXIT_OK
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    from .errors import WriteError
+
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except (OSError, UnboundLocalError):
+            pass
+        raise WriteError(f"--json: {path}: {exc.strerror}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -219,6 +219,11 @@ def test_oversized_prototxt(tmp_path, model):
 def test_output_never_replaces_an_input(tmp_path, model):
     deploy, weights = model
     proc = subprocess.run([sys.executable, "-m", "caffe_compress", str(deploy), str(weights), "-o",
+                           str(tmp_path / "elsewhere"), "--json", str(deploy)], capture_output=True, text=True,
+                          timeout=TIME_LIMIT)
+    assert proc.returncode == 2 and "input file" in proc.stderr
+    assert not (tmp_path / "elsewhere.caffemodel").exists()
+    proc = subprocess.run([sys.executable, "-m", "caffe_compress", str(deploy), str(weights), "-o",
                            str(tmp_path / "victim")], capture_output=True, text=True, timeout=TIME_LIMIT)
     assert proc.returncode == 5 and "overwrite the input" in proc.stderr
     link = tmp_path / "link.caffemodel"
@@ -233,6 +238,7 @@ def test_output_never_replaces_an_input(tmp_path, model):
     (["--rank", "conv1=0"], "--rank"), (["--rank", "conv1=100000"], "out of range"),
     (["--rank", "ghost=3"], "no layer named 'ghost'"), (["--keep", "ghost"], "no layer named 'ghost'"),
     (["--rank", "relu1=2"], "cannot be decomposed"), (["--probes", "0"], "--probes"),
+    (["--probes", "many"], "invalid int"), (["--json", "/nonexistent-dir/r.json"], "does not exist"),
 ])
 def test_bad_options(tmp_path, model, args, message):
     run_case(tmp_path, *model, *args, expect=(2,), message=message)
