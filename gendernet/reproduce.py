@@ -31,8 +31,24 @@ CLASS_DIRS = {"male": 0, "m": 0, "0": 0, "female": 1, "f": 1, "1": 1}
 UTK = re.compile(r"^(\d+)_([01])_")
 
 
-def load_faces(directory: Path) -> list[tuple[Path, int]]:
-    """(image path, label) pairs; label 0 = male, 1 = female."""
+AGE_GROUPS = ((0, 2), (4, 6), (8, 12), (15, 20), (25, 32), (38, 43), (48, 53), (60, 100))  # AgeNet's outputs
+
+
+def age_group(age: float) -> int:
+    """Index of the Adience age group nearest to ``age`` (years)."""
+    gaps = [0.0 if lo <= age <= hi else min(abs(age - lo), abs(age - hi)) for lo, hi in AGE_GROUPS]
+    return int(np.argmin(gaps))
+
+
+def _adience_age(text: str) -> int | None:
+    numbers = [float(n) for n in re.findall(r"\d+", text)]
+    if not numbers:
+        return None
+    return age_group(sum(numbers) / len(numbers))
+
+
+def load_faces(directory: Path, task: str = "gender") -> list[tuple[Path, int]]:
+    """(image path, label) pairs. gender: 0 = male, 1 = female; age: Adience group index 0..7."""
     folds = sorted(directory.glob("fold_*_data.txt"))
     if folds:
         items = []
@@ -40,24 +56,32 @@ def load_faces(directory: Path) -> list[tuple[Path, int]]:
             lines = fold.read_text().splitlines()
             for line in lines[1:]:
                 cols = line.split("\t")
-                if len(cols) < 5 or cols[4] not in ("m", "f"):
+                if len(cols) < 5:
                     continue
+                if task == "gender":
+                    if cols[4] not in ("m", "f"):
+                        continue
+                    label = 0 if cols[4] == "m" else 1
+                else:
+                    label = _adience_age(cols[3])
+                    if label is None:
+                        continue
                 user, original, face_id = cols[0], cols[1], cols[2]
                 path = directory / "aligned" / user / f"landmark_aligned_face.{face_id}.{original}"
                 if not path.is_file():
                     path = directory / user / f"landmark_aligned_face.{face_id}.{original}"
                 if path.is_file():
-                    items.append((path, 0 if cols[4] == "m" else 1))
+                    items.append((path, label))
         return items
     subdirs = [d for d in directory.iterdir() if d.is_dir() and d.name.lower() in CLASS_DIRS]
-    if subdirs:
+    if subdirs and task == "gender":
         return [(p, CLASS_DIRS[d.name.lower()]) for d in sorted(subdirs) for p in sorted(d.iterdir())
                 if p.suffix.lower() in (".jpg", ".jpeg", ".png")]
     items = []
     for p in sorted(directory.iterdir()):
         m = UTK.match(p.name)
         if m and p.suffix.lower() in (".jpg", ".jpeg", ".png"):
-            items.append((p, int(m.group(2))))
+            items.append((p, int(m.group(2)) if task == "gender" else age_group(int(m.group(1)))))
     return items
 
 
@@ -81,7 +105,8 @@ def predict(deploy: Path, weights: Path, batch: np.ndarray, *, threads: int | No
     probs = []
     for start in range(0, len(batch), 50):
         net.setInput(batch[start : start + 50])
-        probs.append(net.forward().reshape(-1, 2).copy())
+        out = net.forward()
+        probs.append(out.reshape(out.shape[0], -1).copy())
     return np.concatenate(probs)
 
 
@@ -89,10 +114,14 @@ def latency_ms(deploy: Path, weights: Path, sample: np.ndarray, *, threads: int,
     return median_latency_ms(deploy, weights, sample[:1], threads=threads, runs=runs)
 
 
-def run(faces_dir: Path, out_dir: Path, tradeoffs=TRADEOFFS) -> list[dict]:
+TASKS = {"gendernet": "gender", "agenet": "age"}
+TITLES = {"gendernet": "GenderNet", "agenet": "AgeNet (8 age groups)"}
+
+
+def run(faces_dir: Path, out_dir: Path, tradeoffs=TRADEOFFS, *, model_name: str = "gendernet") -> list[dict]:
     cv2 = cv2_module()
-    model = zoo.fetch("gendernet")
-    faces = load_faces(faces_dir)
+    model = zoo.fetch(model_name)
+    faces = load_faces(faces_dir, TASKS[model_name])
     if not faces:
         raise SystemExit(f"reproduce: no labelled faces found in {faces_dir}")
     labels = np.array([lab for _, lab in faces])
@@ -123,19 +152,21 @@ def run(faces_dir: Path, out_dir: Path, tradeoffs=TRADEOFFS) -> list[dict]:
             })
             print(json.dumps(rows[-1]), file=sys.stderr)
     cv2.setNumThreads(default_threads)
-    write_results(rows, faces_dir, len(faces), out_dir)
+    write_results(rows, faces_dir, len(faces), out_dir, title=TITLES[model_name], model_name=model_name)
     return rows
 
 
-def write_results(rows: list[dict], faces_dir: Path, n_faces: int, out_dir: Path) -> None:
+def write_results(rows: list[dict], faces_dir: Path, n_faces: int, out_dir: Path, *, title: str = "GenderNet",
+                  model_name: str = "gendernet") -> None:
     cv2 = cv2_module()
     orig = rows[0]
+    command = "make gendernet" if model_name == "gendernet" else f"python -m gendernet.reproduce --model {model_name}"
     lines = [
-        "# GenderNet: accuracy, size and speed against the trade-off",
+        f"# {title}: accuracy, size and speed against the trade-off",
         "",
         f"Faces: {n_faces} from `{faces_dir.name}`. OpenCV {cv2.__version__}, "
         f"CPU: {cpu_model()} ({os.cpu_count()} cores), {cv2.getNumThreads()} default threads. "
-        "Generated by `make gendernet` (`python -m gendernet.reproduce`).",
+        f"Generated by `{command}`.",
         "",
         "| model | caffemodel | ratio | accuracy | Δ accuracy | top-1 agreement | latency 1 thread | latency default | ranks |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -154,11 +185,11 @@ def write_results(rows: list[dict], faces_dir: Path, n_faces: int, out_dir: Path
                       f"{orig['bytes'] / best['bytes']:.2f}x smaller, accuracy {100 * best['accuracy']:.1f}%."]
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.md").write_text("\n".join(lines) + "\n")
-    (out_dir / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
-    plot(rows, out_dir / "results.png")
+    (out_dir / "results.json").write_text(json.dumps({"title": title, "rows": rows}, indent=2) + "\n")
+    plot(rows, out_dir / "results.png", title=title)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, *, title: str = "GenderNet") -> None:
     try:
         import matplotlib
 
@@ -190,7 +221,7 @@ def plot(rows: list[dict], path: Path) -> None:
     for x, r in zip(xs, comp):
         ax2.annotate(f"{orig['bytes'] / r['bytes']:.1f}x", (x, r["bytes"] / 1e6), textcoords="offset points",
                      xytext=(0, -14), ha="center", fontsize=8, color="tab:red")
-    ax1.set_title("GenderNet: accuracy and file size against the trade-off")
+    ax1.set_title(f"{title}: accuracy and file size against the trade-off")
     h1, l1 = ax1.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
     ax1.legend(h1 + h2, l1 + l2, loc="lower left", fontsize=8, framealpha=0.9)
@@ -218,18 +249,21 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--faces", required=True, type=Path, help="labelled face directory")
+    p.add_argument("--faces", type=Path, help="labelled face directory (required unless --replot)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent, help="where results.md/png go")
     p.add_argument("--tradeoffs", default=",".join(map(str, TRADEOFFS)))
+    p.add_argument("--model", choices=sorted(TASKS), default="gendernet",
+                   help="gendernet (gender labels) or agenet (age labels, Adience groups)")
     p.add_argument("--replot", action="store_true", help="only redraw results.png from results.json")
     args = p.parse_args(argv)
     if args.replot:
-        plot(json.loads((args.out / "results.json").read_text()), args.out / "results.png")
+        saved = json.loads((args.out / "results.json").read_text())
+        plot(saved["rows"], args.out / "results.png", title=saved["title"])
         return 0
-    if not args.faces.is_dir():
+    if args.faces is None or not args.faces.is_dir():
         print(f"reproduce: error: --faces: {args.faces} is not a directory", file=sys.stderr)
         return 2
-    run(args.faces, args.out, tuple(float(t) for t in args.tradeoffs.split(",")))
+    run(args.faces, args.out, tuple(float(t) for t in args.tradeoffs.split(",")), model_name=args.model)
     print((args.out / "results.md").read_text())
     return 0
 

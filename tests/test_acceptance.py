@@ -148,6 +148,9 @@ def test_face_set_layouts(tmp_path):
         header + "\nu1\timg1.jpg\t7\t(25, 32)\tm\t0\t0\t1\t1\t0\t0\t0\nu2\timg2.jpg\t9\t(8, 12)\tf\t0\t0\t1\t1\t0\t0\t0\n"
         "u3\timg3.jpg\t1\t(8, 12)\tu\t0\t0\t1\t1\t0\t0\t0\n")
     assert sorted(lab for _, lab in load_faces(adience)) == [0, 1]
+    # the same sets with age labels (Adience groups) for AgeNet
+    assert sorted(lab for _, lab in load_faces(utk, "age")) == [4, 4]  # ages 25 and 31: group (25, 32)
+    assert sorted(lab for _, lab in load_faces(adience, "age")) == [2, 4]  # (8, 12) and (25, 32); u3 has no image
 
 
 def test_fetch_without_any_source_says_where_to_put_files(tmp_path, monkeypatch):
