@@ -118,7 +118,8 @@ TASKS = {"gendernet": "gender", "agenet": "age"}
 TITLES = {"gendernet": "GenderNet", "agenet": "AgeNet (8 age groups)"}
 
 
-def run(faces_dir: Path, out_dir: Path, tradeoffs=TRADEOFFS, *, model_name: str = "gendernet") -> list[dict]:
+def run(faces_dir: Path, out_dir: Path, tradeoffs=TRADEOFFS, *, model_name: str = "gendernet",
+        rank_configs: tuple[dict, ...] = (), command: str = "make gendernet") -> list[dict]:
     cv2 = cv2_module()
     model = zoo.fetch(model_name)
     faces = load_faces(faces_dir, TASKS[model_name])
@@ -135,14 +136,16 @@ def run(faces_dir: Path, out_dir: Path, tradeoffs=TRADEOFFS, *, model_name: str 
         "latency_default_ms": latency_ms(model.deploy, model.weights, batch, threads=default_threads),
         "compress_s": 0.0,
     }]
+    runs = [(t, {}, f"T={t:g}") for t in tradeoffs]
+    runs += [(None, cfg, "--rank " + " ".join(f"{k}={v}" for k, v in cfg.items())) for cfg in rank_configs]
     with tempfile.TemporaryDirectory() as tmp:
-        for t in tradeoffs:
-            prefix = Path(tmp) / f"g{t}"
-            report = compress(model.deploy, model.weights, tradeoff=t, output=prefix)
+        for i, (t, cfg, label) in enumerate(runs):
+            prefix = Path(tmp) / f"g{i}"
+            report = compress(model.deploy, model.weights, tradeoff=t or 0.0, ranks=cfg, output=prefix)
             deploy, weights = Path(report.output_prototxt), Path(report.output_caffemodel)
             probs = predict(deploy, weights, batch)
             rows.append({
-                "tradeoff": t, "label": f"T={t:g}", "bytes": weights.stat().st_size,
+                "tradeoff": t, "label": label, "bytes": weights.stat().st_size,
                 "accuracy": float(np.mean(probs.argmax(1) == labels)),
                 "agreement": float(np.mean(probs.argmax(1) == ref_probs.argmax(1))),
                 "latency_1t_ms": latency_ms(deploy, weights, batch, threads=1),
@@ -152,15 +155,14 @@ def run(faces_dir: Path, out_dir: Path, tradeoffs=TRADEOFFS, *, model_name: str 
             })
             print(json.dumps(rows[-1]), file=sys.stderr)
     cv2.setNumThreads(default_threads)
-    write_results(rows, faces_dir, len(faces), out_dir, title=TITLES[model_name], model_name=model_name)
+    write_results(rows, faces_dir, len(faces), out_dir, title=TITLES[model_name], command=command)
     return rows
 
 
 def write_results(rows: list[dict], faces_dir: Path, n_faces: int, out_dir: Path, *, title: str = "GenderNet",
-                  model_name: str = "gendernet") -> None:
+                  command: str = "make gendernet") -> None:
     cv2 = cv2_module()
     orig = rows[0]
-    command = "make gendernet" if model_name == "gendernet" else f"python -m gendernet.reproduce --model {model_name}"
     lines = [
         f"# {title}: accuracy, size and speed against the trade-off",
         "",
@@ -178,7 +180,7 @@ def write_results(rows: list[dict], faces_dir: Path, n_faces: int, out_dir: Path
             f"{100 * r['accuracy']:.1f}% | {100 * (r['accuracy'] - orig['accuracy']):+.1f} | "
             f"{100 * r['agreement']:.1f}% | {r['latency_1t_ms']:.1f} ms | {r['latency_default_ms']:.1f} ms | {ranks} |"
         )
-    ok = [r for r in rows[1:] if r["accuracy"] >= orig["accuracy"] - 0.01]
+    ok = [r for r in rows[1:] if r["accuracy"] >= orig["accuracy"] - 0.01 and r["tradeoff"] is not None]
     if ok:
         best = min(ok, key=lambda r: r["bytes"])
         lines += ["", f"Best point with at most a 1-point accuracy drop: {best['label']}, "
@@ -198,7 +200,7 @@ def plot(rows: list[dict], path: Path, *, title: str = "GenderNet") -> None:
     except ImportError:
         print("reproduce: matplotlib not installed, no plot", file=sys.stderr)
         return
-    orig, comp = rows[0], rows[1:]
+    orig, comp = rows[0], [r for r in rows[1:] if r["tradeoff"] is not None]
     xs = list(range(len(comp)))
     acc = [100 * r["accuracy"] for r in comp]
     size = [r["bytes"] / 1e6 for r in comp]
@@ -254,6 +256,8 @@ def main(argv=None) -> int:
     p.add_argument("--tradeoffs", default=",".join(map(str, TRADEOFFS)))
     p.add_argument("--model", choices=sorted(TASKS), default="gendernet",
                    help="gendernet (gender labels) or agenet (age labels, Adience groups)")
+    p.add_argument("--rank", action="append", default=[], metavar="L=R[,L=R]",
+                   help="also measure a forced-rank model (repeatable), e.g. --rank fc6=64")
     p.add_argument("--replot", action="store_true", help="only redraw results.png from results.json")
     args = p.parse_args(argv)
     if args.replot:
@@ -263,7 +267,11 @@ def main(argv=None) -> int:
     if args.faces is None or not args.faces.is_dir():
         print(f"reproduce: error: --faces: {args.faces} is not a directory", file=sys.stderr)
         return 2
-    run(args.faces, args.out, tuple(float(t) for t in args.tradeoffs.split(",")), model_name=args.model)
+    configs = tuple({k: int(v) for k, v in (item.split("=") for item in text.split(","))} for text in args.rank)
+    shown = ["python -m gendernet.reproduce"] + [a if not Path(a).is_absolute() else Path(a).name
+                                                 for a in (argv if argv is not None else sys.argv[1:])]
+    run(args.faces, args.out, tuple(float(t) for t in args.tradeoffs.split(",")), model_name=args.model,
+        rank_configs=configs, command=" ".join(shown))
     print((args.out / "results.md").read_text())
     return 0
 
