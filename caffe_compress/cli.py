@@ -91,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--swap-rb", action="store_true", help="swap red and blue (images are read as BGR)")
     p.add_argument("--probes", type=int, default=None, metavar="N", help="random probe inputs (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed for probes and CP (default 0)")
+    storage = p.add_mutually_exclusive_group()
+    storage.add_argument("--fp16", dest="fp16", action="store_const", const=True, default=None,
+                         help="store weights as half floats: half the file, OpenCV converts at load")
+    storage.add_argument("--fp32", dest="fp16", action="store_const", const=False,
+                         help="store weights as float32 (default: keep the input's storage)")
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("-v", "--verbose", action="store_true", help="log details on stderr")
@@ -170,7 +175,7 @@ def _run_compress(argv: Sequence[str]) -> int:
         args.deploy, args.weights, tradeoff=tradeoff, output=args.output, ranks=ranks, keep=args.keep,
         validate_output=not args.no_validate, images=args.images, calibration=args.calibration,
         preprocessing=pre, probes=args.probes if args.probes is not None else DEFAULT_PROBES,
-        seed=args.seed, progress=progress,
+        seed=args.seed, fp16=args.fp16, progress=progress,
     )
     from .report import format_table
 

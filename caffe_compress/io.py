@@ -544,8 +544,9 @@ def build_net(deploy: pb.NetParameter, weights: pb.NetParameter | None, deploy_p
             log.info("ignoring weights of layer '%s': not in the deploy net", name)
     if weights is not None and not used:
         raise ModelError(f"{weights_path}: no layer name matches the deploy file {deploy_path}")
+    any_half = any(b.HasField("raw_data") and b.raw_data_type == pb.FLOAT16 for name in used for b in stored[name])
     try:
-        return Net(name=deploy.name, layers=tuple(layers)).check()
+        return Net(name=deploy.name, layers=tuple(layers), stored_fp16=any_half).check()
     except ModelError as exc:
         raise ModelError(f"{deploy_path}: {exc}") from None
 
@@ -573,12 +574,25 @@ def prototxt_bytes(net: Net) -> bytes:
     return text_format.MessageToString(msg).encode("utf-8")
 
 
-def caffemodel_chunks(net: Net) -> Iterator[bytes | memoryview]:
+FP16_MAX = 65504.0
+# Like OpenCV's shrinkCaffeModel: only convolution and inner-product blobs go to fp16;
+# normalisation statistics and the like stay float32.
+FP16_LAYER_TYPES = frozenset({"Convolution", "Deconvolution", "InnerProduct"})
+
+
+def _stored_as_fp16(layer: Layer, array: np.ndarray, fp16: bool) -> bool:
+    """fp16 for conv/IP blobs whose values all fit (larger magnitudes stay float32)."""
+    return (fp16 and layer.type in FP16_LAYER_TYPES and array.size > 0
+            and float(np.max(np.abs(array))) <= FP16_MAX)
+
+
+def caffemodel_chunks(net: Net, *, fp16: bool = False) -> Iterator[bytes | memoryview]:
     """The caffemodel of ``net`` as a stream of chunks: only the weighted layers (name, type, blobs).
 
     Written directly in the wire format (NetParameter.layer = 100, LayerParameter
     name = 1, type = 2, blobs = 7): weights go from the arrays to the output
-    without any copy through protobuf.
+    without any copy through protobuf. With ``fp16`` the blobs are stored as
+    half floats (BlobProto.raw_data_type = FLOAT16, raw_data), which OpenCV reads.
     """
     if net.name:
         yield b"".join(_len_field(1, net.name.encode("utf-8")))
@@ -586,36 +600,43 @@ def caffemodel_chunks(net: Net) -> Iterator[bytes | memoryview]:
         if not layer.blobs:
             continue
         head = b"".join(_len_field(1, layer.name.encode("utf-8")) + _len_field(2, layer.type.encode("utf-8")))
-        blobs = [_blob_header(blob) for blob in layer.blobs]
-        size = len(head) + sum(len(k) + len(n) + len(h) + blob.size * 4 for (k, n, h), blob in zip(blobs, layer.blobs))
+        halves = [_stored_as_fp16(layer, blob, fp16) for blob in layer.blobs]
+        blobs = [_blob_header(blob, fp16=half) for blob, half in zip(layer.blobs, halves)]
+        size = len(head) + sum(len(k) + len(n) + len(h) + nbytes for k, n, h, nbytes in blobs)
         yield _key(100, 2) + _varint(size) + head
-        for (key, length, header), blob in zip(blobs, layer.blobs):
+        for (key, length, header, _), blob, half in zip(blobs, layer.blobs, halves):
             yield key + length + header
-            yield np.ascontiguousarray(blob, dtype="<f4").data
+            yield np.ascontiguousarray(blob, dtype="<f2" if half else "<f4").data
 
 
-def caffemodel_bytes(net: Net) -> bytearray:
+def caffemodel_bytes(net: Net, *, fp16: bool = False) -> bytearray:
     """The whole caffemodel of ``net`` in memory."""
     out = bytearray()
-    for chunk in caffemodel_chunks(net):
+    for chunk in caffemodel_chunks(net, fp16=fp16):
         out += chunk
     return out
 
 
-def write_files(net: Net, prototxt: Path, caffemodel: Path) -> None:
+def write_files(net: Net, prototxt: Path, caffemodel: Path, *, fp16: bool = False) -> None:
     """Plain (non-atomic) write of a pair, streaming the weights: for scratch files."""
     prototxt.write_bytes(prototxt_bytes(net))
     with open(caffemodel, "wb") as fh:
-        for chunk in caffemodel_chunks(net):
+        for chunk in caffemodel_chunks(net, fp16=fp16):
             fh.write(chunk)
 
 
-def _blob_header(array: np.ndarray) -> tuple[bytes, bytes, bytes]:
-    """(key, length, everything before the float payload) of a blob field 7, for streaming."""
+def _blob_header(array: np.ndarray, *, fp16: bool = False) -> tuple[bytes, bytes, bytes, int]:
+    """(key, length, everything before the payload, payload bytes) of a blob field 7, for streaming."""
     dims = b"".join(_varint(int(d)) for d in array.shape)
     shape_msg = b"".join(_len_field(1, dims)) if array.shape else b""
-    header = b"".join(_len_field(7, shape_msg)) + _key(5, 2) + _varint(array.size * 4)
-    return _key(7, 2), _varint(len(header) + array.size * 4), header
+    if fp16:
+        nbytes = array.size * 2
+        payload_key = _key(10, 0) + _varint(pb.FLOAT16) + _key(12, 2) + _varint(nbytes)
+    else:
+        nbytes = array.size * 4
+        payload_key = _key(5, 2) + _varint(nbytes)
+    header = b"".join(_len_field(7, shape_msg)) + payload_key
+    return _key(7, 2), _varint(len(header) + nbytes), header, nbytes
 
 
 @dataclass
@@ -699,7 +720,8 @@ def _umask() -> int:
     return mask
 
 
-def stage(net: Net, prefix: str | os.PathLike, *, protect: Iterable[str | os.PathLike] = ()) -> StagedModel:
+def stage(net: Net, prefix: str | os.PathLike, *, protect: Iterable[str | os.PathLike] = (),
+          fp16: bool = False) -> StagedModel:
     """Write ``net`` to temp files beside ``PREFIX.prototxt``/``PREFIX.caffemodel``.
 
     ``protect`` lists input paths that an output must never replace (compared
@@ -720,7 +742,7 @@ def stage(net: Net, prefix: str | os.PathLike, *, protect: Iterable[str | os.Pat
     proto_data = prototxt_bytes(net)
     temps: list[Path] = []
     try:
-        temps.append(_write_temp(directory, model_path.name, caffemodel_chunks(net)))
+        temps.append(_write_temp(directory, model_path.name, caffemodel_chunks(net, fp16=fp16)))
         temps.append(_write_temp(directory, proto_path.name, [proto_data]))
     except OSError as exc:
         for t in temps:
@@ -729,8 +751,9 @@ def stage(net: Net, prefix: str | os.PathLike, *, protect: Iterable[str | os.Pat
     return StagedModel(proto_path, model_path, temps[1], temps[0])
 
 
-def save(net: Net, prefix: str | os.PathLike, *, protect: Iterable[str | os.PathLike] = ()) -> tuple[Path, Path]:
-    """Write ``net`` as a V2 pair atomically; returns (prototxt, caffemodel)."""
-    staged = stage(net, prefix, protect=protect)
+def save(net: Net, prefix: str | os.PathLike, *, protect: Iterable[str | os.PathLike] = (),
+         fp16: bool = False) -> tuple[Path, Path]:
+    """Write ``net`` as a V2 pair atomically (fp16 blobs with ``fp16``); returns (prototxt, caffemodel)."""
+    staged = stage(net, prefix, protect=protect, fp16=fp16)
     staged.commit()
     return staged.prototxt, staged.caffemodel

@@ -140,6 +140,7 @@ class Net:
 
     name: str
     layers: tuple[Layer, ...]
+    stored_fp16: bool = False  # the caffemodel stored (some) weights as fp16
 
     def __iter__(self) -> Iterator[Layer]:
         return iter(self.layers)

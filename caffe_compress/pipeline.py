@@ -202,6 +202,7 @@ def compress(
     preprocessing: validate.Preprocessing | None = None,
     probes: int = DEFAULT_PROBES,
     seed: int = 0,
+    fp16: bool | None = None,
     progress: ProgressFn | None = None,
 ) -> Report:
     """Compress a Caffe model; write ``PREFIX.prototxt``/``PREFIX.caffemodel``; return a Report.
@@ -214,20 +215,21 @@ def compress(
     calibration : directory of images whose activations drive the rank choice.
     preprocessing : how image files become inputs (mean, scale, size, resize, swap_rb).
     probes : number of random probe inputs; seed : for probes and CP.
+    fp16 : store weights as half floats (half the file); None keeps the input's storage.
     progress : callable receiving one-line progress messages.
     """
     with tempfile.TemporaryDirectory(prefix="caffe-compress-") as scratch:
         return _compress(
             deploy, weights, tradeoff=tradeoff, output=output, ranks=ranks, keep=keep,
             validate_output=validate_output, images=images, calibration=calibration,
-            preprocessing=preprocessing, probes=probes, seed=seed, progress=progress,
+            preprocessing=preprocessing, probes=probes, seed=seed, fp16=fp16, progress=progress,
             scratch_dir=Path(scratch),
         )
 
 
 def _compress(
     deploy, weights, *, tradeoff, output, ranks, keep, validate_output, images, calibration, preprocessing,
-    probes, seed, progress, scratch_dir: Path,
+    probes, seed, fp16, progress, scratch_dir: Path,
 ) -> Report:
     say = progress or (lambda message: None)
     preprocessing = preprocessing or validate.Preprocessing()
@@ -400,7 +402,8 @@ def _compress(
     say("writing the model")
     deploy_path, weights_path = Path(deploy), Path(weights)
     with timer.stage("write"):
-        staged = io.stage(new_net, prefix, protect=(deploy_path, weights_path))
+        store_fp16 = net.stored_fp16 if fp16 is None else bool(fp16)
+        staged = io.stage(new_net, prefix, protect=(deploy_path, weights_path), fp16=store_fp16)
     try:
         agreements: tuple[validate.OutputAgreement, ...] = ()
         if validate_output:
@@ -446,4 +449,5 @@ def _compress(
         timings=timer.timings,
         layers_before=len(net.layers),
         layers_after=len(new_net.layers),
+        storage="float16" if store_fp16 else "float32",
     )

@@ -31,6 +31,7 @@ class Report:
     validation_inputs: str  # "random" or "images:<dir>" or "none"
     layers_before: int = 0  # layer count of the deploy net (after phase filtering)
     layers_after: int = 0
+    storage: str = "float32"  # how the written caffemodel stores weights
     timings: dict = field(default_factory=dict)  # stage -> seconds
 
     @property
@@ -45,6 +46,7 @@ class Report:
                 "prototxt": self.output_prototxt,
                 "caffemodel": self.output_caffemodel,
                 "bytes": self.bytes_after,
+                "storage": self.storage,
             },
             "tradeoff": self.tradeoff,
             "error_budget": None if self.error_budget == float("inf") else self.error_budget,
@@ -127,7 +129,8 @@ def format_table(report: Report) -> str:
     lines.append(
         f"layers {report.layers_before} -> {report.layers_after}, "
         f"parameters {_si(report.params_before)} -> {_si(report.params_after)}, "
-        f"caffemodel {_mb(report.bytes_before)} -> {_mb(report.bytes_after)} ({report.ratio:.2f}x smaller), "
+        f"caffemodel {_mb(report.bytes_before)} -> {_mb(report.bytes_after)} ({report.ratio:.2f}x smaller"
+        f"{', fp16' if report.storage == 'float16' else ''}), "
         f"MACs {_si(report.macs_before)} -> {_si(report.macs_after)}"
     )
     budget = "unlimited" if report.error_budget == float("inf") else f"{report.error_budget:.4f}"

@@ -119,7 +119,8 @@ TITLES = {"gendernet": "GenderNet", "agenet": "AgeNet (8 age groups)"}
 
 
 def run(faces_dir: Path, out_dir: Path, tradeoffs=TRADEOFFS, *, model_name: str = "gendernet",
-        rank_configs: tuple[dict, ...] = (), command: str = "make gendernet") -> list[dict]:
+        rank_configs: tuple[dict, ...] = (), fp16_tradeoffs: tuple[float, ...] = (),
+        command: str = "make gendernet") -> list[dict]:
     cv2 = cv2_module()
     model = zoo.fetch(model_name)
     faces = load_faces(faces_dir, TASKS[model_name])
@@ -136,16 +137,17 @@ def run(faces_dir: Path, out_dir: Path, tradeoffs=TRADEOFFS, *, model_name: str 
         "latency_default_ms": latency_ms(model.deploy, model.weights, batch, threads=default_threads),
         "compress_s": 0.0,
     }]
-    runs = [(t, {}, f"T={t:g}") for t in tradeoffs]
-    runs += [(None, cfg, "--rank " + " ".join(f"{k}={v}" for k, v in cfg.items())) for cfg in rank_configs]
+    runs = [(t, {}, f"T={t:g}", None) for t in tradeoffs]
+    runs += [(None, cfg, "--rank " + " ".join(f"{k}={v}" for k, v in cfg.items()), None) for cfg in rank_configs]
+    runs += [(t, {}, f"T={t:g} --fp16", True) for t in fp16_tradeoffs]
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (t, cfg, label) in enumerate(runs):
+        for i, (t, cfg, label, fp16) in enumerate(runs):
             prefix = Path(tmp) / f"g{i}"
-            report = compress(model.deploy, model.weights, tradeoff=t or 0.0, ranks=cfg, output=prefix)
+            report = compress(model.deploy, model.weights, tradeoff=t or 0.0, ranks=cfg, output=prefix, fp16=fp16)
             deploy, weights = Path(report.output_prototxt), Path(report.output_caffemodel)
             probs = predict(deploy, weights, batch)
             rows.append({
-                "tradeoff": t, "label": label, "bytes": weights.stat().st_size,
+                "tradeoff": t if fp16 is None else None, "label": label, "bytes": weights.stat().st_size,
                 "accuracy": float(np.mean(probs.argmax(1) == labels)),
                 "agreement": float(np.mean(probs.argmax(1) == ref_probs.argmax(1))),
                 "latency_1t_ms": latency_ms(deploy, weights, batch, threads=1),
@@ -258,6 +260,7 @@ def main(argv=None) -> int:
                    help="gendernet (gender labels) or agenet (age labels, Adience groups)")
     p.add_argument("--rank", action="append", default=[], metavar="L=R[,L=R]",
                    help="also measure a forced-rank model (repeatable), e.g. --rank fc6=64")
+    p.add_argument("--fp16", default="", metavar="T[,T]", help="also measure these trade-offs with --fp16 storage")
     p.add_argument("--replot", action="store_true", help="only redraw results.png from results.json")
     args = p.parse_args(argv)
     if args.replot:
@@ -271,7 +274,8 @@ def main(argv=None) -> int:
     shown = ["python -m gendernet.reproduce"] + [a if not Path(a).is_absolute() else Path(a).name
                                                  for a in (argv if argv is not None else sys.argv[1:])]
     run(args.faces, args.out, tuple(float(t) for t in args.tradeoffs.split(",")), model_name=args.model,
-        rank_configs=configs, command=" ".join(shown))
+        rank_configs=configs, fp16_tradeoffs=tuple(float(t) for t in args.fp16.split(",") if t),
+        command=" ".join(shown))
     print((args.out / "results.md").read_text())
     return 0
 

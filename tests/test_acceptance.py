@@ -178,3 +178,31 @@ def test_cp_matches_tensorly_quality():
     cp = parafac(tl.tensor(kernel.astype(np.float64)), rank=16, n_iter_max=200, init="svd", random_state=0)
     theirs = np.linalg.norm(tl.cp_to_tensor(cp) - kernel) / np.linalg.norm(kernel)
     assert np.linalg.norm(cp_reconstruct(ours) - kernel) / np.linalg.norm(kernel) <= theirs * 1.05
+
+
+def test_fp16_storage(tmp_path):
+    import cv2
+
+    deploy, model = small_model(tmp_path)
+    assert run_cli(deploy, model, "--tradeoff", "0", "-o", tmp_path / "base").returncode == 0  # typed layers
+    deploy, model = tmp_path / "base.prototxt", tmp_path / "base.caffemodel"
+    half = tmp_path / "half.caffemodel"
+    cv2.dnn.shrinkCaffeModel(str(model), str(half))  # OpenCV's own fp16 writer
+    # an fp16 input stays fp16, losslessly
+    result = run_cli(deploy, half, "--tradeoff", "0", "-o", tmp_path / "h", "--json", tmp_path / "h.json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "h.json").read_text())["output"]["storage"] == "float16"
+    assert abs((tmp_path / "h.caffemodel").stat().st_size - half.stat().st_size) < 0.05 * half.stat().st_size
+    x = {"data": np.random.default_rng(0).standard_normal((1, 3, 24, 24)).astype(np.float32)}
+    a = opencv_outputs(deploy, half, x)[0]
+    b = opencv_outputs(tmp_path / "h.prototxt", tmp_path / "h.caffemodel", x)[0]
+    assert max_relative_difference(a, b) <= 1e-6
+    # --fp16 halves a float32 model; --fp32 widens an fp16 one
+    result = run_cli(deploy, model, "--tradeoff", "0", "--fp16", "-o", tmp_path / "f")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "f.caffemodel").stat().st_size < 0.55 * model.stat().st_size
+    c = opencv_outputs(tmp_path / "f.prototxt", tmp_path / "f.caffemodel", x)[0]
+    assert max_relative_difference(opencv_outputs(deploy, model, x)[0], c) <= 1e-2
+    result = run_cli(deploy, half, "--tradeoff", "0", "--fp32", "-o", tmp_path / "w")
+    assert result.returncode == 0 and (tmp_path / "w.caffemodel").stat().st_size > 1.8 * half.stat().st_size
+    assert run_cli(deploy, model, "--fp16", "--fp32").returncode == 2
