@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from . import io, plan as planner, rewrite, validate
+from . import io, plan as planner, rewrite, tail, validate
 from .errors import ModelError, RankError, UsageError, ValidationError
 from .decompose import cp_conv, cp_reconstruct
 from .net import Layer, Net, conv_geometry
@@ -334,6 +334,14 @@ def _compress(
                     continue
                 candidates.append(cand)
 
+        # Layers in a plain classifier head get their sensitivity trial in numpy (tail.py).
+        compared = _compared_blobs(net)
+        tails = {}
+        if len(compared) == 1:
+            for cand in candidates:
+                chain = tail.tail_chain(net, cand.layer, compared[0])
+                if chain is not None:
+                    tails[cand.layer] = (chain, acts[producers[(cand.layer, 0)]])
         del acts  # peak memory: not needed while the trial nets are built
         with timer.stage("sensitivity"):
             # One OpenCV run per layer with only that layer approximated, at a mid-grid rank.
@@ -350,11 +358,16 @@ def _compress(
                     continue
                 layer = net.layer(cand.layer)
                 approx = planner.approximate_weight(layer, cand, probe_rank, ws)
-                trial = _with_weight(net, cand.layer, approx)
-                trial_cv = opencv_net_of(trial, f"trial of {cand.layer}", error=ValidationError)
-                trial_out = validate.forward(trial_cv, probe_inputs, out_names, what=f"trial of {cand.layer}")
-                del trial, trial_cv  # one trial net alive at a time (peak memory)
-                end_err = _relative_output_error(reference, trial_out)
+                if cand.layer in tails:
+                    chain, x = tails[cand.layer]
+                    end_err = _relative_output_error({"y": tail.run_tail(chain, x)},
+                                                     {"y": tail.run_tail(chain, x, {cand.layer: approx})})
+                else:
+                    trial = _with_weight(net, cand.layer, approx)
+                    trial_cv = opencv_net_of(trial, f"trial of {cand.layer}", error=ValidationError)
+                    trial_out = validate.forward(trial_cv, probe_inputs, out_names, what=f"trial of {cand.layer}")
+                    del trial, trial_cv  # one trial net alive at a time (peak memory)
+                    end_err = _relative_output_error(reference, trial_out)
                 candidates[i] = replace(cand, gain=end_err / layer_err)
 
         with timer.stage("plan"):
