@@ -609,14 +609,6 @@ def caffemodel_chunks(net: Net, *, fp16: bool = False) -> Iterator[bytes | memor
             yield np.ascontiguousarray(blob, dtype="<f2" if half else "<f4").data
 
 
-def caffemodel_bytes(net: Net, *, fp16: bool = False) -> bytearray:
-    """The whole caffemodel of ``net`` in memory."""
-    out = bytearray()
-    for chunk in caffemodel_chunks(net, fp16=fp16):
-        out += chunk
-    return out
-
-
 def write_files(net: Net, prototxt: Path, caffemodel: Path, *, fp16: bool = False) -> None:
     """Plain (non-atomic) write of a pair, streaming the weights: for scratch files."""
     prototxt.write_bytes(prototxt_bytes(net))

@@ -151,17 +151,9 @@ class Net:
                 return layer
         raise KeyError(name)
 
-    def has_layer(self, name: str) -> bool:
-        return any(layer.name == name for layer in self.layers)
-
     @property
     def param_count(self) -> int:
         return sum(layer.param_count for layer in self.layers)
-
-    @property
-    def weight_bytes(self) -> int:
-        """Bytes of float32 weights (what dominates the caffemodel)."""
-        return 4 * self.param_count
 
     def input_shapes(self) -> dict[str, tuple[int, ...]]:
         """Shapes declared by Input layers (empty tuple when undeclared)."""

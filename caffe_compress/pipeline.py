@@ -6,7 +6,7 @@ import os
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -71,22 +71,26 @@ def default_prefix(weights: str | os.PathLike) -> Path:
     return Path.cwd() / f"{Path(weights).stem}-compressed"
 
 
-def _producer_names(net: Net) -> dict[tuple[str, int], str]:
-    """OpenCV output name of the blob each layer reads: (consumer index, bottom index) -> 'layer[.k]'."""
+@dataclass(frozen=True)
+class _OpenCVNames:
+    """How OpenCV names the blobs the pipeline reads: 'layer' or 'layer.k' (k-th top)."""
+
+    first_input: dict[str, str]  # layer name -> OpenCV name of the blob its first bottom reads
+    compared: list[str]  # OpenCV names of the compared outputs, in _compared_blobs order
+
+
+def _opencv_names(net: Net) -> _OpenCVNames:
     last_producer: dict[str, str] = {}
-    result: dict[tuple[str, int], str] = {}
+    first_input: dict[str, str] = {}
     for layer in net.layers:
-        for i, bottom in enumerate(layer.bottoms):
-            if bottom in last_producer:
-                result[(layer.name, i)] = last_producer[bottom]
+        if layer.bottoms and layer.bottoms[0] in last_producer:
+            first_input[layer.name] = last_producer[layer.bottoms[0]]
         for k, top in enumerate(layer.tops):
             if layer.type == "Input":
                 last_producer[top] = f"{INPUT_PREFIX}{top}"  # fed by us, not an OpenCV layer output
             else:
                 last_producer[top] = layer.name if k == 0 else f"{layer.name}.{k}"
-    for i, name in enumerate(_compared_blobs(net)):
-        result[("__output__", i)] = last_producer[name]
-    return result
+    return _OpenCVNames(first_input, [last_producer[name] for name in _compared_blobs(net)])
 
 
 # Outputs whose shape depends on the values (a detection count): compare their inputs instead.
@@ -121,7 +125,7 @@ def _check_layer_options(net: Net, ranks: Mapping[str, int], keep: Iterable[str]
         if name in keep:
             raise UsageError(f"--rank {name}={rank}: the layer is also given to --keep")
         layer = net.layer(name)
-        method, reason = planner.describe_layer(layer, keep=False, forced_rank=rank)
+        method, reason = planner.describe_layer(layer, keep=False)
         if method == planner.METHOD_KEEP:
             raise UsageError(f"--rank {name}={rank}: a {layer.type} layer cannot be decomposed"
                              + (f" ({reason})" if reason else ""))
@@ -276,15 +280,15 @@ def _compress(
         # OpenCV reads our lossless V2 rewrite of the input (phase-filtered, upgraded).
         return opencv_net_of(net, str(deploy))
 
-    producers = _producer_names(net)
+    names = _opencv_names(net)
     decomposable = []
     for layer in net.layers:
-        method, reason = planner.describe_layer(layer, keep=layer.name in keep, forced_rank=ranks.get(layer.name))
+        method, reason = planner.describe_layer(layer, keep=layer.name in keep)
         if method == planner.METHOD_KEEP:
             if reason:
                 skipped[layer.name] = reason
             continue
-        if (layer.name, 0) not in producers:
+        if layer.name not in names.first_input:
             skipped[layer.name] = "its input blob is not produced by a layer"
             continue
         if not wants_plan:
@@ -298,9 +302,9 @@ def _compress(
             probe_inputs, _ = _probe_inputs(net, images=calib, preprocessing=preprocessing, count=probes,
                                             seed=seed, option="--calibration")
             original_cv = opencv_original()
-            wanted = sorted({producers[(layer.name, 0)] for layer, _ in decomposable} - {
+            wanted = sorted({names.first_input[layer.name] for layer, _ in decomposable} - {
                 INPUT_PREFIX + name for name in probe_inputs})
-            out_names = [producers[("__output__", i)] for i in range(len(_compared_blobs(net)))]
+            out_names = names.compared
             acts = validate.forward(original_cv, probe_inputs, wanted + out_names, what=str(deploy), error=ModelError)
             acts.update({INPUT_PREFIX + name: value for name, value in probe_inputs.items()})
             reference = {name: acts[name] for name in out_names}
@@ -309,7 +313,7 @@ def _compress(
         with timer.stage("analyse"):
             for layer, method in decomposable:
                 say(f"analysing {layer.name}")
-                x = acts[producers[(layer.name, 0)]]
+                x = acts[names.first_input[layer.name]]
                 start = time.perf_counter()
                 if method == planner.METHOD_SVD:
                     cand = planner.analyse_inner_product(
@@ -341,7 +345,7 @@ def _compress(
             for cand in candidates:
                 chain = tail.tail_chain(net, cand.layer, compared[0])
                 if chain is not None:
-                    tails[cand.layer] = (chain, acts[producers[(cand.layer, 0)]])
+                    tails[cand.layer] = (chain, acts[names.first_input[cand.layer]])
         del acts  # peak memory: not needed while the trial nets are built
         with timer.stage("sensitivity"):
             # One OpenCV run per layer with only that layer approximated, at a mid-grid rank.
@@ -422,10 +426,8 @@ def _compress(
         if validate_output:
             say("validating with OpenCV")
             with timer.stage("validate"):
-                producers_old = _producer_names(net)
-                producers_new = _producer_names(new_net)
-                outs_old = [producers_old[("__output__", i)] for i in range(len(_compared_blobs(net)))]
-                outs_new = [producers_new[("__output__", i)] for i in range(len(_compared_blobs(new_net)))]
+                outs_old = names.compared
+                outs_new = _opencv_names(new_net).compared
                 a = validate.forward(opencv_original(), val_inputs, outs_old, what=str(deploy), error=ModelError)
                 # one OpenCV net alive at a time (peak memory)
                 compressed_cv = validate.load_opencv_net(staged.temp_prototxt, staged.temp_caffemodel,

@@ -121,9 +121,6 @@ class Plan:
     predicted_error: float
     layers: tuple[LayerPlan, ...]
 
-    def ranks(self) -> dict[str, int]:
-        return {lp.layer: lp.rank for lp in self.layers if lp.method != METHOD_KEEP and lp.rank}
-
 
 @dataclass
 class Workspace:
@@ -157,7 +154,7 @@ def _spatial_size(acts_shape: tuple[int, ...] | None) -> int:
     return int(np.prod(acts_shape[2:]))
 
 
-def describe_layer(layer: Layer, *, keep: bool, forced_rank: int | None) -> tuple[str, str]:
+def describe_layer(layer: Layer, *, keep: bool) -> tuple[str, str]:
     """(method, reason-if-left-alone) for one layer."""
     if layer.type == "InnerProduct":
         method = METHOD_SVD

@@ -6,7 +6,6 @@ a missing or too-new OpenCV (5.x has no Caffe importer) gives one clear error.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -223,12 +222,3 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def set_threads(count: int | None) -> None:
-    if count is not None:
-        cv2_module().setNumThreads(int(count))
-
-
-def default_thread_count() -> int:
-    return os.cpu_count() or 1
