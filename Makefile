@@ -26,7 +26,7 @@ bench: $(STAMP)
 	$(PY) tools/bench.py --json bench.json
 
 gendernet: $(STAMP)
-	$(PY) -m gendernet.reproduce --faces $(or $(FACES),../shared/data/utkface-dev) --rank fc6=8 --fp16 0.95
+	$(PY) -m gendernet.reproduce --faces $(or $(FACES),../shared/data/utkface-dev) --rank fc6=8 --fp16 0.95 --calibrated 0.95,0.99
 
 proto: $(STAMP)
 	$(PIP) install 'grpcio-tools>=1.60'
