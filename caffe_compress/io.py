@@ -171,8 +171,7 @@ def _blob_shape(blob: pb.BlobProto, where: str) -> tuple[int, ...]:
     elif blob.num or blob.channels or blob.height or blob.width:
         dims = (blob.num, blob.channels, blob.height, blob.width)
     else:
-        dims = None  # no shape at all: a flat vector of whatever is stored
-        return ()
+        return ()  # no shape at all: a flat vector of whatever is stored
     if len(dims) > MAX_BLOB_AXES:
         raise ModelError(f"{where}: blob has {len(dims)} axes (at most {MAX_BLOB_AXES})")
     if any(d < 0 for d in dims):
@@ -237,11 +236,9 @@ def _len_field(number: int, payload: bytes) -> list[bytes]:
 
 
 def _blob_wire(array: np.ndarray) -> bytes:
-    """Serialized BlobProto: BlobShape + packed float32 data (field 5)."""
-    dims = b"".join(_varint(int(d)) for d in array.shape)
-    shape_msg = b"".join(_len_field(1, dims)) if array.shape else b""
-    data = np.ascontiguousarray(array, dtype="<f4").tobytes()
-    return b"".join(_len_field(7, shape_msg) + _len_field(5, data))
+    """Serialized BlobProto: BlobShape + packed float32 data (field 5); the streaming writer's encoding."""
+    _, _, header, _ = _blob_header(array)
+    return header + np.ascontiguousarray(array, dtype="<f4").tobytes()
 
 
 def array_to_blob(array: np.ndarray) -> pb.BlobProto:

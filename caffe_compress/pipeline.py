@@ -349,10 +349,10 @@ def _compress(
         del acts  # peak memory: not needed while the trial nets are built
         with timer.stage("sensitivity"):
             # One OpenCV run per layer with only that layer approximated, at a mid-grid rank.
+            totals = (sum(c.params_before for c in candidates), sum(c.macs_before for c in candidates))
             for i, cand in enumerate(candidates):
                 if cand.layer in ranks or tradeoff in (0.0, 1.0):
                     continue
-                totals = (sum(c.params_before for c in candidates), sum(c.macs_before for c in candidates))
                 if cand.cost(None, totals) < NEGLIGIBLE_COST_SHARE:
                     continue  # too small to matter either way: keep the conservative gain of 1
                 say(f"measuring the sensitivity of {cand.layer}")

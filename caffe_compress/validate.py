@@ -6,6 +6,7 @@ a missing or too-new OpenCV (5.x has no Caffe importer) gives one clear error.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -192,8 +193,6 @@ def compare_outputs(original: Mapping[str, np.ndarray], compressed: Mapping[str,
 def median_latency_ms(prototxt: Path, caffemodel: Path, sample: np.ndarray, *, threads: int,
                       runs: int = 20, warmup: int = 5) -> float:
     """Median single-input OpenCV forward time in ms, after ``warmup`` runs, with ``threads`` threads."""
-    import time
-
     cv2 = cv2_module()
     cv2.setNumThreads(int(threads))
     net = load_opencv_net(Path(prototxt), Path(caffemodel), what=str(prototxt))
