@@ -31,10 +31,10 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .decompose import ConvFactors, LinearFactors, SpectralBasis, cp_conv, cp_reconstruct, spectral_basis
-from .errors import UsageError
-from .net import Layer, Net, conv_geometry, inner_product_geometry
-from .rewrite import conv_group_kernels, inner_product_matrix
+from ..decompose import ConvFactors, LinearFactors, SpectralBasis, cp_conv, cp_reconstruct, spectral_basis
+from ..errors import UsageError
+from ..net import Layer, Net, conv_geometry, inner_product_geometry
+from ..rewrite import conv_group_kernels, inner_product_matrix
 
 log = logging.getLogger(__name__)
 
