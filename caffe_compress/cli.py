@@ -96,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="store weights as half floats: half the file, OpenCV converts at load")
     storage.add_argument("--fp32", dest="fp16", action="store_const", const=False,
                          help="store weights as float32 (default: keep the input's storage)")
+    p.add_argument("--kind", dest="kinds", action="append", default=[], metavar="NAME=KIND",
+                   help="judge output NAME as KIND (class, scores, boxes, embedding, image, dense); repeatable")
+    p.add_argument("--min-fidelity", metavar="T", default=None,
+                   help="hold the fidelity targets of trade-off T (tighter than --tradeoff's)")
+    p.add_argument("--force", action="store_true", help="write the model even when nothing was compressed")
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("-v", "--verbose", action="store_true", help="log details on stderr")
@@ -165,6 +170,13 @@ def _run_compress(argv: Sequence[str]) -> int:
         for inp in (args.deploy, args.weights):
             if json_path.exists() and Path(inp).exists() and os.path.samefile(json_path, inp):
                 raise UsageError(f"--json: {json_path} is an input file; choose another name")
+    kinds: dict[str, str] = {}
+    for text in args.kinds:
+        name, sep, kind = text.rpartition("=")
+        if not sep or not name:
+            raise UsageError(f"--kind: '{text}' is not NAME=KIND")
+        kinds[name] = kind
+    min_fidelity = check_tradeoff(args.min_fidelity, option="--min-fidelity") if args.min_fidelity is not None else None
     show_progress = not args.quiet and sys.stderr.isatty()
 
     def progress(message: str) -> None:
@@ -175,7 +187,8 @@ def _run_compress(argv: Sequence[str]) -> int:
         args.deploy, args.weights, tradeoff=tradeoff, output=args.output, ranks=ranks, keep=args.keep,
         validate_output=not args.no_validate, images=args.images, calibration=args.calibration,
         preprocessing=pre, probes=args.probes if args.probes is not None else DEFAULT_PROBES,
-        seed=args.seed, fp16=args.fp16, progress=progress,
+        seed=args.seed, fp16=args.fp16, outputs=kinds, min_fidelity=min_fidelity, force=args.force,
+        progress=progress,
     )
     from .report import format_table
 

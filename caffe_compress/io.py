@@ -709,13 +709,10 @@ def _umask() -> int:
     return mask
 
 
-def stage(net: Net, prefix: str | os.PathLike, *, protect: Iterable[str | os.PathLike] = (),
-          fp16: bool = False) -> StagedModel:
-    """Write ``net`` to temp files beside ``PREFIX.prototxt``/``PREFIX.caffemodel``.
+def check_outputs(prefix: str | os.PathLike, *, protect: Iterable[str | os.PathLike] = ()) -> Path:
+    """Refuse, before any work, an output pair that would replace an input or a non-regular file.
 
-    ``protect`` lists input paths that an output must never replace (compared
-    with samefile, so links are followed). Call ``commit()`` to publish or
-    ``discard()`` to remove the temp files.
+    Returns the directory the pair goes to.
     """
     proto_path, model_path = output_paths(prefix)
     for out in (proto_path, model_path):
@@ -728,6 +725,19 @@ def stage(net: Net, prefix: str | os.PathLike, *, protect: Iterable[str | os.Pat
     for out in (proto_path, model_path):
         if out.exists() and not out.is_file():
             raise WriteError(f"{out}: exists and is not a regular file")
+    return directory
+
+
+def stage(net: Net, prefix: str | os.PathLike, *, protect: Iterable[str | os.PathLike] = (),
+          fp16: bool = False) -> StagedModel:
+    """Write ``net`` to temp files beside ``PREFIX.prototxt``/``PREFIX.caffemodel``.
+
+    ``protect`` lists input paths that an output must never replace (compared
+    with samefile, so links are followed). Call ``commit()`` to publish or
+    ``discard()`` to remove the temp files.
+    """
+    proto_path, model_path = output_paths(prefix)
+    directory = check_outputs(prefix, protect=protect)
     proto_data = prototxt_bytes(net)
     temps: list[Path] = []
     try:

@@ -171,15 +171,19 @@ class Net:
         return shapes
 
     def output_names(self) -> list[str]:
-        """Blobs produced but never consumed (the network outputs), in order."""
-        consumed: set[str] = set()
-        produced: dict[str, None] = {}  # ordered set: O(1) membership for huge nets
+        """Blobs whose final value no layer reads (the network outputs), in order of first production.
+
+        An in-place layer (top == bottom) reads the blob and writes a new value of it: a net whose
+        last layer is an in-place BatchNorm/Scale still outputs that blob.
+        """
+        unread: dict[str, bool] = {}  # ordered: O(1) membership for huge nets
         for layer in self.layers:
-            consumed.update(layer.bottoms)
+            for bottom in layer.bottoms:
+                if bottom in unread:
+                    unread[bottom] = False
             for top in layer.tops:
-                if top not in layer.bottoms:  # in-place: still the same blob
-                    produced.setdefault(top, None)
-        return [t for t in produced if t not in consumed]
+                unread[top] = True
+        return [blob for blob, is_unread in unread.items() if is_unread]
 
     def check(self) -> "Net":
         """Verify graph structure and weight shapes; raise ModelError naming the offender.

@@ -1,4 +1,10 @@
-"""compress(): files -> load -> net -> plan -> decompose -> rewrite -> check -> save -> validate -> report."""
+"""compress(): files -> load -> net -> plan -> decompose -> rewrite -> check -> save -> verify -> report.
+
+The closed loop: the planner proposes ranks for an error budget; the model is rewritten, staged in temp
+files and measured in OpenCV against the fidelity contract (plan/contract.py) on validation inputs that
+planning never saw. A miss lowers the budget (raising ranks, dropping the factorizations that cost the
+most error) and tries again, a bounded number of times; nothing is published before a round passes.
+"""
 from __future__ import annotations
 
 import logging
@@ -6,31 +12,41 @@ import os
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Hashable, Mapping, Sequence
 
 import numpy as np
 
-from . import io, plan as planner, rewrite, tail, validate
-from .errors import ModelError, RankError, UsageError, ValidationError
+from . import io, rewrite, validate
 from .decompose import cp_conv, cp_reconstruct
+from .errors import ModelError, RankError, UsageError, ValidationError, WriteError
 from .net import Layer, Net, conv_geometry
+from .plan import analyse as planner, contract, probe, search
 from .report import Report
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TRADEOFF = 0.95
 DEFAULT_PROBES = 8
-CP_ITERATIONS = 20  # ALS sweeps at the top of a layer's rank grid (fewer further down)
+VALIDATION_PROBES = 64
+VALIDATION_ELEMENTS = 1 << 23  # values per input over all validation samples (32 MB of float32)
+PROBE_SIDE = 96  # fully convolutional nets are probed on pictures at most this high and wide
+# Layers that work at any spatial size: a net made only of these is probed on smaller pictures.
+SIZE_FREE_TYPES = frozenset({
+    "Input", "Convolution", "Deconvolution", "ReLU", "PReLU", "ELU", "TanH", "Sigmoid", "AbsVal", "BNLL", "Power",
+    "BatchNorm", "Scale", "Bias", "Eltwise", "Concat", "Split", "Slice", "Dropout", "Pooling", "LRN", "Clip",
+    "Swish", "Crop", "Exp", "Log", "Threshold",
+})
 POLISH_CP_ITERATIONS = 30  # extra sweeps for the rank the planner picks
 FORCED_CP_ITERATIONS = 1000  # a rank given with --rank: run to convergence
 MAX_PROBE_ELEMENTS = 1 << 24  # 64 MB of float32 per probe input (3 x 2048 x 2048 fits)
 MAX_PROBES = 256
-NEGLIGIBLE_COST_SHARE = 0.005  # a layer below 0.5% of params+MACs gets no sensitivity trial
+MAX_IMAGES = 64
+MIN_HELD_OUT = 8  # a calibration set of at least 2x this is split: even files plan, odd files validate
+NOTHING_TO_COMPRESS = "nothing to compress within the fidelity contract at this trade-off; try a higher T"
 
 ProgressFn = Callable[[str], None]
-INPUT_PREFIX = "\x00input:"
 
 
 def peak_rss_mb() -> float:
@@ -71,33 +87,35 @@ def default_prefix(weights: str | os.PathLike) -> Path:
     return Path.cwd() / f"{Path(weights).stem}-compressed"
 
 
+# ------------------------------------------------------------------ reading blobs in OpenCV
+
+
 @dataclass(frozen=True)
-class _OpenCVNames:
-    """How OpenCV names the blobs the pipeline reads: 'layer' or 'layer.k' (k-th top)."""
+class Source:
+    """A blob value at one point of the graph: top ``index`` of layer ``layer`` (or a net input)."""
 
-    first_input: dict[str, str]  # layer name -> OpenCV name of the blob its first bottom reads
-    compared: list[str]  # OpenCV names of the compared outputs, in _compared_blobs order
+    layer: str
+    index: int = 0
+    is_input: bool = False
 
 
-def _opencv_names(net: Net) -> _OpenCVNames:
-    last_producer: dict[str, str] = {}
-    first_input: dict[str, str] = {}
+def _sources(net: Net) -> tuple[dict[str, Source], list[Source]]:
+    """{layer: source of its first bottom} for every layer, and the sources of the compared outputs."""
+    last: dict[str, Source] = {}
+    first_input: dict[str, Source] = {}
     for layer in net.layers:
-        if layer.bottoms and layer.bottoms[0] in last_producer:
-            first_input[layer.name] = last_producer[layer.bottoms[0]]
+        if layer.bottoms and layer.bottoms[0] in last:
+            first_input[layer.name] = last[layer.bottoms[0]]
         for k, top in enumerate(layer.tops):
-            if layer.type == "Input":
-                last_producer[top] = f"{INPUT_PREFIX}{top}"  # fed by us, not an OpenCV layer output
-            else:
-                last_producer[top] = layer.name if k == 0 else f"{layer.name}.{k}"
-    return _OpenCVNames(first_input, [last_producer[name] for name in _compared_blobs(net)])
+            last[top] = Source(top, 0, True) if layer.type == "Input" else Source(layer.name, k)
+    return first_input, [last[name] for name in compared_blobs(net)]
 
 
 # Outputs whose shape depends on the values (a detection count): compare their inputs instead.
 VALUE_SHAPED_TYPES = frozenset({"DetectionOutput"})
 
 
-def _compared_blobs(net: Net) -> list[str]:
+def compared_blobs(net: Net) -> list[str]:
     """The blobs on which original and compressed nets are compared: the net outputs,
     with a value-shaped output (DetectionOutput) replaced by its inputs."""
     producer = {}
@@ -114,7 +132,72 @@ def _compared_blobs(net: Net) -> list[str]:
     return blobs
 
 
-def _check_layer_options(net: Net, ranks: Mapping[str, int], keep: Iterable[str]) -> None:
+def _tap_name(net: Net, source: Source) -> str:
+    taken = {layer.name for layer in net.layers} | {t for layer in net.layers for t in layer.tops}
+    name = f"{source.layer}__top{source.index}"
+    while name in taken:
+        name += "_"
+    return name
+
+
+def _with_taps(net: Net, sources: Sequence[Source]) -> tuple[Net, dict[Source, str]]:
+    """The net with an identity (Power) layer after every k > 0 top that is asked for.
+
+    OpenCV 4.x cannot return the k-th top of a multi-top layer by name ("layer.k" is not resolved),
+    so such a blob is copied by a layer of its own, right after its producer (before any in-place
+    layer changes it). Other sources map to their producer's name.
+    """
+    names: dict[Source, str] = {}
+    taps: dict[str, list[Layer]] = {}
+    for s in dict.fromkeys(sources):
+        if s.is_input or s.index == 0:
+            names[s] = s.layer
+            continue
+        producer = net.layer(s.layer)
+        tap = _tap_name(net, s)
+        taps.setdefault(s.layer, []).append(Layer(tap, "Power", (producer.tops[s.index],), (tap,)))
+        names[s] = tap
+    if not taps:
+        return net, names
+    layers: list[Layer] = []
+    for layer in net.layers:
+        layers.append(layer)
+        layers.extend(taps.get(layer.name, ()))
+    return replace(net, layers=tuple(layers)), names
+
+
+class _OpenCV:
+    """Runs Nets in OpenCV through scratch files (ASCII paths we own); one network alive at a time."""
+
+    def __init__(self, scratch: Path) -> None:
+        self.scratch = scratch
+
+    def load(self, net: Net, *, what: str, error=ValidationError):
+        proto, weights = self.scratch / "m.prototxt", self.scratch / "m.caffemodel"
+        io.write_files(net, proto, weights)
+        try:
+            return validate.load_opencv_net(proto, weights, what=what, error=error)
+        finally:
+            weights.unlink(missing_ok=True)
+
+    def run(self, net: Net, inputs: Mapping[str, np.ndarray], sources: Sequence[Hashable], *,
+            what: str = "model", error=ValidationError, files: tuple[Path, Path] | None = None) -> dict:
+        """{source: array} of ``sources`` for ``inputs``; ``files``: run these (the staged pair) instead."""
+        tapped, names = _with_taps(net, list(sources))
+        if files is not None and tapped is net:
+            cv_net = validate.load_opencv_net(files[0], files[1], what=what, error=error)
+        else:
+            cv_net = self.load(tapped, what=what, error=error)
+        wanted = [names[s] for s in sources if not s.is_input]
+        values = validate.forward(cv_net, inputs, list(dict.fromkeys(wanted)), what=what, error=error) if wanted else {}
+        del cv_net
+        return {s: (inputs[s.layer] if s.is_input else values[names[s]]) for s in sources}
+
+
+# ------------------------------------------------------------------ options and inputs
+
+
+def _check_layer_options(net: Net, ranks: Mapping[str, int], keep: Sequence[str]) -> None:
     names = {layer.name for layer in net.layers}
     for name in keep:
         if name not in names:
@@ -138,8 +221,23 @@ def _check_layer_options(net: Net, ranks: Mapping[str, int], keep: Iterable[str]
             raise RankError(f"--rank {name}={rank}: must be a multiple of the layer's group count {groups}")
 
 
-def _probe_inputs(net: Net, *, images: Path | None, preprocessing: validate.Preprocessing,
-                  count: int, seed: int, option: str) -> tuple[dict[str, np.ndarray], str]:
+def _probe_shapes(net: Net, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """Input shapes for probing: a fully convolutional net gets pictures at most PROBE_SIDE wide."""
+    if not all(layer.type in SIZE_FREE_TYPES for layer in net.layers):
+        return dict(shapes)
+    if any(layer.type == "Pooling" and not layer.sub("pooling_param").get("global_pooling")
+           and layer.sub("pooling_param").get("pool") not in (None, "MAX", "AVE") for layer in net.layers):
+        return dict(shapes)
+    out = {}
+    for name, shape in shapes.items():
+        if len(shape) == 4 and max(shape[2:]) > PROBE_SIDE:
+            out[name] = (shape[0], shape[1], min(int(shape[2]), PROBE_SIDE), min(int(shape[3]), PROBE_SIDE))
+        else:
+            out[name] = tuple(shape)
+    return out
+
+
+def _checked_shapes(net: Net) -> dict[str, tuple[int, ...]]:
     shapes = net.input_shapes()
     if not shapes:
         raise ModelError("the deploy net declares no Input layer or input: header, so it cannot be probed")
@@ -151,45 +249,155 @@ def _probe_inputs(net: Net, *, images: Path | None, preprocessing: validate.Prep
         if elements > MAX_PROBE_ELEMENTS:
             raise ModelError(f"input '{name}': shape {tuple(shape)} is too large to probe "
                              f"({elements} values per sample, at most {MAX_PROBE_ELEMENTS})")
-        count = max(1, min(count, MAX_PROBE_ELEMENTS // max(elements, 1)))
-    inputs = {}
-    if images is not None:
-        if len(shapes) != 1:
-            raise UsageError(f"{option}: the model has {len(shapes)} inputs; images can feed only a single-input model")
-        (name, shape), = shapes.items()
-        files = validate.list_images(images, option=option)
-        inputs[name] = validate.image_batch(files[:64], shape, preprocessing, option=option)
-        return inputs, f"images:{images} ({min(len(files), 64)})"
+    return shapes
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    planning: dict[str, np.ndarray] | None
+    validation: dict[str, np.ndarray]
+    validation_label: str
+    convention: str
+
+
+def _image_inputs(shapes, directory: Path, pre: validate.Preprocessing, option: str, *,
+                  files: Sequence[Path] | None = None) -> tuple[dict, str]:
+    if len(shapes) != 1:
+        raise UsageError(f"{option}: the model has {len(shapes)} inputs; images can feed only a single-input model")
+    (name, shape), = shapes.items()
+    files = list(files) if files is not None else validate.list_images(directory, option=option)
+    return {name: validate.image_batch(files[:MAX_IMAGES], shape, pre, option=option)}, \
+        f"images:{directory} ({min(len(files), MAX_IMAGES)})"
+
+
+def _given_convention(pre: validate.Preprocessing) -> probe.Convention | None:
+    """The convention the user's --mean/--scale/--swap-rb describe, if any differs from the default."""
+    if pre == validate.Preprocessing() or (pre.mean == (0.0, 0.0, 0.0) and pre.scale == 1.0):
+        return None
+    return probe.Convention("given", tuple(pre.mean), (pre.scale,), f"(x - {pre.mean}) * {pre.scale:g}")
+
+
+def _natural_inputs(net: Net, shapes, count: int, seed: int, pre: validate.Preprocessing) -> tuple[dict, str]:
+    inputs, used = {}, []
     for i, (name, shape) in enumerate(shapes.items()):
-        inputs[name] = validate.random_probes(shape, count, seed=seed + i)
-    return inputs, f"random ({count})"
+        elements = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+        n = max(1, min(count, MAX_PROBE_ELEMENTS // max(elements, 1)))
+        given = _given_convention(pre)
+        inferred = probe.InferredConvention(given, "--mean/--scale") if given else \
+            probe.infer_convention(net, name, shape, seed=seed)
+        inputs[name] = probe.natural_probes(shape, n, inferred.convention, seed=seed + 17 * i)
+        used.append(f"{name}: {inferred.convention.name} {inferred.convention.description} ({inferred.evidence})")
+    return inputs, "; ".join(used)
 
 
-def _relative_output_error(original: Mapping[str, np.ndarray], other: Mapping[str, np.ndarray]) -> float:
-    """RMS over samples and outputs of ||y' - y|| / ||y||."""
-    errs = []
-    for name, y in original.items():
-        z = other[name]
-        n = y.shape[0] if y.ndim > 1 else 1
-        a, b = y.reshape(n, -1).astype(np.float64), z.reshape(n, -1).astype(np.float64)
-        ref = np.linalg.norm(a, axis=1)
-        errs.extend(np.linalg.norm(a - b, axis=1) / np.maximum(ref, 1e-30))
-    return float(np.sqrt(np.mean(np.square(errs)))) if errs else 0.0
+def _make_inputs(net: Net, *, wants_plan: bool, validate_output: bool, images, calibration,
+                 pre: validate.Preprocessing, probes: int, seed: int) -> _Inputs:
+    """Planning inputs (calibration images or natural probes) and separate validation inputs."""
+    shapes = _checked_shapes(net) if (wants_plan or validate_output) else {}
+    probe_shapes = _probe_shapes(net, shapes)
+    validation: dict[str, np.ndarray] = {}
+    label, convention = "none", ""
+    if validate_output:  # read --images first: a bad option fails before any real work
+        if images is not None:
+            validation, label = _image_inputs(shapes, Path(images), pre, "--images")
+        else:
+            elements = max(int(np.prod(s[1:])) for s in probe_shapes.values())
+            count = max(probes, min(VALIDATION_PROBES, VALIDATION_ELEMENTS // max(elements, 1)))
+            validation, convention = _natural_inputs(net, probe_shapes, count, seed + 1000, pre)
+            label = f"natural-image probes ({next(iter(validation.values())).shape[0]})"
+    planning = None
+    if wants_plan and calibration is not None:
+        files = validate.list_images(Path(calibration), option="--calibration")
+        if validate_output and images is None and len(files) >= 2 * MIN_HELD_OUT:
+            # validate on the calibration images that planning does not see
+            planning, _ = _image_inputs(shapes, Path(calibration), pre, "--calibration", files=files[0::2])
+            validation, label = _image_inputs(shapes, Path(calibration), pre, "--calibration", files=files[1::2])
+            label = f"held-out {label}"
+            convention = ""
+        else:
+            planning, _ = _image_inputs(shapes, Path(calibration), pre, "--calibration", files=files)
+    elif wants_plan:
+        planning, convention = _natural_inputs(net, probe_shapes, probes, seed, pre)
+    return _Inputs(planning, validation, label, convention)
 
 
-def _with_weight(net: Net, name: str, weight: np.ndarray) -> Net:
-    layers = tuple(
-        replace(layer, blobs=(weight,) + layer.blobs[1:]) if layer.name == name else layer for layer in net.layers
-    )
-    return replace(net, layers=layers)
+# ------------------------------------------------------------------ the rewrite for one plan
 
 
-def _conv_out_shape(layer: Layer, in_shape: tuple[int, ...]) -> tuple[int, ...]:
-    geo = conv_geometry(layer)
-    b, _, h, w = in_shape
-    oh = (h + 2 * geo.pad[0] - (geo.dilation[0] * (geo.kernel[0] - 1) + 1)) // geo.stride[0] + 1
-    ow = (w + 2 * geo.pad[1] - (geo.dilation[1] * (geo.kernel[1] - 1) + 1)) // geo.stride[1] + 1
-    return (b, geo.num_output, oh, ow)
+@dataclass
+class _Factorizer:
+    """Builds the compressed Net for a plan; factors of a (layer, rank) are computed once per run."""
+
+    net: Net
+    ws: planner.Workspace
+    forced: Mapping[str, int]
+    seed: int
+    timings: dict
+    say: ProgressFn
+    cache: dict = field(default_factory=dict)
+
+    def build(self, plan: planner.Plan) -> tuple[Net, planner.Plan]:
+        replacements: dict[str, tuple[Layer, ...]] = {}
+        errors: dict[str, float] = {}
+        for lp in plan.layers:
+            if lp.method == planner.METHOD_KEEP or not lp.rank:
+                continue
+            key = (lp.layer, lp.rank)
+            if key not in self.cache:
+                self.cache[key] = self._factor(lp)
+            replacements[lp.layer], err = self.cache[key]
+            if err is not None:
+                errors[lp.layer] = err
+        new_net = rewrite.replace_layers(self.net, replacements)
+        plan = replace(plan, layers=tuple(
+            replace(lp, weight_error=errors[lp.layer]) if lp.layer in errors else lp for lp in plan.layers))
+        return new_net, plan
+
+    def _factor(self, lp: planner.LayerPlan) -> tuple[tuple[Layer, ...], float | None]:
+        layer = self.net.layer(lp.layer)
+        if lp.method == planner.METHOD_SVD:
+            return rewrite.decompose_inner_product(self.net, layer, self.ws.linear_factors(lp.layer, lp.rank)[0]), None
+        if lp.method == planner.METHOD_POINTWISE:
+            return rewrite.decompose_pointwise(self.net, layer, self.ws.linear_factors(lp.layer, lp.rank)), None
+        # Polish the chosen rank's CP (the sweep ran few iterations per rank); a rank the user
+        # forced gets a full run, so exact low-rank kernels come out exact.
+        self.say(f"decomposing {lp.layer}")
+        forced = lp.layer in self.forced
+        start = time.perf_counter()
+        kernels = rewrite.conv_group_kernels(layer)
+        factors = [
+            cp_conv(k, lp.rank // len(kernels), seed=self.seed, init=f,
+                    n_iter_max=FORCED_CP_ITERATIONS if forced else POLISH_CP_ITERATIONS,
+                    tol=1e-10 if forced else 1e-6)
+            for k, f in zip(kernels, self.ws.cp[lp.layer][lp.rank])
+        ]
+        self.timings[f"decompose/{lp.layer}"] = self.timings.get(f"decompose/{lp.layer}", 0.0) + \
+            time.perf_counter() - start
+        w = layer.blobs[0].astype(np.float64)
+        residual = sum(float(np.sum((k - cp_reconstruct(f)).astype(np.float64) ** 2))
+                       for k, f in zip(kernels, factors))
+        return rewrite.decompose_convolution(self.net, layer, factors), \
+            float(np.sqrt(residual / max(float(np.sum(w * w)), 1e-300)))
+
+
+# ------------------------------------------------------------------ compress
+
+
+@dataclass(frozen=True)
+class _Verdict:
+    checks: tuple[contract.Check, ...]
+    agreements: tuple[validate.OutputAgreement, ...]
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def first_miss(self) -> str:
+        for c in self.checks:
+            if not c.passed:
+                op = "<" if c.higher_is_better else ">"
+                return f"output '{c.output}' ({c.kind}): {c.metric} {c.value:.4g} {op} target {c.target:.4g}"
+        return ""
 
 
 def compress(
@@ -207,6 +415,9 @@ def compress(
     probes: int = DEFAULT_PROBES,
     seed: int = 0,
     fp16: bool | None = None,
+    outputs: Mapping[str, str] | None = None,
+    min_fidelity: float | None = None,
+    force: bool = False,
     progress: ProgressFn | None = None,
 ) -> Report:
     """Compress a Caffe model; write ``PREFIX.prototxt``/``PREFIX.caffemodel``; return a Report.
@@ -214,255 +425,237 @@ def compress(
     tradeoff : float in [0, 1] -- 0 lossless, 1 smallest (default 0.95; see README).
     output : prefix of the written pair (default ``<weights-stem>-compressed`` in the cwd).
     ranks : {layer: rank} forced ranks; keep : layers never touched.
-    validate_output : compare original and written model in OpenCV before publishing.
-    images : directory of images for validation (default: random probes).
+    validate_output : measure the written model against the fidelity contract before publishing.
+    images : directory of images for validation (default: natural-image probes in the inferred convention).
     calibration : directory of images whose activations drive the rank choice.
     preprocessing : how image files become inputs (mean, scale, size, resize, swap_rb).
-    probes : number of random probe inputs; seed : for probes and CP.
+    probes : number of planning probe inputs; seed : for probes and CP.
     fp16 : store weights as half floats (half the file); None keeps the input's storage.
+    outputs : {output blob: kind} overriding the inferred output kinds (plan/contract.py KINDS).
+    min_fidelity : hold the contract of this (lower) T instead of the one T implies.
+    force : write the model even when nothing was compressed at T > 0.
     progress : callable receiving one-line progress messages.
     """
     with tempfile.TemporaryDirectory(prefix="caffe-compress-") as scratch:
-        return _compress(
-            deploy, weights, tradeoff=tradeoff, output=output, ranks=ranks, keep=keep,
-            validate_output=validate_output, images=images, calibration=calibration,
-            preprocessing=preprocessing, probes=probes, seed=seed, fp16=fp16, progress=progress,
-            scratch_dir=Path(scratch),
-        )
+        run = _Run(deploy, weights, tradeoff=planner.check_tradeoff(tradeoff), output=output,
+                   ranks=dict(ranks or {}), keep=tuple(keep), validate_output=validate_output,
+                   preprocessing=preprocessing or validate.Preprocessing(), probes=probes, seed=seed, fp16=fp16,
+                   outputs=dict(outputs or {}), min_fidelity=min_fidelity, force=force,
+                   say=progress or (lambda message: None), cv=_OpenCV(Path(scratch)))
+        return run.execute(images=images, calibration=calibration)
 
 
-def _compress(
-    deploy, weights, *, tradeoff, output, ranks, keep, validate_output, images, calibration, preprocessing,
-    probes, seed, fp16, progress, scratch_dir: Path,
-) -> Report:
-    say = progress or (lambda message: None)
-    preprocessing = preprocessing or validate.Preprocessing()
-    tradeoff = planner.check_tradeoff(tradeoff)
-    ranks = dict(ranks or {})
-    keep = tuple(keep)
-    if not 1 <= probes <= MAX_PROBES:
-        raise UsageError(f"--probes: {probes} must be between 1 and {MAX_PROBES}")
-    timer = _Timer()
-    total_start = time.perf_counter()
-    prefix = Path(output) if output is not None else default_prefix(weights)
+def _output_prefix(output, weights) -> Path:
+    if output is None:
+        return default_prefix(weights)
+    prefix = Path(output)
     if prefix.is_dir():  # -o DIR: write DIR/<weights-stem>-compressed.*
-        prefix = prefix / default_prefix(weights).name
+        return prefix / default_prefix(weights).name
+    if str(output).endswith(("/", os.sep)):
+        raise WriteError(f"-o {output}: directory does not exist")
+    return prefix
 
-    say("loading model")
-    with timer.stage("load"):
-        net = io.load(deploy, weights)
-    _check_layer_options(net, ranks, keep)
-    val_inputs: dict[str, np.ndarray] = {}
-    validation_label = "none"
-    if validate_output:  # read --images now: a bad option fails before any real work
-        val_inputs, validation_label = _probe_inputs(
-            net, images=Path(images) if images is not None else None, preprocessing=preprocessing,
-            count=probes, seed=seed + 1000, option="--images")
 
-    candidates: list[planner.Candidate] = []
-    skipped: dict[str, str] = {}
-    chosen: dict[str, int] = {}
-    predicted = 0.0
-    ws = planner.Workspace()
-    probe_inputs: dict[str, np.ndarray] | None = None
-    wants_plan = tradeoff > 0 or bool(ranks)
+@dataclass
+class _Run:
+    deploy: str | os.PathLike
+    weights: str | os.PathLike
+    tradeoff: float
+    output: str | os.PathLike | None
+    ranks: dict[str, int]
+    keep: tuple[str, ...]
+    validate_output: bool
+    preprocessing: validate.Preprocessing
+    probes: int
+    seed: int
+    fp16: bool | None
+    outputs: dict[str, str]
+    min_fidelity: float | None
+    force: bool
+    say: ProgressFn
+    cv: _OpenCV
+    timer: _Timer = field(default_factory=_Timer)
 
-    def opencv_net_of(model: Net, what: str, error=ModelError):
-        # OpenCV reads a streamed scratch file: no in-memory copy of the caffemodel.
-        proto, weights_file = scratch_dir / "m.prototxt", scratch_dir / "m.caffemodel"
-        io.write_files(model, proto, weights_file)
-        try:
-            return validate.load_opencv_net(proto, weights_file, what=what, error=error)
-        finally:
-            weights_file.unlink(missing_ok=True)
+    def execute(self, *, images, calibration) -> Report:
+        start = time.perf_counter()
+        if not 1 <= self.probes <= MAX_PROBES:
+            raise UsageError(f"--probes: {self.probes} must be between 1 and {MAX_PROBES}")
+        if self.min_fidelity is not None:
+            planner.check_tradeoff(self.min_fidelity)
+        prefix = _output_prefix(self.output, self.weights)
+        io.check_outputs(prefix, protect=(Path(self.deploy), Path(self.weights)))
+        net = self.load()
+        wants_plan = self.tradeoff > 0 or bool(self.ranks)
+        inputs = _make_inputs(net, wants_plan=wants_plan, validate_output=self.validate_output, images=images,
+                              calibration=calibration, pre=self.preprocessing, probes=self.probes, seed=self.seed)
+        specs, reference = self.reference(net, inputs)
+        candidates, skipped, ws = self.plan(net, inputs, wants_plan)
+        report = self.closed_loop(net, prefix, candidates, skipped, ws, specs, reference, inputs)
+        self.timer.timings["total"] = time.perf_counter() - start
+        self.timer.timings["_peak_rss_mb"] = peak_rss_mb()
+        return replace(report, timings=self.timer.timings)
 
-    def opencv_original():
-        # OpenCV reads our lossless V2 rewrite of the input (phase-filtered, upgraded).
-        return opencv_net_of(net, str(deploy))
+    # -- files -> load -> net
+    def load(self) -> Net:
+        self.say("loading model")
+        with self.timer.stage("load"):
+            net = io.load(self.deploy, self.weights)
+        _check_layer_options(net, self.ranks, self.keep)
+        return net
 
-    names = _opencv_names(net)
-    decomposable = []
-    for layer in net.layers:
-        method, reason = planner.describe_layer(layer, keep=layer.name in keep)
-        if method == planner.METHOD_KEEP:
-            if reason:
-                skipped[layer.name] = reason
-            continue
-        if layer.name not in names.first_input:
-            skipped[layer.name] = "its input blob is not produced by a layer"
-            continue
-        if not wants_plan:
-            skipped[layer.name] = "nothing is factored at T = 0"
-        decomposable.append((layer, method))
+    # -- the original's outputs on the validation inputs, and their kinds
+    def reference(self, net: Net, inputs: _Inputs):
+        if not self.validate_output:
+            return [], {}
+        blobs = compared_blobs(net)
+        if not blobs:
+            raise ValidationError(f"{self.deploy}: the model has no output to compare (every blob is consumed)")
+        with self.timer.stage("validate"):
+            _, sources = _sources(net)
+            values = self.cv.run(net, inputs.validation, sources, what=str(self.deploy), error=ModelError)
+        reference = {name: values[s] for name, s in zip(blobs, sources)}
+        for name, value in reference.items():
+            if not np.all(np.isfinite(value)):
+                raise ModelError(f"{self.deploy}: the original model outputs NaN/Inf in '{name}' on the "
+                                 f"validation inputs ({inputs.validation_label})")
+        specs = contract.infer_outputs(net, blobs, overrides=self.outputs,
+                                       shapes={k: tuple(v.shape) for k, v in reference.items()})
+        return specs, reference
 
-    if wants_plan:
-        with timer.stage("probe"):
-            say("probing the original model in OpenCV")
-            calib = Path(calibration) if calibration is not None else None
-            probe_inputs, _ = _probe_inputs(net, images=calib, preprocessing=preprocessing, count=probes,
-                                            seed=seed, option="--calibration")
-            original_cv = opencv_original()
-            wanted = sorted({names.first_input[layer.name] for layer, _ in decomposable} - {
-                INPUT_PREFIX + name for name in probe_inputs})
-            out_names = names.compared
-            acts = validate.forward(original_cv, probe_inputs, wanted + out_names, what=str(deploy), error=ModelError)
-            acts.update({INPUT_PREFIX + name: value for name, value in probe_inputs.items()})
-            reference = {name: acts[name] for name in out_names}
-            del original_cv  # peak memory: validation builds a fresh reference net
-
-        with timer.stage("analyse"):
-            for layer, method in decomposable:
-                say(f"analysing {layer.name}")
-                x = acts[names.first_input[layer.name]]
-                start = time.perf_counter()
-                if method == planner.METHOD_SVD:
-                    cand = planner.analyse_inner_product(
-                        layer, x, min_rank_divisor=planner.MIN_RANK_DIVISOR, ws=ws, forced_rank=ranks.get(layer.name))
-                else:
-                    if x.ndim != 4:
-                        skipped[layer.name] = f"input is {x.ndim}-D; only 2-D convolutions are decomposed"
-                        continue
-                    cand = planner.analyse_convolution(
-                        layer, x, _conv_out_shape(layer, x.shape), method,
-                        min_rank_divisor=planner.MIN_RANK_DIVISOR, seed=seed, ws=ws,
-                        cp_iterations=CP_ITERATIONS, forced_rank=ranks.get(layer.name))
-                timer.timings[f"analyse/{layer.name}"] = time.perf_counter() - start
-                if not cand.ranks:
-                    skipped[layer.name] = "no rank reduces its parameter count (break-even)"
-                    continue
-                forced = ranks.get(layer.name)
-                if forced is not None and cand.params_at[forced] >= cand.params_before:
-                    skipped[layer.name] = (f"--rank {forced} would not reduce its parameters "
-                                           f"({cand.params_at[forced]} >= {cand.params_before}); left alone")
-                    ranks.pop(layer.name)
-                    continue
-                candidates.append(cand)
-
-        # Layers in a plain classifier head get their sensitivity trial in numpy (tail.py).
-        compared = _compared_blobs(net)
-        tails = {}
-        if len(compared) == 1:
-            for cand in candidates:
-                chain = tail.tail_chain(net, cand.layer, compared[0])
-                if chain is not None:
-                    tails[cand.layer] = (chain, acts[names.first_input[cand.layer]])
-        del acts  # peak memory: not needed while the trial nets are built
-        with timer.stage("sensitivity"):
-            # One OpenCV run per layer with only that layer approximated, at a mid-grid rank.
-            totals = (sum(c.params_before for c in candidates), sum(c.macs_before for c in candidates))
-            for i, cand in enumerate(candidates):
-                if cand.layer in ranks or tradeoff in (0.0, 1.0):
-                    continue
-                if cand.cost(None, totals) < NEGLIGIBLE_COST_SHARE:
-                    continue  # too small to matter either way: keep the conservative gain of 1
-                say(f"measuring the sensitivity of {cand.layer}")
-                probe_rank = cand.ranks[len(cand.ranks) // 2]
-                layer_err = cand.output_error[probe_rank]
-                if layer_err <= 1e-9:
-                    continue
-                layer = net.layer(cand.layer)
-                approx = planner.approximate_weight(layer, cand, probe_rank, ws)
-                if cand.layer in tails:
-                    chain, x = tails[cand.layer]
-                    end_err = _relative_output_error({"y": tail.run_tail(chain, x)},
-                                                     {"y": tail.run_tail(chain, x, {cand.layer: approx})})
-                else:
-                    trial = _with_weight(net, cand.layer, approx)
-                    trial_cv = opencv_net_of(trial, f"trial of {cand.layer}", error=ValidationError)
-                    trial_out = validate.forward(trial_cv, probe_inputs, out_names, what=f"trial of {cand.layer}")
-                    del trial, trial_cv  # one trial net alive at a time (peak memory)
-                    end_err = _relative_output_error(reference, trial_out)
-                candidates[i] = replace(cand, gain=end_err / layer_err)
-
-        with timer.stage("plan"):
-            chosen, predicted = planner.choose_ranks(candidates, tradeoff, forced=ranks)
-
-    plan = planner.build_plan(net, candidates, chosen, skipped, tradeoff, predicted)
-
-    say("rewriting the network")
-    with timer.stage("decompose"):
-        replacements: dict[str, tuple[Layer, ...]] = {}
-        polished: dict[str, float] = {}
-        for lp in plan.layers:
-            if lp.method == planner.METHOD_KEEP or not lp.rank:
+    # -- probe -> analyse -> sensitivity
+    def plan(self, net: Net, inputs: _Inputs, wants_plan: bool):
+        ws = planner.Workspace()
+        first_input, out_sources = _sources(net)
+        decomposable, skipped = [], {}
+        for layer in net.layers:
+            method, reason = planner.describe_layer(layer, keep=layer.name in self.keep)
+            if method == planner.METHOD_KEEP:
+                if reason:
+                    skipped[layer.name] = reason
                 continue
-            layer = net.layer(lp.layer)
-            if lp.method == planner.METHOD_SVD:
-                factors = ws.linear_factors(lp.layer, lp.rank)[0]
-                replacements[lp.layer] = rewrite.decompose_inner_product(net, layer, factors)
-            elif lp.method == planner.METHOD_POINTWISE:
-                replacements[lp.layer] = rewrite.decompose_pointwise(net, layer, ws.linear_factors(lp.layer, lp.rank))
-            else:
-                # Polish the chosen rank's CP (the sweep ran few iterations per rank); a rank the
-                # user forced gets a full run, so exact low-rank kernels come out exact.
-                say(f"decomposing {lp.layer}")
-                forced = lp.layer in ranks
-                start = time.perf_counter()
-                kernels = rewrite.conv_group_kernels(layer)
-                factors = [
-                    cp_conv(k, lp.rank // len(kernels), seed=seed, init=f,
-                            n_iter_max=FORCED_CP_ITERATIONS if forced else POLISH_CP_ITERATIONS,
-                            tol=1e-10 if forced else 1e-6)
-                    for k, f in zip(kernels, ws.cp[lp.layer][lp.rank])
-                ]
-                timer.timings[f"decompose/{lp.layer}"] = time.perf_counter() - start
-                w = layer.blobs[0].astype(np.float64)
-                residual = sum(float(np.sum((k - cp_reconstruct(f)).astype(np.float64) ** 2))
-                               for k, f in zip(kernels, factors))
-                polished[lp.layer] = float(np.sqrt(residual / max(float(np.sum(w * w)), 1e-300)))
-                replacements[lp.layer] = rewrite.decompose_convolution(net, layer, factors)
-        new_net = rewrite.replace_layers(net, replacements)
-        plan = replace(plan, layers=tuple(
-            replace(lp, weight_error=polished[lp.layer]) if lp.layer in polished else lp for lp in plan.layers))
-        del replacements, ws  # the factors now live in new_net only
+            if layer.name not in first_input:
+                skipped[layer.name] = "its input blob is not produced by a layer"
+                continue
+            if not wants_plan:
+                skipped[layer.name] = "nothing is factored at T = 0"
+            decomposable.append((layer, method))
+        if not wants_plan or not decomposable:
+            return [], skipped, ws
 
-    say("writing the model")
-    deploy_path, weights_path = Path(deploy), Path(weights)
-    with timer.stage("write"):
-        store_fp16 = net.stored_fp16 if fp16 is None else bool(fp16)
-        staged = io.stage(new_net, prefix, protect=(deploy_path, weights_path), fp16=store_fp16)
-    try:
-        agreements: tuple[validate.OutputAgreement, ...] = ()
-        if validate_output:
-            say("validating with OpenCV")
-            with timer.stage("validate"):
-                outs_old = names.compared
-                outs_new = _opencv_names(new_net).compared
-                a = validate.forward(opencv_original(), val_inputs, outs_old, what=str(deploy), error=ModelError)
-                # one OpenCV net alive at a time (peak memory)
-                compressed_cv = validate.load_opencv_net(staged.temp_prototxt, staged.temp_caffemodel,
-                                                         what=f"compressed model {staged.prototxt}")
-                b = validate.forward(compressed_cv, val_inputs, outs_new, what=f"compressed model {staged.prototxt}")
-                keyed_b = {old: b[new] for old, new in zip(outs_old, outs_new)}
-                agreements = tuple(validate.compare_outputs(a, keyed_b))
-        staged.commit()
-    except BaseException:
-        staged.discard()
-        raise
+        def run(model: Net, feed, sources):
+            return self.cv.run(model, feed, sources, what=f"{self.deploy} (probing)", error=ModelError)
 
-    timer.timings["total"] = time.perf_counter() - total_start
-    timer.timings["_peak_rss_mb"] = peak_rss_mb()
-    macs_before = sum(lp.macs_before for lp in plan.layers)
-    macs_after = sum(lp.macs_after for lp in plan.layers)
-    return Report(
-        deploy=str(deploy),
-        weights=str(weights),
-        output_prototxt=str(staged.prototxt),
-        output_caffemodel=str(staged.caffemodel),
-        tradeoff=tradeoff,
-        error_budget=plan.error_budget,
-        predicted_error=predicted,
-        layers=plan.layers,
-        params_before=net.param_count,
-        params_after=new_net.param_count,
-        bytes_before=weights_path.stat().st_size,
-        bytes_after=staged.caffemodel.stat().st_size,
-        macs_before=macs_before,
-        macs_after=macs_after,
-        validation=agreements,
-        validation_inputs=validation_label,
-        timings=timer.timings,
-        layers_before=len(net.layers),
-        layers_after=len(new_net.layers),
-        storage="float16" if store_fp16 else "float32",
-    )
+        with self.timer.stage("probe"):
+            self.say("probing the original model in OpenCV")
+            sources = {layer.name: first_input[layer.name] for layer, _ in decomposable}
+            layer_inputs, reference = search.collect_inputs(run, net, inputs.planning, sources, out_sources,
+                                                            seed=self.seed)
+        with self.timer.stage("analyse"):
+            candidates, more = search.analyse_layers(decomposable, layer_inputs, ranks=self.ranks, ws=ws,
+                                                     seed=self.seed, timings=self.timer.timings, say=self.say)
+            skipped.update(more)
+        with self.timer.stage("sensitivity"):
+            skip = set(self.ranks) if self.tradeoff not in (0.0, 1.0) else {c.layer for c in candidates}
+            candidates = search.measure_gains(
+                lambda model, feed, srcs: self.cv.run(model, feed, srcs, what="sensitivity trial"),
+                net, candidates, inputs=inputs.planning, reference=reference, layer_inputs=layer_inputs,
+                compared_blobs=compared_blobs(net), skip=skip, ws=ws, say=self.say)
+        return candidates, skipped, ws
+
+    # -- choose -> decompose -> rewrite -> write -> verify, backing off on a miss
+    def closed_loop(self, net, prefix, candidates, skipped, ws, specs, reference, inputs) -> Report:
+        factorizer = _Factorizer(net, ws, self.ranks, self.seed, self.timer.timings, self.say)
+        store_fp16 = net.stored_fp16 if self.fp16 is None else bool(self.fp16)
+        ladder = search.budget_ladder(self.tradeoff) if candidates else [0.0]
+        if self.force and ladder[-1] != 0.0:
+            ladder.append(0.0)  # --force: a lossless copy when every plan misses
+        misses: list[str] = []
+        for round_index, budget in enumerate(ladder):
+            with self.timer.stage("plan"):
+                chosen, predicted = planner.choose_ranks(candidates, self.tradeoff, forced=self.ranks, budget=budget)
+                plan = replace(planner.build_plan(net, candidates, chosen, skipped, self.tradeoff, predicted),
+                               error_budget=budget)
+            if not chosen and self.tradeoff > 0 and not self.force:
+                return self._nothing(net, plan, specs, misses, inputs)
+            with self.timer.stage("decompose"):
+                self.say("rewriting the network")
+                new_net, plan = factorizer.build(plan)
+                new_net.check()
+            verdict, staged = self.write_and_verify(net, new_net, prefix, store_fp16, specs, reference, inputs)
+            # --rank alone (T = 0) is the user's own choice of loss: measured and reported, not enforced.
+            if verdict.passed or (self.ranks and self.tradeoff == 0):
+                staged.commit()
+                return self._report(net, new_net, plan, verdict, staged, inputs, store_fp16, misses)
+            staged.discard()
+            if not chosen:
+                raise ValidationError(f"{self.deploy}: the model's outputs are not reproducible in OpenCV (an "
+                                      f"unchanged copy misses the contract: {verdict.first_miss()})")
+            misses.append(verdict.first_miss())
+            log.info("round %d (budget %.4g) misses the contract: %s", round_index + 1, budget, misses[-1])
+            if self.ranks:
+                raise ValidationError(f"the forced ranks break the fidelity contract at T = {self.tradeoff:g}: "
+                                      f"{misses[-1]}; raise the ranks or the trade-off")
+            self.say(f"backing off: {misses[-1]}")
+        # Every rung missed: the last resort is to factor nothing.
+        return self._nothing(net, None, specs, misses, inputs)
+
+    def write_and_verify(self, net, new_net, prefix, store_fp16, specs, reference, inputs):
+        self.say("writing the model")
+        with self.timer.stage("write"):
+            staged = io.stage(new_net, prefix, protect=(Path(self.deploy), Path(self.weights)), fp16=store_fp16)
+        try:
+            if not self.validate_output:
+                return _Verdict((), ()), staged
+            self.say("validating with OpenCV")
+            with self.timer.stage("validate"):
+                _, sources = _sources(new_net)
+                what = f"compressed model {staged.prototxt}"
+                values = self.cv.run(new_net, inputs.validation, sources, what=what,
+                                     files=(staged.temp_prototxt, staged.temp_caffemodel))
+                compressed = {name: values[s] for name, s in zip(compared_blobs(net), sources)}
+                agreements = tuple(validate.compare_outputs(reference, compressed))
+                judged_at = DEFAULT_TRADEOFF if (self.ranks and self.tradeoff == 0) else self.tradeoff
+                checks = tuple(contract.check_all(specs, reference, compressed, judged_at,
+                                                  min_fidelity=self.min_fidelity))
+            if not checks:
+                raise ValidationError(f"{self.deploy}: validation compared no output")
+            return _Verdict(checks, agreements), staged
+        except BaseException:
+            staged.discard()
+            raise
+
+    def _nothing(self, net, plan, specs, misses, inputs) -> Report:
+        if plan is None:
+            plan = planner.build_plan(net, [], {}, {}, self.tradeoff, 0.0)
+        note = NOTHING_TO_COMPRESS
+        if misses:
+            note += f" (the smallest plan tried missed it: {misses[-1]})"
+        return self._report(net, net, plan, _Verdict((), ()), None, inputs, net.stored_fp16, misses, note=note)
+
+    def _report(self, net, new_net, plan, verdict, staged, inputs, store_fp16, misses, note: str = "") -> Report:
+        weights_path = Path(self.weights)
+        return Report(
+            deploy=str(self.deploy),
+            weights=str(self.weights),
+            output_prototxt=str(staged.prototxt) if staged else "",
+            output_caffemodel=str(staged.caffemodel) if staged else "",
+            tradeoff=self.tradeoff,
+            error_budget=plan.error_budget,
+            predicted_error=plan.predicted_error,
+            layers=plan.layers,
+            params_before=net.param_count,
+            params_after=new_net.param_count,
+            bytes_before=weights_path.stat().st_size,
+            bytes_after=staged.caffemodel.stat().st_size if staged else weights_path.stat().st_size,
+            macs_before=sum(lp.macs_before for lp in plan.layers),
+            macs_after=sum(lp.macs_after for lp in plan.layers),
+            validation=verdict.agreements,
+            validation_inputs=inputs.validation_label,
+            layers_before=len(net.layers),
+            layers_after=len(new_net.layers),
+            storage="float16" if store_fp16 else "float32",
+            contract=verdict.checks,
+            convention=inputs.convention,
+            rounds=len(misses) + (1 if staged else 0),
+            note=note,
+        )

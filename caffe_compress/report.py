@@ -6,9 +6,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 from .plan import LayerPlan
+from .plan.contract import Check
 from .validate import OutputAgreement
 
-JSON_SCHEMA_VERSION = 1
+JSON_SCHEMA_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,14 @@ class Report:
     layers_after: int = 0
     storage: str = "float32"  # how the written caffemodel stores weights
     timings: dict = field(default_factory=dict)  # stage -> seconds
+    contract: tuple[Check, ...] = ()  # the fidelity verdict of the written model, per output metric
+    convention: str = ""  # the input convention the probes assumed (empty with --images/--calibration)
+    rounds: int = 0  # closed-loop rounds (plans written and measured)
+    note: str = ""  # why nothing was written, when nothing was
+
+    @property
+    def written(self) -> bool:
+        return bool(self.output_caffemodel)
 
     @property
     def ratio(self) -> float:
@@ -81,14 +90,29 @@ class Report:
             ],
             "validation": {
                 "inputs": self.validation_inputs,
+                "convention": self.convention,
                 "outputs": [asdict(v) for v in self.validation],
             },
+            "contract": {
+                "passed": all(c.passed for c in self.contract) if self.contract else None,
+                "rounds": self.rounds,
+                "checks": [
+                    {"output": c.output, "kind": c.kind, "metric": c.metric, "value": _finite(c.value),
+                     "target": c.target, "passed": c.passed}
+                    for c in self.contract
+                ],
+            },
+            "note": self.note,
             "timings_s": {k: v for k, v in self.timings.items() if not k.startswith("_")},
             "peak_rss_mb": self.timings.get("_peak_rss_mb"),
         }
 
     def json_text(self) -> str:
         return json.dumps(self.to_json(), indent=2, sort_keys=False) + "\n"
+
+
+def _finite(v: float):
+    return v if v == v and abs(v) != float("inf") else str(v)
 
 
 def _si(n: float) -> str:
@@ -137,19 +161,26 @@ def format_table(report: Report) -> str:
     lines.append(
         f"trade-off {report.tradeoff:g}: predicted output error {report.predicted_error:.4f} (budget {budget})"
     )
-    if report.validation:
-        for v in report.validation:
-            lines.append(
-                f"validation ({report.validation_inputs}) output '{v.name}': top-1 agreement "
-                f"{100 * v.top1_agreement:.1f}%, relative error mean {v.mean_relative_error:.2e} "
-                f"max {v.max_relative_error:.2e}, cosine {v.cosine_similarity:.6f}"
-            )
-        if report.validation_inputs.startswith("random") and report.params_after != report.params_before:
-            lines.append("note: random probes are harder than real inputs (the original is unsure about them); "
-                         "--images DIR gives figures on real data")
-    else:
+    if report.convention:
+        lines.append(f"probes assumed the input convention {report.convention}")
+    for c in report.contract:
+        target = "none" if c.target is None else f"{'>=' if c.higher_is_better else '<='} {c.target:.4g}"
+        lines.append(f"contract '{c.output}' ({c.kind}): {c.metric} {c.value:.4g}, target {target}: "
+                     f"{'pass' if c.passed else 'FAIL'}")
+    for v in report.validation:
+        lines.append(
+            f"validation ({report.validation_inputs}) output '{v.name}': top-1 agreement "
+            f"{100 * v.top1_agreement:.1f}%, relative error mean {v.mean_relative_error:.2e} "
+            f"max {v.max_relative_error:.2e}, cosine {v.cosine_similarity:.6f}"
+        )
+    if not report.validation and report.written:
         lines.append("validation: skipped (--no-validate)")
+    if report.rounds > 1:
+        lines.append(f"closed loop: {report.rounds} rounds (the plans before the last missed the contract)")
     timing = ", ".join(f"{k} {v:.2f}s" for k, v in report.timings.items() if not k.startswith("_") and "/" not in k)
     lines.append(f"time: {timing}; peak memory {report.timings.get('_peak_rss_mb', 0):.0f} MB")
-    lines.append(f"wrote {report.output_prototxt} and {report.output_caffemodel}")
+    if report.written:
+        lines.append(f"wrote {report.output_prototxt} and {report.output_caffemodel}")
+    else:
+        lines.append(f"{report.note}; nothing written")
     return "\n".join(lines)

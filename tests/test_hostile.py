@@ -55,7 +55,8 @@ def run_case(tmp_path: Path, deploy, weights, *extra, expect=(3,), message=None)
     before = _digest([deploy, weights])
     listing = set(os.listdir(tmp_path))
     proc = subprocess.run(
-        [sys.executable, "-m", "caffe_compress", str(deploy), str(weights), "-o", str(out_dir / "res"), *extra],
+        [sys.executable, "-m", "caffe_compress", str(deploy), str(weights), "-o", str(out_dir / "res"), "--force",
+         *extra],
         capture_output=True, text=True, timeout=TIME_LIMIT, preexec_fn=_limits,
     )
     assert "Traceback" not in proc.stderr, proc.stderr

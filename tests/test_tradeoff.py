@@ -50,7 +50,7 @@ def _sizes(deploy, model, tmp_path, extra=()):
     sizes = []
     for t in TRADEOFFS:
         out = tmp_path / f"t{t}"
-        result = run_cli(deploy, model, "--tradeoff", t, "-o", out, *extra)
+        result = run_cli(deploy, model, "--tradeoff", t, "-o", out, "--force", *extra)
         assert result.returncode == 0, result.stderr
         sizes.append((tmp_path / f"t{t}.caffemodel").stat().st_size)
     return sizes
@@ -72,7 +72,7 @@ def test_gendernet_size_is_monotone(tmp_path, gendernet):
 
 def test_json_report_keys_and_validation_figures(tmp_path):
     deploy, model = small_model(tmp_path)
-    result = run_cli(deploy, model, "--tradeoff", "0.9", "-o", tmp_path / "o", "--json", tmp_path / "r.json")
+    result = run_cli(deploy, model, "--tradeoff", "0.9", "-o", tmp_path / "o", "--json", tmp_path / "r.json", "--force")
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "r.json").read_text())
     assert set(report) >= {"schema_version", "input", "output", "tradeoff", "error_budget",

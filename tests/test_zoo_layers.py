@@ -82,7 +82,8 @@ OUTPUTS = ["loc_flat", "conf_flat", "prior", "fc", "det"]
 def test_rich_model(tmp_path, tradeoff):
     deploy, model = write_model(tmp_path, "rich", RICH, rich_weights(),
                                 extra_layers={"train_conv": [np.ones((2, 2), np.float32)]})
-    result = run_cli(deploy, model, "--tradeoff", tradeoff, "-o", tmp_path / "out", "--json", tmp_path / "r.json")
+    result = run_cli(deploy, model, "--tradeoff", tradeoff, "-o", tmp_path / "out", "--json", tmp_path / "r.json",
+                     "--force")
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "r.json").read_text())
     methods = {l["name"]: l["method"] for l in report["layers"]}

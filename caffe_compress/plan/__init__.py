@@ -8,5 +8,5 @@ from .analyse import *  # noqa: F401,F403
 from .analyse import (  # noqa: F401
     METHOD_CP, METHOD_KEEP, METHOD_POINTWISE, METHOD_SVD, MIN_RANK_DIVISOR, Candidate, LayerPlan, Plan,
     Workspace, analyse_convolution, analyse_inner_product, approximate_weight, build_plan, check_tradeoff,
-    choose_ranks, describe_layer, error_budget, max_rank,
+    choose_ranks, describe_layer, error_budget, max_rank, sample_patches,
 )

@@ -59,13 +59,13 @@ def error_budget(tradeoff: float) -> float:
     return ERROR_SCALE * math.log(1.0 / (1.0 - tradeoff))
 
 
-def check_tradeoff(tradeoff: float) -> float:
+def check_tradeoff(tradeoff: float, *, option: str = "--tradeoff") -> float:
     try:
         value = float(tradeoff)
     except (TypeError, ValueError):
-        raise UsageError(f"--tradeoff: '{tradeoff}' is not a number") from None
+        raise UsageError(f"{option}: '{tradeoff}' is not a number") from None
     if not (0.0 <= value <= 1.0):  # also rejects NaN
-        raise UsageError(f"--tradeoff: {tradeoff} is outside [0, 1]")
+        raise UsageError(f"{option}: {tradeoff} is outside [0, 1]")
     return value
 
 
@@ -161,7 +161,7 @@ def describe_layer(layer: Layer, *, keep: bool) -> tuple[str, str]:
     elif layer.type == "Convolution":
         geo = conv_geometry(layer)
         s_group = layer.blobs[0].shape[1]
-        if s_group == 1:
+        if s_group == 1 and geo.group > 1:  # one input channel per group, several groups
             return METHOD_KEEP, "depthwise convolution: already separable"
         if geo.axis != 1:
             return METHOD_KEEP, f"convolution over axis {geo.axis} is not supported"
@@ -216,25 +216,29 @@ def _ip_rows(x: np.ndarray, axis: int) -> np.ndarray:
     return x.reshape(lead, -1).astype(np.float32)
 
 
-def _sample_patches(x: np.ndarray, layer: Layer, out_shape: tuple[int, ...], rng) -> np.ndarray:
-    """(P, C, kh, kw) input patches at random output positions of a convolution."""
+def sample_patches(x: np.ndarray, layer: Layer, out_shape: tuple[int, ...], rng, count: int = PATCH_SAMPLES) -> np.ndarray:
+    """(P, C, kh, kw) input patches at ``count`` random output positions of a convolution."""
     geo = conv_geometry(layer)
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geo.kernel, geo.stride, geo.pad, geo.dilation
     b, c, h, w = x.shape
     oh, ow = out_shape[2], out_shape[3]
-    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
     total = b * oh * ow
-    count = min(PATCH_SAMPLES, total)
+    count = min(count, total)
     flat = rng.choice(total, size=count, replace=False) if total > count else np.arange(total)
     bi, rem = np.divmod(flat, oh * ow)
     oy, ox = np.divmod(rem, ow)
-    rows = oy[:, None] * sh + np.arange(kh)[None, :] * dh  # (P, kh)
-    cols = ox[:, None] * sw + np.arange(kw)[None, :] * dw  # (P, kw)
-    patches = xp[bi[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (P, kh, kw, C)
+    rows = oy[:, None] * sh + np.arange(kh)[None, :] * dh - ph  # (P, kh), in unpadded coordinates
+    cols = ox[:, None] * sw + np.arange(kw)[None, :] * dw - pw  # (P, kw)
+    # Zero padding without materialising a padded copy (a huge pad must not allocate a huge map).
+    valid = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
+    patches = x[bi[:, None, None], :, np.clip(rows, 0, h - 1)[:, :, None], np.clip(cols, 0, w - 1)[:, None, :]]
+    patches = np.where(valid[..., None], patches, 0).astype(np.float32)  # (P, kh, kw, C)
     return np.ascontiguousarray(patches.transpose(0, 3, 1, 2))
 
 
 def _relative(delta_sq: float, ref_sq: float) -> float:
+    if not (math.isfinite(delta_sq) and math.isfinite(ref_sq)):
+        return math.inf  # overflowing activations: no rank is known to be safe
     return float(math.sqrt(max(delta_sq, 0.0) / ref_sq)) if ref_sq > 0 else 0.0
 
 
@@ -276,16 +280,16 @@ def analyse_inner_product(
 
 
 def analyse_convolution(
-    layer: Layer, x: np.ndarray, out_shape: tuple[int, ...], method: str, *,
+    layer: Layer, patches: np.ndarray, in_shape: tuple[int, ...], out_shape: tuple[int, ...], method: str, *,
     min_rank_divisor: int, seed: int, ws: Workspace, cp_iterations: int, forced_rank: int | None = None,
 ) -> Candidate:
+    """patches : (P, C, kh, kw) float32 input patches at sampled output positions (see sample_patches)."""
     geo = conv_geometry(layer)
     g = geo.group
     w = layer.blobs[0]
     t, sg, kh, kw = w.shape
     bias_count = t if geo.bias_term else 0
-    rng = np.random.default_rng(seed)
-    patches = _sample_patches(x, layer, out_shape, rng).astype(np.float32)  # (P, C, kh, kw)
+    patches = patches.astype(np.float32)
     kernels = conv_group_kernels(layer)
     group_patches = [patches[:, i * sg : (i + 1) * sg].reshape(patches.shape[0], -1) for i in range(g)]
     ys = [gp @ k.reshape(k.shape[0], -1).T for gp, k in zip(group_patches, kernels)]
@@ -293,7 +297,7 @@ def analyse_convolution(
     if geo.bias_term:
         y = y + layer.blobs[1].astype(np.float64)[None, :]
     ref = float(np.sum(y * y))
-    in_spatial = _spatial_size(x.shape)
+    in_spatial = _spatial_size(in_shape)
     out_spatial = _spatial_size(out_shape)
     if method == METHOD_POINTWISE:
         bases = [spectral_basis(k.reshape(k.shape[0], -1)) for k in kernels]
@@ -390,7 +394,8 @@ def _lambda_grid() -> list[float]:
 
 
 def choose_ranks(
-    candidates: Sequence[Candidate], tradeoff: float, *, forced: Mapping[str, int] | None = None
+    candidates: Sequence[Candidate], tradeoff: float, *, forced: Mapping[str, int] | None = None,
+    budget: float | None = None,
 ) -> tuple[dict[str, int], float]:
     """Pick ranks for the error budget of ``tradeoff``. Returns ({layer: rank}, predicted error).
 
@@ -401,7 +406,7 @@ def choose_ranks(
     that price -- so a larger T never gives a larger file, for any model.
     """
     forced = dict(forced or {})
-    budget = error_budget(tradeoff)
+    budget = error_budget(tradeoff) if budget is None else budget
     totals = (sum(c.params_before for c in candidates), sum(c.macs_before for c in candidates))
     free = [c for c in candidates if c.layer not in forced]
     by_name = {c.layer: c for c in candidates}
@@ -427,6 +432,8 @@ def choose_ranks(
 
     chosen_state: dict[str, int | None] = {}
     predicted = math.sqrt(base_sq)
+    if budget <= 0:  # lossless: nothing but the forced ranks
+        return dict(forced), predicted
     for price in _lambda_grid():
         state, err = pick(price)
         if err <= budget or math.isinf(price):

@@ -60,8 +60,13 @@ def dead_leaves(count: int, channels: int, height: int, width: int, *, seed: int
     """
     rng = np.random.default_rng(seed)
     out = np.empty((count, channels, height, width))
+    # Drawn at most 128 px wide and resized: the statistics are scale invariant, the drawing is not free.
+    step = max(1.0, max(height, width) / 128.0)
+    h0, w0 = max(2, round(height / step)), max(2, round(width / step))
     for i in range(count):
-        rgb = _dead_leaves_picture(rng, height, width)
+        rgb = _dead_leaves_picture(rng, h0, w0)
+        if (h0, w0) != (height, width):
+            rgb = _resize(rgb, height, width)
         if channels == 3:
             out[i] = rgb
         else:
@@ -99,6 +104,19 @@ def _dead_leaves_picture(rng: np.random.Generator, h: int, w: int) -> np.ndarray
     return np.clip(img, 0.0, 255.0)
 
 
+def _resize(img: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize of a (C, h, w) picture to (C, height, width)."""
+    _, h, w = img.shape
+    yi = np.linspace(0, h - 1, height)
+    xi = np.linspace(0, w - 1, width)
+    y0, x0 = np.floor(yi).astype(int), np.floor(xi).astype(int)
+    y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
+    fy, fx = (yi - y0)[None, :, None], (xi - x0)[None, None, :]
+    top = img[:, y0][:, :, x0] * (1 - fx) + img[:, y0][:, :, x1] * fx
+    bottom = img[:, y1][:, :, x0] * (1 - fx) + img[:, y1][:, :, x1] * fx
+    return top * (1 - fy) + bottom * fy
+
+
 def _natural_colour(rng: np.random.Generator) -> np.ndarray:
     """A BGR colour: mostly unsaturated, correlated channels, luminance spread over the range."""
     lum = rng.beta(2.0, 2.0) * 255.0
@@ -111,3 +129,111 @@ def _blur(img: np.ndarray) -> np.ndarray:
     padded = np.pad(img, ((0, 0), (1, 1), (1, 1)), mode="edge")
     v = (padded[:, :-2] + 2 * padded[:, 1:-1] + padded[:, 2:]) / 4.0
     return (v[:, :, :-2] + 2 * v[:, :, 1:-1] + v[:, :, 2:]) / 4.0
+
+
+# ------------------------------------------------------------------ the input convention
+
+# Natural photographs: mean and spread of 8-bit pixel values (what an input BatchNorm was fed).
+PICTURE_MEAN, PICTURE_STD = 115.0, 65.0
+# Trained biases are a sizeable fraction of the first layer's response in the units it was trained
+# in (measured: 0.1-1 on SR nets, NIN and landmark nets); below this under every convention they
+# carry no information about the scale.
+UNINFORMATIVE_BIAS_RATIO = 0.02
+TYPICAL_BIAS_RATIO = 0.3
+
+
+@dataclass(frozen=True)
+class InferredConvention:
+    convention: Convention
+    evidence: str  # how it was chosen, for the report
+
+
+def _consumers(net: Net, blob: str) -> list[Layer]:
+    return [layer for layer in net.layers if blob in layer.bottoms]
+
+
+def _batchnorm_stats(layer: Layer) -> tuple[np.ndarray, np.ndarray] | None:
+    if layer.type != "BatchNorm" or len(layer.blobs) < 2:
+        return None
+    factor = float(layer.blobs[2].reshape(-1)[0]) if len(layer.blobs) > 2 and layer.blobs[2].size else 1.0
+    factor = 1.0 / factor if factor != 0 else 0.0
+    mean = layer.blobs[0].astype(np.float64) * factor
+    var = layer.blobs[1].astype(np.float64) * factor
+    return mean, np.sqrt(np.maximum(var, 1e-12))
+
+
+def _first_conv_response(layer: Layer, x: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(responses without bias, bias) of a convolution at sampled positions: ((P, T), (T,))."""
+    from .analyse import sample_patches
+
+    geo = conv_geometry(layer)
+    oh = (x.shape[2] + 2 * geo.pad[0] - (geo.dilation[0] * (geo.kernel[0] - 1) + 1)) // geo.stride[0] + 1
+    ow = (x.shape[3] + 2 * geo.pad[1] - (geo.dilation[1] * (geo.kernel[1] - 1) + 1)) // geo.stride[1] + 1
+    patches = sample_patches(x, layer, (x.shape[0], geo.num_output, oh, ow), rng)
+    w = layer.blobs[0]
+    g = geo.group
+    sg = w.shape[1]
+    t_g = w.shape[0] // g
+    parts = [
+        patches[:, i * sg:(i + 1) * sg].reshape(len(patches), -1) @ w[i * t_g:(i + 1) * t_g].reshape(t_g, -1).T
+        for i in range(g)
+    ]
+    bias = layer.blobs[1].astype(np.float64) if geo.bias_term and len(layer.blobs) > 1 else np.zeros(w.shape[0])
+    return np.concatenate(parts, axis=1).astype(np.float64), bias
+
+
+def infer_convention(net: Net, input_name: str, shape: Sequence[int], *, seed: int = 0) -> InferredConvention:
+    """The input convention the model was most likely trained with (see the module docstring)."""
+    consumers = _consumers(net, input_name)
+    for layer in consumers:
+        stats = _batchnorm_stats(layer)
+        if stats is not None:
+            mean, std = stats
+            scale = tuple(float(s) / PICTURE_STD for s in std)
+            offset = tuple(PICTURE_MEAN - float(m) / s for m, s in zip(mean, scale))
+            return InferredConvention(
+                Convention("batchnorm", offset, scale, f"mean/std of the input BatchNorm '{layer.name}'"),
+                f"input BatchNorm '{layer.name}'")
+    convs = [layer for layer in consumers if layer.type == "Convolution" and layer.blobs]
+    if len(shape) != 4 or not convs:
+        return InferredConvention(COMMON_CONVENTIONS[0], "default (no first convolution to read)")
+    conv = convs[0]
+    h, w = min(int(shape[2]), 96), min(int(shape[3]), 96)
+    geo = conv_geometry(conv)
+    if h < geo.kernel[0] or w < geo.kernel[1]:
+        h, w = int(shape[2]), int(shape[3])
+    pictures = dead_leaves(4, int(shape[1]), h, w, seed=seed)
+    bn = next((s for s in map(_batchnorm_stats, _consumers(net, conv.tops[0])) if s is not None), None)
+    scores = {}
+    for convention in COMMON_CONVENTIONS:
+        rng = np.random.default_rng(seed)
+        response, bias = _first_conv_response(conv, convention.apply(pictures), rng)
+        if bn is not None:  # the BatchNorm after it saw this convolution's output during training
+            bn_mean, bn_std = bn
+            z = response + bias
+            spread = np.log(np.maximum(z.std(axis=0), 1e-12) / bn_std)
+            shift = (z.mean(axis=0) - bn_mean) / bn_std
+            scores[convention.name] = float(np.median(spread ** 2 + np.minimum(shift ** 2, 25.0)))
+        else:
+            ratio = float(np.mean(np.abs(bias)) / max(float(np.mean(response.std(axis=0))), 1e-30))
+            scores[convention.name] = ratio
+    if bn is not None:
+        best = min(scores, key=scores.get)
+        return InferredConvention(_named(best), f"statistics of the BatchNorm after '{conv.name}'")
+    informative = {name: r for name, r in scores.items() if r >= UNINFORMATIVE_BIAS_RATIO}
+    if not informative:
+        return InferredConvention(COMMON_CONVENTIONS[0], f"default ('{conv.name}' biases are negligible)")
+    best = min(informative, key=lambda name: abs(math.log(informative[name] / TYPICAL_BIAS_RATIO)))
+    return InferredConvention(_named(best), f"bias-to-response ratio of '{conv.name}'")
+
+
+def _named(name: str) -> Convention:
+    return next(c for c in COMMON_CONVENTIONS if c.name == name)
+
+
+def natural_probes(shape: Sequence[int], count: int, convention: Convention, *, seed: int) -> np.ndarray:
+    """(count, C, H, W) natural-image-like inputs in ``convention``; non-image inputs get N(0, 1)."""
+    dims = tuple(int(d) for d in shape)
+    if len(dims) != 4 or min(dims[2:]) < 4:
+        return np.random.default_rng(seed).standard_normal((count,) + dims[1:]).astype(np.float32)
+    return convention.apply(dead_leaves(count, dims[1], dims[2], dims[3], seed=seed))

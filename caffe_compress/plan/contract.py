@@ -1,0 +1,357 @@
+"""The fidelity contract: what a written model must keep of each output, as a function of T.
+
+Every compared output gets a *kind*, inferred from the graph (or given with ``--kind NAME=KIND``),
+and each kind one label-free metric of the compressed model's output against the original's on
+validation inputs that the planner never saw:
+
+=========  ====================================================  =========================
+kind       metric                                                target for T <= 0.95
+=========  ====================================================  =========================
+class      top-1 agreement on the inputs where the original is     >= 98%
+           confident (top-1 probability >= 0.9; the most
+           confident half when fewer than 8 are)
+scores     detection confidences: Jaccard of the positive sets   >= 0.9, and <= 0.5 nats
+           (p > threshold, foreground classes); RMS logit change
+           at the original's strongest foreground entries
+boxes      location outputs paired with a scores output:         <= 5%
+           relative error over the positives (or strongest)
+embedding  smallest cosine similarity over the inputs            >= 0.99
+image      PSNR against the original's output (peak = its range) >= 40 dB
+dense      relative error ||y' - y|| / ||y|| over the inputs     <= 5%
+=========  ====================================================  =========================
+
+Above T = 0.95 the targets loosen smoothly by the factor ``f = 0.05 / (1 - T)`` (an error target
+times f, a similarity target's distance to 1 times f, PSNR minus 20 log10 f); T = 1 has none.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from ..errors import UsageError
+from ..net import Net
+
+KINDS = ("class", "scores", "boxes", "embedding", "image", "dense")
+NO_LOSS_TRADEOFF = 0.95
+
+# Targets in the no-loss range (T <= 0.95).
+CONFIDENT_AGREEMENT = 0.98
+CONFIDENT = 0.9
+MIN_CONFIDENT = 8
+SCORES_JACCARD = 0.9
+SCORES_LOGIT_NATS = 0.5
+RELATIVE_ERROR = 0.05
+EMBEDDING_COSINE = 0.99
+IMAGE_PSNR_DB = 40.0
+
+MIN_POSITIVES = 8  # fewer positives than this: the Jaccard says nothing, the logit check decides
+STRONGEST_SHARE = 0.002  # the strongest 0.2% of foreground entries (at least MIN_POSITIVES)
+EMBEDDING_MIN_DIM = 64
+
+# Layers that move values around without changing them: look through them to find what made an output.
+SHAPE_ONLY = frozenset({"Reshape", "Flatten", "Permute", "Split", "Squeeze", "Concat", "Crop", "Slice"})
+ACTIVATIONS = frozenset({"Softmax", "Sigmoid"})
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """One compared output and how it is judged."""
+
+    name: str
+    kind: str
+    classes: int = 0  # scores from a DetectionOutput: classes per prior (flat layout)
+    background: int | None = None  # scores: the background class, when known
+    pair: str | None = None  # boxes: the scores output whose positives select entries
+    threshold: float = 0.5  # scores: a positive is p > threshold
+    reason: str = ""  # how the kind was chosen, for the report
+
+
+@dataclass(frozen=True)
+class Check:
+    """One metric of one output against its target."""
+
+    output: str
+    kind: str
+    metric: str
+    value: float
+    target: float | None  # None: no target (T = 1)
+    higher_is_better: bool
+
+    @property
+    def passed(self) -> bool:
+        if self.target is None:
+            return True
+        if not math.isfinite(self.value):
+            return False
+        return self.value >= self.target if self.higher_is_better else self.value <= self.target
+
+
+def loosening(tradeoff: float) -> float:
+    """1 up to T = 0.95, then 0.05 / (1 - T); inf at T = 1."""
+    if tradeoff >= 1.0:
+        return math.inf
+    return max(1.0, (1.0 - NO_LOSS_TRADEOFF) / (1.0 - tradeoff))
+
+
+def targets(tradeoff: float, *, min_fidelity: float | None = None) -> dict[str, float | None]:
+    """Targets for trade-off T; ``min_fidelity`` (a T value) tightens them to that T's."""
+    t = tradeoff if min_fidelity is None else min(tradeoff, min_fidelity)
+    f = loosening(t)
+    if math.isinf(f):
+        return dict.fromkeys(("class", "jaccard", "logit", "relative", "cosine", "psnr"))
+    return {
+        "class": max(0.0, 1.0 - (1.0 - CONFIDENT_AGREEMENT) * f),
+        "jaccard": max(0.0, 1.0 - (1.0 - SCORES_JACCARD) * f),
+        "logit": SCORES_LOGIT_NATS * f,
+        "relative": RELATIVE_ERROR * f,
+        "cosine": max(-1.0, 1.0 - (1.0 - EMBEDDING_COSINE) * f),
+        "psnr": IMAGE_PSNR_DB - 20.0 * math.log10(f),
+    }
+
+
+# ------------------------------------------------------------------ kinds from the graph
+
+
+def infer_outputs(net: Net, compared: Sequence[str], *, overrides: Mapping[str, str] | None = None,
+                  shapes: Mapping[str, tuple[int, ...]] | None = None) -> list[OutputSpec]:
+    """The kind of each compared blob. ``shapes``: the original's output shapes (from a forward pass)."""
+    overrides = dict(overrides or {})
+    for name, kind in overrides.items():
+        if name not in compared:
+            raise UsageError(f"--kind {name}={kind}: '{name}' is not an output of the model "
+                             f"(outputs: {', '.join(compared) or 'none'})")
+        if kind not in KINDS:
+            raise UsageError(f"--kind {name}={kind}: unknown kind (one of {', '.join(KINDS)})")
+    shapes = dict(shapes or {})
+    producers = _producers(net)
+    specs: dict[str, OutputSpec] = {}
+    detection = _detection_inputs(net)
+    for name in compared:
+        if name in detection:
+            specs[name] = detection[name]
+            continue
+        origin = _origin(producers, name)
+        shape = shapes.get(name, ())
+        per_sample = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+        if origin is not None and origin.type in ACTIVATIONS:
+            channels = _class_count(shape)
+            if per_sample > channels:
+                specs[name] = OutputSpec(name, "scores", reason=f"{origin.type} map")
+            else:
+                specs[name] = OutputSpec(name, "class", reason=f"{origin.type} over {channels} classes")
+        elif origin is not None and origin.type == "Normalize":
+            specs[name] = OutputSpec(name, "embedding", reason="L2-normalised vector")
+        elif len(shape) == 4 and shape[2] * shape[3] >= 64 and shape[1] <= 4:
+            specs[name] = OutputSpec(name, "image", reason=f"{shape[1]}-channel {shape[2]}x{shape[3]} map")
+        elif per_sample >= EMBEDDING_MIN_DIM and (len(shape) <= 2 or int(np.prod(shape[2:])) == 1):
+            specs[name] = OutputSpec(name, "embedding", reason=f"{per_sample}-value vector")
+        else:
+            specs[name] = OutputSpec(name, "dense", reason="regression or other values")
+    _pair_boxes(specs, shapes)
+    for name, kind in overrides.items():
+        spec = specs[name]
+        specs[name] = OutputSpec(name, kind, spec.classes, spec.background, spec.pair, spec.threshold,
+                                 "given with --kind")
+    return [specs[name] for name in compared]
+
+
+def _producers(net: Net) -> dict:
+    producers = {}
+    for layer in net.layers:
+        for top in layer.tops:
+            producers[top] = layer
+    return producers
+
+
+def _origin(producers, name: str):
+    """The layer that made the values of blob ``name``, looking through shape-only layers."""
+    layer = producers.get(name)
+    seen = 0
+    while layer is not None and layer.type in SHAPE_ONLY and layer.bottoms and seen < 64:
+        layer = producers.get(layer.bottoms[0])
+        seen += 1
+    return layer
+
+
+def _class_count(shape: tuple[int, ...]) -> int:
+    if len(shape) >= 3 and int(np.prod(shape[2:])) > 1 and len(shape) == 3:
+        return int(shape[-1])
+    return int(shape[1]) if len(shape) > 1 else 1
+
+
+def _detection_inputs(net: Net) -> dict[str, OutputSpec]:
+    specs = {}
+    for layer in net.layers:
+        if layer.type != "DetectionOutput" or len(layer.bottoms) < 3:
+            continue
+        p = layer.sub("detection_output_param")
+        classes = int(p.get("num_classes", 2))
+        background = int(p.get("background_label_id", 0))
+        threshold = float(p.get("confidence_threshold", 0.5) or 0.5)
+        loc, conf, prior = layer.bottoms[:3]
+        specs[conf] = OutputSpec(conf, "scores", classes, background if 0 <= background < classes else None,
+                                 None, max(threshold, 0.5), f"confidences of '{layer.name}'")
+        specs[loc] = OutputSpec(loc, "boxes", pair=conf, reason=f"locations of '{layer.name}'")
+        specs[prior] = OutputSpec(prior, "dense", reason=f"priors of '{layer.name}'")
+    return specs
+
+
+def _positions(shape: tuple[int, ...], classes: int = 0) -> int:
+    if classes:
+        return int(np.prod(shape[1:])) // classes
+    if len(shape) == 4:
+        return int(shape[2] * shape[3])
+    if len(shape) == 3:
+        return int(shape[1])
+    return 1
+
+
+def _pair_boxes(specs: dict[str, OutputSpec], shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """A dense output with as many positions as exactly one scores output is that output's boxes."""
+    scores = [s for s in specs.values() if s.kind == "scores"]
+    for name, spec in list(specs.items()):
+        if spec.kind not in ("dense", "image") or name not in shapes or not scores:
+            continue
+        shape = shapes[name]
+        matches = [s for s in scores if s.name in shapes
+                   and _positions(shapes[s.name], s.classes) == _positions(shape) > 1
+                   and len(shapes[s.name]) == len(shape)]
+        if len(matches) == 1:
+            specs[name] = OutputSpec(name, "boxes", pair=matches[0].name,
+                                     reason=f"same positions as scores '{matches[0].name}'")
+
+
+# ------------------------------------------------------------------ metrics
+
+
+def _by_position(y: np.ndarray, classes: int = 0) -> np.ndarray:
+    """(N, positions, values) view of an output: channels last for maps."""
+    n = y.shape[0]
+    if classes:
+        return y.reshape(n, -1, classes)
+    if y.ndim == 4:
+        return y.reshape(n, y.shape[1], -1).transpose(0, 2, 1)
+    if y.ndim == 3:
+        return y
+    return y.reshape(n, 1, -1)
+
+
+def _foreground_classes(spec: OutputSpec, p: np.ndarray) -> list[int]:
+    """Foreground class indices of an (N, positions, classes) probability view of the original."""
+    if spec.background is not None:
+        return [c for c in range(p.shape[2]) if c != spec.background]
+    # the background is the class that is usually on
+    keep = [c for c in range(p.shape[2]) if float(np.median(p[:, :, c])) < 0.5]
+    return keep or list(range(p.shape[2]))
+
+
+def _selected_positions(spec: OutputSpec, original: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """(positive mask, strongest mask) over (N, positions, foreground), and the positive count."""
+    view = _by_position(original, spec.classes)
+    fg = view[:, :, _foreground_classes(spec, view)]
+    positive = fg > spec.threshold
+    count = int(positive.sum())
+    k = max(MIN_POSITIVES, int(math.ceil(STRONGEST_SHARE * fg.size)), count)
+    k = min(k, fg.size)
+    flat = fg.reshape(-1)
+    cut = np.partition(flat, flat.size - k)[flat.size - k]
+    strongest = fg >= cut
+    return positive, strongest, count
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p.astype(np.float64), 1e-7, 1 - 1e-7)
+    return np.log(p) - np.log1p(-p)
+
+
+def check_output(spec: OutputSpec, original: np.ndarray, compressed: np.ndarray, tradeoff: float, *,
+                 outputs: Mapping[str, np.ndarray] | None = None, specs: Mapping[str, OutputSpec] | None = None,
+                 min_fidelity: float | None = None) -> list[Check]:
+    """The metrics of one output. ``outputs``/``specs``: every original output, for paired boxes."""
+    t = targets(tradeoff, min_fidelity=min_fidelity)
+    a = original.astype(np.float64)
+    b = compressed.astype(np.float64)
+    n = a.shape[0] if a.ndim > 1 else 1
+    if spec.kind == "class":
+        pa = _probabilities(a.reshape(n, -1))
+        pb = _probabilities(b.reshape(n, -1))
+        old, new = pa.argmax(axis=1), pb.argmax(axis=1)
+        top = pa.max(axis=1)
+        confident = top >= CONFIDENT
+        what = f"top-1 agreement where confident ({int(confident.sum())} of {n})"
+        if confident.sum() < MIN_CONFIDENT:
+            confident = top >= np.median(top)
+            what = f"top-1 agreement on the more confident half ({int(confident.sum())} of {n})"
+        agreement = float(np.mean(old[confident] == new[confident]))
+        return [Check(spec.name, spec.kind, what, agreement, t["class"], True)]
+    if spec.kind == "scores":
+        positive, strongest, count = _selected_positions(spec, a)
+        va, vb = _by_position(a, spec.classes), _by_position(b, spec.classes)
+        keep = _foreground_classes(spec, va)
+        fa, fb = va[:, :, keep], vb[:, :, keep]
+        checks = []
+        if count >= MIN_POSITIVES:
+            pb = fb > spec.threshold
+            jac = float((positive & pb).sum() / max((positive | pb).sum(), 1))
+            checks.append(Check(spec.name, spec.kind, f"positives Jaccard ({count} positives)", jac,
+                                t["jaccard"], True))
+        d = _logit(fa[strongest]) - _logit(fb[strongest])
+        checks.append(Check(spec.name, spec.kind, "logit change at the strongest (RMS nats)",
+                            float(np.sqrt(np.mean(d * d))) if d.size else 0.0, t["logit"], False))
+        return checks
+    if spec.kind == "boxes" and spec.pair and outputs is not None and specs is not None and spec.pair in outputs:
+        pair = specs[spec.pair]
+        positive, strongest, count = _selected_positions(pair, outputs[spec.pair].astype(np.float64))
+        rows = (positive if count >= MIN_POSITIVES else strongest).any(axis=2)  # (N, positions)
+        ya, yb = _positions_view(a, rows.shape[1])[rows], _positions_view(b, rows.shape[1])[rows]
+        what = f"relative error at {int(rows.sum())} {'positive' if count >= MIN_POSITIVES else 'strongest'} positions"
+        return [Check(spec.name, spec.kind, what, _relative(ya, yb), t["relative"], False)]
+    if spec.kind == "embedding":
+        va, vb = a.reshape(n, -1), b.reshape(n, -1)
+        denom = np.linalg.norm(va, axis=1) * np.linalg.norm(vb, axis=1)
+        cos = np.where(denom > 0, np.sum(va * vb, axis=1) / np.where(denom > 0, denom, 1.0), 1.0)
+        return [Check(spec.name, spec.kind, "smallest cosine similarity", float(cos.min()), t["cosine"], True)]
+    if spec.kind == "image":
+        peak = float(a.max() - a.min()) or 1.0
+        mse = float(np.mean((a - b) ** 2))
+        psnr = math.inf if mse == 0 else 10.0 * math.log10(peak * peak / mse)
+        return [Check(spec.name, spec.kind, "PSNR vs the original (dB)", psnr, t["psnr"], True)]
+    return [Check(spec.name, spec.kind, "relative error", _relative(a, b), t["relative"], False)]
+
+
+def _positions_view(y: np.ndarray, positions: int) -> np.ndarray:
+    """(N, positions, values): maps channels last, flat outputs position-major (SSD's layout)."""
+    if y.ndim == 4 and y.shape[2] * y.shape[3] == positions:
+        return _by_position(y)
+    return y.reshape(y.shape[0], positions, -1)
+
+
+def _relative(a: np.ndarray, b: np.ndarray) -> float:
+    ref = float(np.sum(a * a))
+    diff = float(np.sum((a - b) ** 2))
+    if ref == 0.0:
+        return 0.0 if diff == 0.0 else math.inf
+    return math.sqrt(diff / ref)
+
+
+def _probabilities(v: np.ndarray) -> np.ndarray:
+    """Rows that already are probabilities stay; logits go through a softmax."""
+    if np.all(v >= -1e-6) and np.allclose(v.sum(axis=1), 1.0, atol=1e-3):
+        return v
+    z = v - v.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def check_all(specs: Sequence[OutputSpec], original: Mapping[str, np.ndarray], compressed: Mapping[str, np.ndarray],
+              tradeoff: float, *, min_fidelity: float | None = None) -> list[Check]:
+    """Every metric of every output; raises nothing: a failing Check has ``passed`` False."""
+    by_name = {s.name: s for s in specs}
+    checks: list[Check] = []
+    for spec in specs:
+        checks.extend(check_output(spec, original[spec.name], compressed[spec.name], tradeoff,
+                                   outputs=original, specs=by_name, min_fidelity=min_fidelity))
+    return checks

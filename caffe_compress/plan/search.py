@@ -1,0 +1,195 @@
+"""The planning stage: activations -> per-layer candidates -> per-layer gains -> a ladder of budgets.
+
+OpenCV is reached only through a ``run(net, inputs, sources) -> {source: array}`` callable that the
+pipeline provides, so this module never touches files or protobuf.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, replace
+from typing import Callable, Hashable, Mapping, Sequence
+
+import numpy as np
+
+from .. import tail
+from ..net import Layer, Net, conv_geometry
+from .analyse import (
+    METHOD_SVD, MIN_RANK_DIVISOR, PATCH_SAMPLES, Candidate, Workspace, analyse_convolution, analyse_inner_product,
+    approximate_weight, error_budget, sample_patches,
+)
+
+log = logging.getLogger(__name__)
+
+Run = Callable[[Net, Mapping[str, np.ndarray], Sequence[Hashable]], dict]
+Say = Callable[[str], None]
+
+CP_ITERATIONS = 20  # ALS sweeps at the top of a layer's rank grid (fewer further down)
+NEGLIGIBLE_COST_SHARE = 0.005  # a layer below 0.5% of params+MACs gets no sensitivity trial
+ACTIVATION_BYTES = 256 << 20  # activations held at once while probing (samples run in chunks)
+MAX_ROUNDS = 6  # budgets tried by the closed loop before giving up on factoring
+
+
+@dataclass(frozen=True)
+class LayerInput:
+    """What the analysis keeps of one layer's input: sampled conv patches, or InnerProduct rows."""
+
+    shape: tuple[int, ...]  # the full input shape (all probe samples)
+    patches: np.ndarray | None = None  # (P, C, kh, kw) for convolutions
+    rows: np.ndarray | None = None  # the whole input, for InnerProduct (small)
+
+
+def conv_out_shape(layer: Layer, in_shape: tuple[int, ...]) -> tuple[int, ...]:
+    geo = conv_geometry(layer)
+    b, _, h, w = in_shape
+    oh = (h + 2 * geo.pad[0] - (geo.dilation[0] * (geo.kernel[0] - 1) + 1)) // geo.stride[0] + 1
+    ow = (w + 2 * geo.pad[1] - (geo.dilation[1] * (geo.kernel[1] - 1) + 1)) // geo.stride[1] + 1
+    return (b, geo.num_output, oh, ow)
+
+
+def collect_inputs(run: Run, net: Net, inputs: Mapping[str, np.ndarray], sources: Mapping[str, Hashable],
+                   outputs: Sequence[Hashable], *, seed: int) -> tuple[dict[str, LayerInput], dict]:
+    """Run the original net on ``inputs`` in chunks; keep sampled patches per layer and the outputs.
+
+    sources : {layer name: source of its input blob}; outputs : sources of the compared outputs.
+    """
+    count = next(iter(inputs.values())).shape[0]
+    rng = np.random.default_rng(seed)
+    wanted = list(dict.fromkeys([*sources.values(), *outputs]))
+    first = run(net, {k: v[:1] for k, v in inputs.items()}, wanted)
+    per_sample = sum(v.nbytes for v in first.values())
+    chunk = max(1, min(count, ACTIVATION_BYTES // max(per_sample, 1)))
+    pieces: dict[str, list] = {name: [] for name in sources}
+    shapes: dict[str, tuple[int, ...]] = {}
+    out_parts: dict = {o: [] for o in outputs}
+    for start in range(0, count, chunk):
+        part = first if start == 0 and chunk == 1 else run(
+            net, {k: v[start:start + chunk] for k, v in inputs.items()}, wanted)
+        n = next(iter(part.values())).shape[0] if part else 0
+        for name, source in sources.items():
+            x = part[source]
+            shapes[name] = (count,) + tuple(x.shape[1:])
+            layer = net.layer(name)
+            if layer.type == "Convolution" and x.ndim == 4:
+                want = max(1, round(PATCH_SAMPLES * n / count))
+                pieces[name].append(sample_patches(x, layer, conv_out_shape(layer, x.shape), rng, want))
+            else:
+                pieces[name].append(x)
+        for o in outputs:
+            out_parts[o].append(part[o])
+        del part
+    layer_inputs = {}
+    for name, parts in pieces.items():
+        layer = net.layer(name)
+        joined = np.concatenate(parts, axis=0)
+        if layer.type == "Convolution" and len(shapes[name]) == 4:
+            layer_inputs[name] = LayerInput(shapes[name], patches=joined)
+        else:
+            layer_inputs[name] = LayerInput(shapes[name], rows=joined)
+    return layer_inputs, {o: np.concatenate(v, axis=0) for o, v in out_parts.items()}
+
+
+def analyse_layers(decomposable: Sequence[tuple[Layer, str]], layer_inputs: Mapping[str, LayerInput], *,
+                   ranks: dict[str, int], ws: Workspace, seed: int, timings: dict, say: Say,
+                   ) -> tuple[list[Candidate], dict[str, str]]:
+    """Candidates for every decomposable layer, and the reasons of those left alone.
+
+    A forced rank that would not reduce the layer's parameters is dropped from ``ranks``.
+    """
+    candidates, skipped = [], {}
+    for layer, method in decomposable:
+        say(f"analysing {layer.name}")
+        data = layer_inputs[layer.name]
+        start = time.perf_counter()
+        if method == METHOD_SVD:
+            cand = analyse_inner_product(layer, data.rows, min_rank_divisor=MIN_RANK_DIVISOR, ws=ws,
+                                         forced_rank=ranks.get(layer.name))
+        elif data.patches is None:
+            skipped[layer.name] = f"input is {len(data.shape)}-D; only 2-D convolutions are decomposed"
+            continue
+        else:
+            cand = analyse_convolution(layer, data.patches, data.shape, conv_out_shape(layer, data.shape), method,
+                                       min_rank_divisor=MIN_RANK_DIVISOR, seed=seed, ws=ws,
+                                       cp_iterations=CP_ITERATIONS, forced_rank=ranks.get(layer.name))
+        timings[f"analyse/{layer.name}"] = time.perf_counter() - start
+        if not cand.ranks:
+            skipped[layer.name] = "no rank reduces its parameter count (break-even)"
+            continue
+        forced = ranks.get(layer.name)
+        if forced is not None and cand.params_at[forced] >= cand.params_before:
+            skipped[layer.name] = (f"--rank {forced} would not reduce its parameters "
+                                   f"({cand.params_at[forced]} >= {cand.params_before}); left alone")
+            ranks.pop(layer.name)
+            continue
+        candidates.append(cand)
+    return candidates, skipped
+
+
+def relative_output_error(original: Mapping, other: Mapping) -> float:
+    """RMS over samples and outputs of ||y' - y|| / ||y||."""
+    errs = []
+    for name, y in original.items():
+        z = other[name]
+        n = y.shape[0] if y.ndim > 1 else 1
+        a, b = y.reshape(n, -1).astype(np.float64), z.reshape(n, -1).astype(np.float64)
+        ref = np.linalg.norm(a, axis=1)
+        errs.extend(np.linalg.norm(a - b, axis=1) / np.maximum(ref, 1e-30))
+    return float(np.sqrt(np.mean(np.square(errs)))) if errs else 0.0
+
+
+def with_weight(net: Net, name: str, weight: np.ndarray) -> Net:
+    layers = tuple(
+        replace(layer, blobs=(weight,) + layer.blobs[1:]) if layer.name == name else layer for layer in net.layers
+    )
+    return replace(net, layers=layers)
+
+
+def measure_gains(run: Run, net: Net, candidates: list[Candidate], *, inputs: Mapping[str, np.ndarray],
+                  reference: Mapping, layer_inputs: Mapping[str, LayerInput], compared_blobs: Sequence[str],
+                  skip: set[str], ws: Workspace, say: Say) -> list[Candidate]:
+    """Each candidate with its gain: network-output error / layer-output error, with only it approximated."""
+    tails = {}
+    if len(compared_blobs) == 1:
+        for cand in candidates:
+            chain = tail.tail_chain(net, cand.layer, compared_blobs[0])
+            if chain is not None and layer_inputs[cand.layer].rows is not None:
+                tails[cand.layer] = chain
+    totals = (sum(c.params_before for c in candidates), sum(c.macs_before for c in candidates))
+    out = list(candidates)
+    for i, cand in enumerate(candidates):
+        if cand.layer in skip or cand.cost(None, totals) < NEGLIGIBLE_COST_SHARE:
+            continue  # too small to matter either way: keep the conservative gain of 1
+        probe_rank = cand.ranks[len(cand.ranks) // 2]
+        layer_err = cand.output_error[probe_rank]
+        if layer_err <= 1e-9:
+            continue
+        say(f"measuring the sensitivity of {cand.layer}")
+        layer = net.layer(cand.layer)
+        approx = approximate_weight(layer, cand, probe_rank, ws)
+        if cand.layer in tails:
+            x = layer_inputs[cand.layer].rows
+            chain = tails[cand.layer]
+            end_err = relative_output_error({"y": tail.run_tail(chain, x)},
+                                            {"y": tail.run_tail(chain, x, {cand.layer: approx})})
+        else:
+            trial_out = run(with_weight(net, cand.layer, approx), inputs, list(reference))
+            end_err = relative_output_error(reference, trial_out)
+        out[i] = replace(cand, gain=end_err / layer_err)
+    return out
+
+
+def budget_ladder(tradeoff: float) -> list[float]:
+    """The error budgets the closed loop tries, largest first: budget(T), then halvings on a fixed grid.
+
+    The grid (powers of two) is the same for every T, so a larger T walks down the same rungs from
+    a higher start and stops no lower than a smaller T does: the file size stays monotone in T.
+    """
+    start = error_budget(tradeoff)
+    if math.isinf(start):
+        return [start]
+    if start <= 0:
+        return [0.0]
+    top = math.floor(math.log2(start))
+    rungs = [start] + [2.0 ** (top - k) for k in range(MAX_ROUNDS) if 2.0 ** (top - k) < start]
+    return rungs[:MAX_ROUNDS]
