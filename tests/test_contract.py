@@ -1,0 +1,328 @@
+"""The fidelity contract: output kinds, metrics that catch broken outputs, the closed loop, the graph bugs
+(in-place final layer, multi-top producer) and the input-convention choice. Small nets built in code."""
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from caffe_compress import io, pipeline
+from caffe_compress.errors import ValidationError
+from caffe_compress.net import Layer, Net
+from caffe_compress.plan import contract, probe, search
+from nets import cp_kernel, low_rank_matrix, max_relative_difference, opencv_outputs, write_model
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "caffe_compress", *map(str, args)], capture_output=True,
+                          text=True, timeout=300)
+
+
+# ------------------------------------------------------------------ the two graph bugs
+
+EMBEDDER = """
+name: "embedder"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 16 dim: 16 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1" convolution_param { num_output: 16 kernel_size: 3 } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "fc" type: "InnerProduct" bottom: "conv1" top: "emb" inner_product_param { num_output: 128 } }
+layer { name: "bn" type: "BatchNorm" bottom: "emb" top: "emb" }
+layer { name: "sc" type: "Scale" bottom: "emb" top: "emb" scale_param { bias_term: true } }
+"""
+
+
+def embedder(tmp_path):
+    rng = np.random.default_rng(0)
+    weights = {
+        "conv1": [cp_kernel(16, 3, 3, 3, 3, seed=1) * 0.02, np.zeros(16, np.float32)],
+        "fc": [low_rank_matrix(128, 16 * 14 * 14, 6, seed=2), rng.standard_normal(128).astype(np.float32) * 0.01],
+        "bn": [np.zeros(128, np.float32), np.ones(128, np.float32), np.ones(1, np.float32)],
+        "sc": [rng.uniform(0.5, 2, 128).astype(np.float32), np.zeros(128, np.float32)],
+    }
+    return write_model(tmp_path, "embedder", EMBEDDER, weights)
+
+
+def test_in_place_final_layer_is_an_output(tmp_path):
+    deploy, model = embedder(tmp_path)
+    net = io.load(deploy, model)
+    assert net.output_names() == ["emb"]
+    assert pipeline.compared_blobs(net) == ["emb"]
+    result = run_cli(deploy, model, "-o", tmp_path / "o", "--json", tmp_path / "r.json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    checks = report["contract"]["checks"]
+    assert [c["output"] for c in checks] == ["emb"] and checks[0]["kind"] == "embedding"
+    assert report["contract"]["passed"] is True
+    methods = {l["name"]: l["method"] for l in report["layers"]}
+    assert methods["fc"] == "svd"  # the exact rank-6 weight is factored, not left alone
+    x = {"data": np.random.default_rng(5).uniform(-100, 100, (4, 3, 16, 16)).astype(np.float32)}
+    (a,), (b,) = opencv_outputs(deploy, model, x, ["sc"]), opencv_outputs(tmp_path / "o.prototxt",
+                                                                          tmp_path / "o.caffemodel", x, ["sc"])
+    cos = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert cos.min() >= 0.99
+
+
+SLICED = """
+name: "sliced"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 6 dim: 12 dim: 12 } } }
+layer { name: "split" type: "Slice" bottom: "data" top: "a" top: "b" top: "c" slice_param { axis: 1 slice_point: 2 slice_point: 4 } }
+layer { name: "conv_a" type: "Convolution" bottom: "a" top: "fa" convolution_param { num_output: 16 kernel_size: 3 } }
+layer { name: "conv_b" type: "Convolution" bottom: "b" top: "fb" convolution_param { num_output: 16 kernel_size: 3 } }
+layer { name: "conv_c" type: "Convolution" bottom: "c" top: "fc" convolution_param { num_output: 16 kernel_size: 3 } }
+layer { name: "cat" type: "Concat" bottom: "fa" bottom: "fb" bottom: "fc" top: "out" }
+"""
+
+
+def test_multi_top_producer_feeds_decomposable_layers(tmp_path):
+    weights = {f"conv_{k}": [cp_kernel(16, 2, 3, 3, 2, seed=i), np.zeros(16, np.float32)]
+               for i, k in enumerate("abc")}
+    deploy, model = write_model(tmp_path, "sliced", SLICED, weights)
+    result = run_cli(deploy, model, "--rank", "conv_b=2", "--rank", "conv_c=2", "-o", tmp_path / "o",
+                     "--json", tmp_path / "r.json")
+    assert result.returncode == 0, result.stderr
+    net = io.load(tmp_path / "o.prototxt", tmp_path / "o.caffemodel")
+    types = [layer.type for layer in net.layers]
+    assert types.count("Convolution") == 3 + 2 * 3 and "Power" not in types  # taps never reach the output
+    x = {"data": np.random.default_rng(1).standard_normal((2, 6, 12, 12)).astype(np.float32)}
+    (a,), (b,) = opencv_outputs(deploy, model, x), opencv_outputs(tmp_path / "o.prototxt", tmp_path / "o.caffemodel", x)
+    assert max_relative_difference(a, b) <= 1e-4
+    # and with the planner choosing (T > 0), which reads every branch's input through the taps
+    result = run_cli(deploy, model, "--tradeoff", "0.95", "-o", tmp_path / "p", "--force")
+    assert result.returncode == 0, result.stderr
+
+
+def test_taps_copy_the_kth_top_before_in_place_layers():
+    net = Net("t", (
+        Layer("data", "Input", (), ("x",)),
+        Layer("s", "Slice", ("x",), ("a", "b")),
+        Layer("r", "ReLU", ("b",), ("b",)),
+    ))
+    tapped, names = pipeline._with_taps(net, [pipeline.Source("s", 1), pipeline.Source("s", 0)])
+    assert [layer.name for layer in tapped.layers] == ["data", "s", names[pipeline.Source("s", 1)], "r"]
+    assert names[pipeline.Source("s", 0)] == "s"
+
+
+# ------------------------------------------------------------------ the closed loop
+
+
+def test_over_aggressive_plan_is_backed_off(tmp_path, monkeypatch):
+    deploy, model = embedder(tmp_path)
+    # Plant a first round that takes every layer to its minimal rank (budget inf).
+    real = search.budget_ladder
+    monkeypatch.setattr(search, "budget_ladder", lambda t: [math.inf] + real(t))
+    report = pipeline.compress(deploy, model, tradeoff=0.95, output=tmp_path / "o")
+    assert report.rounds >= 2
+    assert report.contract and all(c.passed for c in report.contract)
+    x = {"data": np.random.default_rng(7).uniform(-100, 100, (4, 3, 16, 16)).astype(np.float32)}
+    (a,), (b,) = opencv_outputs(deploy, model, x, ["sc"]), opencv_outputs(tmp_path / "o.prototxt",
+                                                                          tmp_path / "o.caffemodel", x, ["sc"])
+    cos = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert cos.min() >= 0.98
+
+
+def test_contract_that_cannot_be_met_writes_nothing(tmp_path, monkeypatch):
+    deploy, model = embedder(tmp_path)
+    monkeypatch.setattr(search, "budget_ladder", lambda t: [math.inf])  # only the smallest plan is tried
+    report = pipeline.compress(deploy, model, tradeoff=0.95, output=tmp_path / "o")
+    assert not report.written and "nothing to compress" in report.note
+    assert not (tmp_path / "o.caffemodel").exists() and not (tmp_path / "o.prototxt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["embedder.caffemodel", "embedder.prototxt"]
+
+
+def test_forced_ranks_that_break_the_contract_exit_6(tmp_path):
+    deploy, model = embedder(tmp_path)
+    result = run_cli(deploy, model, "--rank", "fc=1", "--tradeoff", "0.5", "-o", tmp_path / "o")
+    assert result.returncode == 6, result.stderr
+    assert "contract" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o.caffemodel").exists()
+
+
+def test_validation_that_compares_nothing_is_an_error(tmp_path):
+    text = EMBEDDER + 'layer { name: "sink" type: "Silence" bottom: "emb" }\n'
+    deploy, model = embedder(tmp_path)
+    deploy.write_text(text)
+    result = run_cli(deploy, model, "-o", tmp_path / "o")
+    assert result.returncode == 6 and "no output to compare" in result.stderr, result.stderr
+    assert not (tmp_path / "o.caffemodel").exists()
+
+
+# ------------------------------------------------------------------ kinds and metrics
+
+
+def _net(*layers):
+    return Net("n", tuple(layers))
+
+
+def test_output_kinds_from_the_graph():
+    net = _net(
+        Layer("data", "Input", (), ("data",)),
+        Layer("fc", "InnerProduct", ("data",), ("logits",)),
+        Layer("prob", "Softmax", ("logits",), ("prob",)),
+        Layer("map", "Convolution", ("data",), ("cls",)),
+        Layer("cls_prob", "Softmax", ("cls",), ("cls_prob",)),
+        Layer("box", "Convolution", ("data",), ("bbox",)),
+        Layer("img", "Convolution", ("data",), ("sr",)),
+        Layer("emb", "InnerProduct", ("data",), ("emb",)),
+        Layer("reg", "InnerProduct", ("data",), ("reg",)),
+    )
+    shapes = {"prob": (4, 2), "cls_prob": (4, 4, 10, 10), "bbox": (4, 8, 10, 10), "sr": (4, 1, 32, 32),
+              "emb": (4, 128), "reg": (4, 10)}
+    specs = {s.name: s for s in contract.infer_outputs(net, list(shapes), shapes=shapes)}
+    assert {k: v.kind for k, v in specs.items()} == {
+        "prob": "class", "cls_prob": "scores", "bbox": "boxes", "sr": "image", "emb": "embedding", "reg": "dense"}
+    assert specs["bbox"].pair == "cls_prob"
+    over = contract.infer_outputs(net, list(shapes), shapes=shapes, overrides={"reg": "embedding"})
+    assert over[-1].kind == "embedding"
+    with pytest.raises(Exception, match="unknown kind"):
+        contract.infer_outputs(net, list(shapes), shapes=shapes, overrides={"reg": "banana"})
+
+
+def test_detection_output_inputs_are_scores_and_boxes():
+    net = _net(
+        Layer("data", "Input", (), ("data",)),
+        Layer("loc", "Convolution", ("data",), ("loc",)),
+        Layer("conf", "Softmax", ("data",), ("conf",)),
+        Layer("prior", "PriorBox", ("data",), ("prior",)),
+        Layer("det", "DetectionOutput", ("loc", "conf", "prior"), ("det",),
+              {"detection_output_param": {"num_classes": 2, "confidence_threshold": 0.3}}),
+    )
+    specs = {s.name: s for s in contract.infer_outputs(net, ["loc", "conf", "prior"])}
+    assert specs["conf"].kind == "scores" and specs["conf"].classes == 2 and specs["conf"].background == 0
+    assert specs["loc"].kind == "boxes" and specs["loc"].pair == "conf"
+    assert specs["prior"].kind == "dense"
+
+
+def _scores(rng, n=8, positions=400, faces=6):
+    fg = np.full((n, positions), 0.01)
+    for i in range(n):
+        fg[i, rng.choice(positions, faces, replace=False)] = 0.999
+    return np.stack([1 - fg, fg], axis=2).reshape(n, -1).astype(np.float32)  # SSD's flat (N, P*C)
+
+
+def test_scores_metric_catches_a_detector_that_lost_its_faces():
+    rng = np.random.default_rng(0)
+    a = _scores(rng)
+    spec = contract.OutputSpec("conf", "scores", classes=2, background=0)
+    good = contract.check_output(spec, a, a * 0.999 + 0.0005, 0.95)
+    assert all(c.passed for c in good)
+    broken = a.copy().reshape(8, -1, 2)
+    broken[:, :, 1] = np.minimum(broken[:, :, 1], 0.31)  # best face score 0.31: nothing detected
+    broken[:, :, 0] = 1 - broken[:, :, 1]
+    checks = contract.check_output(spec, a, broken.reshape(8, -1), 0.95)
+    assert not all(c.passed for c in checks)
+    jaccard = [c for c in checks if "Jaccard" in c.metric][0]
+    assert jaccard.value == 0.0
+    # a global figure like the cosine would have said 0.998: the metric looks at the positives
+    assert np.sum(a * broken.reshape(8, -1)) / np.linalg.norm(a) / np.linalg.norm(broken) > 0.99
+
+
+def test_boxes_metric_looks_at_the_positives():
+    rng = np.random.default_rng(1)
+    conf = _scores(rng)
+    loc = rng.standard_normal((8, 400 * 4)).astype(np.float32)
+    specs = {"conf": contract.OutputSpec("conf", "scores", classes=2, background=0),
+             "loc": contract.OutputSpec("loc", "boxes", pair="conf")}
+    positives = conf.reshape(8, 400, 2)[:, :, 1] > 0.5
+    bad = loc.reshape(8, 400, 4).copy()
+    bad[positives] *= 1.5  # wrong boxes exactly where the faces are; 1.5% of all values
+    check, = contract.check_output(specs["loc"], loc, bad.reshape(8, -1), 0.95, outputs={"conf": conf}, specs=specs)
+    assert not check.passed and check.value == pytest.approx(0.5, rel=1e-3)
+    assert contract.check_output(specs["loc"], loc, loc, 0.95, outputs={"conf": conf}, specs=specs)[0].passed
+
+
+def test_class_metric_counts_confident_flips_and_forgives_unsure_ones():
+    rng = np.random.default_rng(2)
+    confident = np.tile([0.97, 0.03], (90, 1))
+    unsure = np.tile([0.55, 0.45], (10, 1))
+    a = np.vstack([confident, unsure]).astype(np.float32)
+    unsure_flips = a.copy()
+    unsure_flips[90:] = [0.45, 0.55]
+    spec = contract.OutputSpec("prob", "class")
+    assert contract.check_output(spec, a, unsure_flips, 0.95)[0].passed
+    confident_flips = a.copy()
+    confident_flips[:18] = [0.3, 0.7]  # 20% of the confident predictions change: a broken stage
+    assert not contract.check_output(spec, a, confident_flips, 0.95)[0].passed
+
+
+def test_image_and_embedding_metrics():
+    rng = np.random.default_rng(3)
+    img = rng.uniform(0, 1, (4, 1, 32, 32)).astype(np.float32)
+    spec = contract.OutputSpec("sr", "image")
+    assert contract.check_output(spec, img, img + 0.001, 0.95)[0].passed  # 60 dB
+    assert not contract.check_output(spec, img, img + 0.05, 0.95)[0].passed  # 26 dB
+    emb = rng.standard_normal((4, 128)).astype(np.float32)
+    collapsed = np.tile(emb[:1], (4, 1))  # all embeddings identical
+    assert not contract.check_output(contract.OutputSpec("e", "embedding"), emb, collapsed, 0.95)[0].passed
+
+
+def test_targets_loosen_above_095_and_vanish_at_1():
+    t95, t99 = contract.targets(0.95), contract.targets(0.99)
+    assert contract.targets(0.5) == t95
+    assert t99["relative"] > t95["relative"] and t99["psnr"] < t95["psnr"] and t99["cosine"] < t95["cosine"]
+    assert all(v is None for v in contract.targets(1.0).values())
+    assert contract.targets(0.99, min_fidelity=0.5) == t95
+
+
+# ------------------------------------------------------------------ the input convention
+
+
+def _conv_net(weight, bias, *, bn=None, input_bn=None):
+    layers = [Layer("data", "Input", (), ("data",), {"input_param": {"shape": [{"dim": [1, 3, 32, 32]}]}})]
+    bottom = "data"
+    if input_bn is not None:
+        layers.append(Layer("bn0", "BatchNorm", ("data",), ("data",), blobs=input_bn))
+    layers.append(Layer("conv1", "Convolution", (bottom,), ("conv1",),
+                        {"convolution_param": {"num_output": weight.shape[0], "kernel_size": [3]}},
+                        (weight, bias)))
+    if bn is not None:
+        layers.append(Layer("bn1", "BatchNorm", ("conv1",), ("conv1",), blobs=bn))
+    return Net("c", tuple(layers))
+
+
+def _stats_under(convention, weight):
+    pictures = probe.dead_leaves(4, 3, 32, 32, seed=9)
+    zero = np.zeros(weight.shape[0], np.float32)
+    response, _ = probe._first_conv_response(_conv_net(weight, zero).layers[1], convention.apply(pictures),
+                                             np.random.default_rng(0))
+    return response.mean(axis=0), response.std(axis=0)
+
+
+@pytest.mark.parametrize("truth", ["pixels", "unit", "symmetric", "pixels-mean"])
+def test_convention_from_the_batchnorm_after_the_first_convolution(truth):
+    weight = np.random.default_rng(4).standard_normal((16, 3, 3, 3)).astype(np.float32) * 0.1
+    convention = probe._named(truth)
+    mean, std = _stats_under(convention, weight)
+    bn = (mean.astype(np.float32), (std ** 2).astype(np.float32), np.ones(1, np.float32))
+    inferred = probe.infer_convention(_conv_net(weight, np.zeros(16, np.float32), bn=bn), "data", (1, 3, 32, 32))
+    assert inferred.convention.name == truth, inferred
+
+
+@pytest.mark.parametrize("truth", ["unit", "symmetric"])
+def test_convention_from_the_first_layer_biases(truth):
+    weight = np.random.default_rng(5).standard_normal((16, 3, 3, 3)).astype(np.float32) * 0.1
+    _, std = _stats_under(probe._named(truth), weight)
+    bias = (probe.TYPICAL_BIAS_RATIO * std * np.random.default_rng(6).choice([-1, 1], 16)).astype(np.float32)
+    inferred = probe.infer_convention(_conv_net(weight, bias), "data", (1, 3, 32, 32))
+    assert inferred.convention.name == truth, inferred
+
+
+def test_convention_from_an_input_batchnorm_and_the_default():
+    weight = np.random.default_rng(7).standard_normal((16, 3, 3, 3)).astype(np.float32)
+    bn = (np.array([0.5, 0.4, 0.3], np.float32), np.array([0.04, 0.04, 0.04], np.float32), np.ones(1, np.float32))
+    inferred = probe.infer_convention(_conv_net(weight, np.zeros(16, np.float32), input_bn=bn), "data", (1, 3, 32, 32))
+    x = inferred.convention.apply(probe.dead_leaves(8, 3, 32, 32, seed=1))
+    assert inferred.convention.name == "batchnorm"
+    assert np.allclose(x.mean(axis=(0, 2, 3)), [0.5, 0.4, 0.3], atol=0.1)
+    assert np.allclose(x.std(axis=(0, 2, 3)), 0.2, rtol=0.35)
+    tiny = probe.infer_convention(_conv_net(weight, np.full(16, 1e-6, np.float32)), "data", (1, 3, 32, 32))
+    assert tiny.convention.name == "pixels-mean" and "default" in tiny.evidence
+
+
+def test_natural_probes_look_like_pictures():
+    x = probe.dead_leaves(4, 3, 64, 64, seed=0)
+    assert x.min() >= 0 and x.max() <= 255 and 40 < x.std() < 100
+    # neighbouring pixels are strongly correlated, unlike white noise
+    a, b = x[:, :, :, :-1].ravel(), x[:, :, :, 1:].ravel()
+    assert np.corrcoef(a, b)[0, 1] > 0.8
