@@ -383,6 +383,28 @@ class _Factorizer:
 # ------------------------------------------------------------------ compress
 
 
+@dataclass
+class _LoopState:
+    """The closed loop's rounds: the best passing plan so far stays staged, the others are discarded."""
+
+    best: tuple | None = None  # (staged, new_net, plan, verdict)
+    tried: dict = field(default_factory=dict)  # chosen ranks -> passed
+    misses: list = field(default_factory=list)
+    rounds: int = 0
+    empty_plan: planner.Plan | None = None
+
+    def keep(self, staged, new_net, plan, verdict) -> None:
+        # bisection only ever finds larger passing budgets after a pass... or smaller ones after a miss;
+        # the latest pass has the smaller index, i.e. the larger budget
+        self.discard()
+        self.best = (staged, new_net, plan, verdict)
+
+    def discard(self) -> None:
+        if self.best is not None:
+            self.best[0].discard()
+            self.best = None
+
+
 @dataclass(frozen=True)
 class _Verdict:
     checks: tuple[contract.Check, ...]
@@ -564,40 +586,71 @@ class _Run:
 
     # -- choose -> decompose -> rewrite -> write -> verify, backing off on a miss
     def closed_loop(self, net, prefix, candidates, skipped, ws, specs, reference, inputs) -> Report:
+        """The largest budget on the ladder whose plan meets the contract: budget(T) first, then bisection.
+
+        Meeting the contract is (nearly) monotone in the budget, so bisection over the fixed ladder finds
+        the same rung whatever T the walk started from: a larger T never gives a larger file.
+        """
         factorizer = _Factorizer(net, ws, self.ranks, self.seed, self.timer.timings, self.say)
         store_fp16 = net.stored_fp16 if self.fp16 is None else bool(self.fp16)
         ladder = search.budget_ladder(self.tradeoff) if candidates else [0.0]
-        if self.force and ladder[-1] != 0.0:
-            ladder.append(0.0)  # --force: a lossless copy when every plan misses
-        misses: list[str] = []
-        for round_index, budget in enumerate(ladder):
+        state = _LoopState()
+
+        def attempt(budget: float) -> bool | None:
+            """True: the plan passed (and is kept staged); False: missed; None: nothing to factor."""
             with self.timer.stage("plan"):
                 chosen, predicted = planner.choose_ranks(candidates, self.tradeoff, forced=self.ranks, budget=budget)
                 plan = replace(planner.build_plan(net, candidates, chosen, skipped, self.tradeoff, predicted),
                                error_budget=budget)
             if not chosen and self.tradeoff > 0 and not self.force:
-                return self._nothing(net, plan, specs, misses, inputs)
+                state.empty_plan = plan
+                return None
+            key = tuple(sorted(chosen.items()))
+            if key in state.tried:
+                return state.tried[key]
             with self.timer.stage("decompose"):
                 self.say("rewriting the network")
                 new_net, plan = factorizer.build(plan)
                 new_net.check()
             verdict, staged = self.write_and_verify(net, new_net, prefix, store_fp16, specs, reference, inputs)
+            state.rounds += 1
             # --rank alone (T = 0) is the user's own choice of loss: measured and reported, not enforced.
-            if verdict.passed or (self.ranks and self.tradeoff == 0):
-                staged.commit()
-                return self._report(net, new_net, plan, verdict, staged, inputs, store_fp16, misses)
+            passed = verdict.passed or bool(self.ranks and self.tradeoff == 0)
+            state.tried[key] = passed
+            if passed:
+                state.keep(staged, new_net, plan, verdict)
+                return True
             staged.discard()
             if not chosen:
                 raise ValidationError(f"{self.deploy}: the model's outputs are not reproducible in OpenCV (an "
                                       f"unchanged copy misses the contract: {verdict.first_miss()})")
-            misses.append(verdict.first_miss())
-            log.info("round %d (budget %.4g) misses the contract: %s", round_index + 1, budget, misses[-1])
+            state.misses.append(verdict.first_miss())
+            log.info("round %d (budget %.4g) misses the contract: %s", state.rounds, budget, state.misses[-1])
             if self.ranks:
                 raise ValidationError(f"the forced ranks break the fidelity contract at T = {self.tradeoff:g}: "
-                                      f"{misses[-1]}; raise the ranks or the trade-off")
-            self.say(f"backing off: {misses[-1]}")
-        # Every rung missed: the last resort is to factor nothing.
-        return self._nothing(net, None, specs, misses, inputs)
+                                      f"{state.misses[-1]}; raise the ranks or the trade-off")
+            self.say(f"backing off: {state.misses[-1]}")
+            return False
+
+        try:
+            if attempt(ladder[0]) is False:
+                lo, hi = 1, len(ladder) - 1
+                while lo <= hi and state.rounds < search.MAX_ROUNDS:
+                    mid = (lo + hi) // 2
+                    if attempt(ladder[mid]) is False:
+                        lo = mid + 1
+                    else:
+                        hi = mid - 1
+            if state.best is None and self.force:
+                attempt(0.0)  # --force: an unchanged copy when every plan misses
+        except BaseException:
+            state.discard()
+            raise
+        if state.best is None:
+            return self._nothing(net, state.empty_plan, specs, state.misses, inputs, state.rounds)
+        staged, new_net, plan, verdict = state.best
+        staged.commit()
+        return self._report(net, new_net, plan, verdict, staged, inputs, store_fp16, state.misses, state.rounds)
 
     def write_and_verify(self, net, new_net, prefix, store_fp16, specs, reference, inputs):
         self.say("writing the model")
@@ -624,15 +677,17 @@ class _Run:
             staged.discard()
             raise
 
-    def _nothing(self, net, plan, specs, misses, inputs) -> Report:
+    def _nothing(self, net, plan, specs, misses, inputs, rounds) -> Report:
         if plan is None:
             plan = planner.build_plan(net, [], {}, {}, self.tradeoff, 0.0)
         note = NOTHING_TO_COMPRESS
         if misses:
             note += f" (the smallest plan tried missed it: {misses[-1]})"
-        return self._report(net, net, plan, _Verdict((), ()), None, inputs, net.stored_fp16, misses, note=note)
+        return self._report(net, net, plan, _Verdict((), ()), None, inputs, net.stored_fp16, misses, rounds,
+                            note=note)
 
-    def _report(self, net, new_net, plan, verdict, staged, inputs, store_fp16, misses, note: str = "") -> Report:
+    def _report(self, net, new_net, plan, verdict, staged, inputs, store_fp16, misses, rounds,
+                note: str = "") -> Report:
         weights_path = Path(self.weights)
         return Report(
             deploy=str(self.deploy),
@@ -656,6 +711,6 @@ class _Run:
             storage="float16" if store_fp16 else "float32",
             contract=verdict.checks,
             convention=inputs.convention,
-            rounds=len(misses) + (1 if staged else 0),
+            rounds=rounds,
             note=note,
         )

@@ -28,7 +28,8 @@ Say = Callable[[str], None]
 CP_ITERATIONS = 20  # ALS sweeps at the top of a layer's rank grid (fewer further down)
 NEGLIGIBLE_COST_SHARE = 0.005  # a layer below 0.5% of params+MACs gets no sensitivity trial
 ACTIVATION_BYTES = 256 << 20  # activations held at once while probing (samples run in chunks)
-MAX_ROUNDS = 6  # budgets tried by the closed loop before giving up on factoring
+MAX_ROUNDS = 6  # plans the closed loop writes and measures at most (budget(T), then bisection)
+MIN_BUDGET_EXPONENT = -12  # the smallest budget tried is 2^-12 (a 0.02% output change)
 
 
 @dataclass(frozen=True)
@@ -180,10 +181,10 @@ def measure_gains(run: Run, net: Net, candidates: list[Candidate], *, inputs: Ma
 
 
 def budget_ladder(tradeoff: float) -> list[float]:
-    """The error budgets the closed loop tries, largest first: budget(T), then halvings on a fixed grid.
+    """The error budgets the closed loop may try: budget(T), then the powers of two below it.
 
-    The grid (powers of two) is the same for every T, so a larger T walks down the same rungs from
-    a higher start and stops no lower than a smaller T does: the file size stays monotone in T.
+    The grid is the same for every T, so a larger T searches a superset of a smaller T's rungs and,
+    since meeting the contract is monotone in the budget, stops no lower: the size stays monotone in T.
     """
     start = error_budget(tradeoff)
     if math.isinf(start):
@@ -191,5 +192,4 @@ def budget_ladder(tradeoff: float) -> list[float]:
     if start <= 0:
         return [0.0]
     top = math.floor(math.log2(start))
-    rungs = [start] + [2.0 ** (top - k) for k in range(MAX_ROUNDS) if 2.0 ** (top - k) < start]
-    return rungs[:MAX_ROUNDS]
+    return [start] + [2.0 ** k for k in range(top, MIN_BUDGET_EXPONENT - 1, -1) if 2.0 ** k < start]
