@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="judge output NAME as KIND (class, scores, boxes, embedding, image, dense); repeatable")
     p.add_argument("--min-fidelity", metavar="T", default=None,
                    help="hold the fidelity targets of trade-off T (tighter than --tradeoff's)")
+    p.add_argument("--objective", choices=["balanced", "speed", "size"], default="balanced",
+                   help="balanced (default): never slower than the original in OpenCV on this machine; "
+                        "speed: factored layers must be 1.1x faster; size: no speed checks")
     p.add_argument("--force", action="store_true", help="write the model even when nothing was compressed")
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
@@ -188,6 +191,7 @@ def _run_compress(argv: Sequence[str]) -> int:
         validate_output=not args.no_validate, images=args.images, calibration=args.calibration,
         preprocessing=pre, probes=args.probes if args.probes is not None else DEFAULT_PROBES,
         seed=args.seed, fp16=args.fp16, outputs=kinds, min_fidelity=min_fidelity, force=args.force,
+        objective=args.objective,
         progress=progress,
     )
     from .report import format_table

@@ -18,7 +18,7 @@ from typing import Callable, Hashable, Mapping, Sequence
 
 import numpy as np
 
-from . import io, rewrite, validate
+from . import io, rewrite, timing, validate
 from .decompose import cp_conv, cp_reconstruct
 from .errors import ModelError, RankError, UsageError, ValidationError, WriteError
 from .net import Layer, Net, conv_geometry
@@ -31,7 +31,12 @@ DEFAULT_TRADEOFF = 0.95
 DEFAULT_PROBES = 8
 VALIDATION_PROBES = 64
 VALIDATION_ELEMENTS = 1 << 23  # values per input over all validation samples (32 MB of float32)
-PROBE_SIDE = 96  # fully convolutional nets are probed on pictures at most this high and wide
+PROBE_SIDE = 96
+TIMING_SIDE = 128  # layers are timed on maps at most this high and wide
+SPEED_MARGIN = 1.1  # --objective speed: a factored layer must be at least this much faster
+OBJECTIVES = ("balanced", "speed", "size")
+MAX_SPEED_ROUNDS = 3  # factorizations dropped one at a time while the whole model is slower
+LATENCY_TOLERANCE = 0.97  # whole-model 1-thread speed ratio below this is "slower" (noise allowance)  # fully convolutional nets are probed on pictures at most this high and wide
 # Layers that work at any spatial size: a net made only of these is probed on smaller pictures.
 SIZE_FREE_TYPES = frozenset({
     "Input", "Convolution", "Deconvolution", "ReLU", "PReLU", "ELU", "TanH", "Sigmoid", "AbsVal", "BNLL", "Power",
@@ -43,6 +48,7 @@ FORCED_CP_ITERATIONS = 1000  # a rank given with --rank: run to convergence
 MAX_PROBE_ELEMENTS = 1 << 24  # 64 MB of float32 per probe input (3 x 2048 x 2048 fits)
 MAX_PROBES = 256
 MAX_IMAGES = 64
+RUN_CHUNK = 8  # samples per OpenCV forward pass
 MIN_HELD_OUT = 8  # a calibration set of at least 2x this is split: even files plan, odd files validate
 NOTHING_TO_COMPRESS = "nothing to compress within the fidelity contract at this trade-off; try a higher T"
 
@@ -140,7 +146,7 @@ def _tap_name(net: Net, source: Source) -> str:
     return name
 
 
-def _with_taps(net: Net, sources: Sequence[Source]) -> tuple[Net, dict[Source, str]]:
+def _with_taps(net: Net, sources: Sequence[Source], *, every: bool = False) -> tuple[Net, dict[Source, str]]:
     """The net with an identity (Power) layer after every k > 0 top that is asked for.
 
     OpenCV 4.x cannot return the k-th top of a multi-top layer by name ("layer.k" is not resolved),
@@ -150,7 +156,7 @@ def _with_taps(net: Net, sources: Sequence[Source]) -> tuple[Net, dict[Source, s
     names: dict[Source, str] = {}
     taps: dict[str, list[Layer]] = {}
     for s in dict.fromkeys(sources):
-        if s.is_input or s.index == 0:
+        if s.is_input or (s.index == 0 and not every):
             names[s] = s.layer
             continue
         producer = net.layer(s.layer)
@@ -183,13 +189,29 @@ class _OpenCV:
     def run(self, net: Net, inputs: Mapping[str, np.ndarray], sources: Sequence[Hashable], *,
             what: str = "model", error=ValidationError, files: tuple[Path, Path] | None = None) -> dict:
         """{source: array} of ``sources`` for ``inputs``; ``files``: run these (the staged pair) instead."""
-        tapped, names = _with_taps(net, list(sources))
+        try:
+            return self._run(net, inputs, sources, what=what, error=error, files=files, every=False)
+        except error:
+            # OpenCV cannot return some layer outputs by name (a convolution whose output it writes
+            # straight into a Concat's buffer): copy every asked-for blob with a layer of its own.
+            return self._run(net, inputs, sources, what=what, error=error, files=None, every=True)
+
+    def _run(self, net, inputs, sources, *, what, error, files, every) -> dict:
+        tapped, names = _with_taps(net, list(sources), every=every)
         if files is not None and tapped is net:
             cv_net = validate.load_opencv_net(files[0], files[1], what=what, error=error)
         else:
             cv_net = self.load(tapped, what=what, error=error)
-        wanted = [names[s] for s in sources if not s.is_input]
-        values = validate.forward(cv_net, inputs, list(dict.fromkeys(wanted)), what=what, error=error) if wanted else {}
+        wanted = list(dict.fromkeys(names[s] for s in sources if not s.is_input))
+        values: dict = {}
+        count = next(iter(inputs.values())).shape[0] if inputs else 0
+        for start in range(0, count, RUN_CHUNK) if wanted else ():
+            # in chunks: OpenCV keeps every intermediate blob of a batch alive (peak memory)
+            part = validate.forward(cv_net, {k: v[start:start + RUN_CHUNK] for k, v in inputs.items()}, wanted,
+                                    what=what, error=error)
+            for k, v in part.items():
+                values.setdefault(k, []).append(v)
+        values = {k: np.concatenate(v, axis=0) for k, v in values.items()}
         del cv_net
         return {s: (inputs[s.layer] if s.is_input else values[names[s]]) for s in sources}
 
@@ -384,14 +406,85 @@ class _Factorizer:
 
 
 @dataclass
+class _SpeedGuard:
+    """Measured speed: a factorization that runs slower than its layer is dropped (objective balanced/speed).
+
+    Layers are timed alone in OpenCV, one thread, at their real input shape (spatial size capped at
+    TIMING_SIDE: the ratio is what matters), original against replacement; results are cached.
+    """
+
+    objective: str
+    cv: "_OpenCV"
+    net: Net
+    first_input: Mapping[str, "Source"]
+    shapes: Mapping[str, tuple[int, ...]]  # declared input shapes
+    say: ProgressFn
+    timings: dict
+    layer_shapes: dict = field(default_factory=dict)
+    speedups: dict = field(default_factory=dict)  # (layer, rank) -> original / factored time
+
+    @property
+    def required(self) -> float:
+        return {"size": 0.0, "balanced": LATENCY_TOLERANCE, "speed": SPEED_MARGIN}[self.objective]
+
+    def slow_layers(self, new_net: Net, chosen: Mapping[str, int], forced: Mapping[str, int]) -> dict[str, str]:
+        """{layer: reason} for chosen factorizations that are not fast enough (forced ranks are kept)."""
+        if self.objective == "size":
+            return {}
+        slow = {}
+        for name, rank in chosen.items():
+            if name in forced:
+                continue
+            speedup = self.speedup(new_net, name, rank)
+            if speedup < self.required:
+                slow[name] = f"factored form measured {1 / speedup:.2f}x slower in OpenCV" if speedup < 1 else \
+                    f"factored form only {speedup:.2f}x faster (--objective speed)"
+        return slow
+
+    def speedup(self, new_net: Net, name: str, rank: int) -> float:
+        key = (name, rank)
+        if key not in self.speedups:
+            start = time.perf_counter()
+            shape = self._input_shape(name)
+            layer = self.net.layer(name)
+            bottom = layer.bottoms[0]
+            self.say(f"timing {name}")
+            latency = timing.compare(
+                lambda model: self.cv.load(model, what=f"timing of {name}"),
+                timing.layer_net((layer,), bottom, shape),
+                timing.layer_net(timing.replacement_layers(new_net, name), bottom, shape),
+                {bottom: np.random.default_rng(0).standard_normal(shape).astype(np.float32)},
+                budget_s=timing.LAYER_BUDGET_S)
+            self.speedups[key] = latency.speedup
+            self.timings["timing"] = self.timings.get("timing", 0.0) + time.perf_counter() - start
+        return self.speedups[key]
+
+    def _input_shape(self, name: str) -> tuple[int, ...]:
+        if not self.layer_shapes:
+            feed = {k: np.zeros((1,) + tuple(v[1:]), np.float32) for k, v in self.shapes.items()}
+            wanted = {n: s for n, s in self.first_input.items() if not s.is_input}
+            values = self.cv.run(self.net, feed, list(dict.fromkeys(wanted.values())), what="timing shapes")
+            for n, s in self.first_input.items():
+                value = feed[s.layer] if s.is_input else values[s]
+                self.layer_shapes[n] = tuple(value.shape)
+        shape = self.layer_shapes[name]
+        if len(shape) == 4:
+            shape = shape[:2] + tuple(min(int(d), TIMING_SIDE) for d in shape[2:])
+        return shape
+
+
+@dataclass
 class _LoopState:
     """The closed loop's rounds: the best passing plan so far stays staged, the others are discarded."""
 
     best: tuple | None = None  # (staged, new_net, plan, verdict)
     tried: dict = field(default_factory=dict)  # chosen ranks -> passed
+    slow: dict = field(default_factory=dict)  # (layer, rank) -> why its factored form is not used
     misses: list = field(default_factory=list)
     rounds: int = 0
     empty_plan: planner.Plan | None = None
+    best_budget: float = 0.0
+    latency: timing.Latency | None = None
 
     def keep(self, staged, new_net, plan, verdict) -> None:
         # bisection only ever finds larger passing budgets after a pass... or smaller ones after a miss;
@@ -440,6 +533,7 @@ def compress(
     outputs: Mapping[str, str] | None = None,
     min_fidelity: float | None = None,
     force: bool = False,
+    objective: str = "balanced",
     progress: ProgressFn | None = None,
 ) -> Report:
     """Compress a Caffe model; write ``PREFIX.prototxt``/``PREFIX.caffemodel``; return a Report.
@@ -456,13 +550,15 @@ def compress(
     outputs : {output blob: kind} overriding the inferred output kinds (plan/contract.py KINDS).
     min_fidelity : hold the contract of this (lower) T instead of the one T implies.
     force : write the model even when nothing was compressed at T > 0.
+    objective : "balanced" (default: no factored layer and no written model slower than the original in
+        OpenCV on this machine), "speed" (a factored layer must be 1.1x faster) or "size" (no speed checks).
     progress : callable receiving one-line progress messages.
     """
     with tempfile.TemporaryDirectory(prefix="caffe-compress-") as scratch:
         run = _Run(deploy, weights, tradeoff=planner.check_tradeoff(tradeoff), output=output,
                    ranks=dict(ranks or {}), keep=tuple(keep), validate_output=validate_output,
                    preprocessing=preprocessing or validate.Preprocessing(), probes=probes, seed=seed, fp16=fp16,
-                   outputs=dict(outputs or {}), min_fidelity=min_fidelity, force=force,
+                   outputs=dict(outputs or {}), min_fidelity=min_fidelity, force=force, objective=objective,
                    say=progress or (lambda message: None), cv=_OpenCV(Path(scratch)))
         return run.execute(images=images, calibration=calibration)
 
@@ -494,6 +590,7 @@ class _Run:
     outputs: dict[str, str]
     min_fidelity: float | None
     force: bool
+    objective: str
     say: ProgressFn
     cv: _OpenCV
     timer: _Timer = field(default_factory=_Timer)
@@ -503,7 +600,9 @@ class _Run:
         if not 1 <= self.probes <= MAX_PROBES:
             raise UsageError(f"--probes: {self.probes} must be between 1 and {MAX_PROBES}")
         if self.min_fidelity is not None:
-            planner.check_tradeoff(self.min_fidelity)
+            planner.check_tradeoff(self.min_fidelity, option="--min-fidelity")
+        if self.objective not in OBJECTIVES:
+            raise UsageError(f"--objective: '{self.objective}' is not one of {', '.join(OBJECTIVES)}")
         prefix = _output_prefix(self.output, self.weights)
         io.check_outputs(prefix, protect=(Path(self.deploy), Path(self.weights)))
         net = self.load()
@@ -592,6 +691,8 @@ class _Run:
         the same rung whatever T the walk started from: a larger T never gives a larger file.
         """
         factorizer = _Factorizer(net, ws, self.ranks, self.seed, self.timer.timings, self.say)
+        guard = _SpeedGuard(self.objective, self.cv, net, _sources(net)[0], net.input_shapes(), self.say,
+                            self.timer.timings)
         store_fp16 = net.stored_fp16 if self.fp16 is None else bool(self.fp16)
         ladder = search.budget_ladder(self.tradeoff) if candidates else [0.0]
         state = _LoopState()
@@ -600,18 +701,29 @@ class _Run:
             """True: the plan passed (and is kept staged); False: missed; None: nothing to factor."""
             with self.timer.stage("plan"):
                 chosen, predicted = planner.choose_ranks(candidates, self.tradeoff, forced=self.ranks, budget=budget)
-                plan = replace(planner.build_plan(net, candidates, chosen, skipped, self.tradeoff, predicted),
+            reasons = dict(skipped)
+            for name in [n for n in chosen if (n, chosen[n]) in state.slow]:
+                reasons[name] = state.slow[(name, chosen.pop(name))]
+            while True:
+                plan = replace(planner.build_plan(net, candidates, chosen, reasons, self.tradeoff, predicted),
                                error_budget=budget)
-            if not chosen and self.tradeoff > 0 and not self.force:
-                state.empty_plan = plan
-                return None
-            key = tuple(sorted(chosen.items()))
-            if key in state.tried:
-                return state.tried[key]
-            with self.timer.stage("decompose"):
-                self.say("rewriting the network")
-                new_net, plan = factorizer.build(plan)
-                new_net.check()
+                if not chosen and self.tradeoff > 0 and not self.force:
+                    state.empty_plan = plan
+                    return None
+                key = tuple(sorted(chosen.items()))
+                if key in state.tried:
+                    return state.tried[key]
+                with self.timer.stage("decompose"):
+                    self.say("rewriting the network")
+                    new_net, plan = factorizer.build(plan)
+                    new_net.check()
+                with self.timer.stage("timing"):
+                    slow = guard.slow_layers(new_net, chosen, self.ranks)
+                if not slow:
+                    break
+                for name, why in slow.items():
+                    state.slow[(name, chosen.pop(name))] = why
+                    reasons[name] = why
             verdict, staged = self.write_and_verify(net, new_net, prefix, store_fp16, specs, reference, inputs)
             state.rounds += 1
             # --rank alone (T = 0) is the user's own choice of loss: measured and reported, not enforced.
@@ -619,6 +731,7 @@ class _Run:
             state.tried[key] = passed
             if passed:
                 state.keep(staged, new_net, plan, verdict)
+                state.best_budget = budget
                 return True
             staged.discard()
             if not chosen:
@@ -632,6 +745,25 @@ class _Run:
             self.say(f"backing off: {state.misses[-1]}")
             return False
 
+        def not_slower() -> None:
+            """Drop the slowest factorizations until the whole model is not slower (bounded)."""
+            for _ in range(MAX_SPEED_ROUNDS):
+                staged, new_net, plan, verdict = state.best
+                with self.timer.stage("timing"):
+                    state.latency = self.latency(net, new_net, inputs)
+                if self.objective == "size" or state.latency.speedup >= LATENCY_TOLERANCE:
+                    return
+                chosen = {lp.layer: lp.rank for lp in plan.layers if lp.rank and lp.layer not in self.ranks}
+                if not chosen:
+                    return
+                worst = min(chosen, key=lambda n: guard.speedup(new_net, n, chosen[n]))
+                state.slow[(worst, chosen[worst])] = (f"dropped: the model with it measured "
+                                                      f"{1 / state.latency.speedup:.2f}x slower in OpenCV")
+                budget = state.best_budget
+                state.discard()
+                if attempt(budget) is not True:
+                    return
+
         try:
             if attempt(ladder[0]) is False:
                 lo, hi = 1, len(ladder) - 1
@@ -641,6 +773,8 @@ class _Run:
                         lo = mid + 1
                     else:
                         hi = mid - 1
+            if state.best is not None:
+                not_slower()
             if state.best is None and self.force:
                 attempt(0.0)  # --force: an unchanged copy when every plan misses
         except BaseException:
@@ -650,7 +784,23 @@ class _Run:
             return self._nothing(net, state.empty_plan, specs, state.misses, inputs, state.rounds)
         staged, new_net, plan, verdict = state.best
         staged.commit()
-        return self._report(net, new_net, plan, verdict, staged, inputs, store_fp16, state.misses, state.rounds)
+        report = self._report(net, new_net, plan, verdict, staged, inputs, store_fp16, state.misses, state.rounds)
+        if state.latency is not None and new_net is not net:
+            report = replace(report, latency_ms={
+                "original_1t": state.latency.original_ms, "compressed_1t": state.latency.compressed_ms})
+        return report
+
+    def latency(self, net: Net, new_net: Net, inputs: _Inputs) -> timing.Latency:
+        """1-thread latency of the original and the rewritten net on one input of the declared shape."""
+        self.say("timing the written model against the original")
+        feed = {}
+        for i, (name, shape) in enumerate(net.input_shapes().items()):
+            sample = inputs.validation.get(name)
+            if sample is not None and tuple(sample.shape[1:]) == tuple(shape[1:]):
+                feed[name] = sample[:1]
+            else:
+                feed[name] = np.random.default_rng(i).standard_normal((1,) + tuple(shape[1:])).astype(np.float32)
+        return timing.compare(lambda model: self.cv.load(model, what="timing"), net, new_net, feed)
 
     def write_and_verify(self, net, new_net, prefix, store_fp16, specs, reference, inputs):
         self.say("writing the model")

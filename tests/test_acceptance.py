@@ -90,7 +90,7 @@ def test_same_inputs_same_bytes(tmp_path):
     deploy, model = small_model(tmp_path)
     digests = []
     for i in range(2):
-        result = run_cli(deploy, model, "--tradeoff", "0.9", "-o", tmp_path / f"o{i}", "--force")
+        result = run_cli(deploy, model, "--tradeoff", "0.9", "-o", tmp_path / f"o{i}", "--force", "--objective", "size")
         assert result.returncode == 0, result.stderr
         digests.append(hashlib.sha256((tmp_path / f"o{i}.caffemodel").read_bytes()).hexdigest())
     assert digests[0] == digests[1]

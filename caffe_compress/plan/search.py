@@ -27,7 +27,7 @@ Say = Callable[[str], None]
 
 CP_ITERATIONS = 20  # ALS sweeps at the top of a layer's rank grid (fewer further down)
 NEGLIGIBLE_COST_SHARE = 0.005  # a layer below 0.5% of params+MACs gets no sensitivity trial
-ACTIVATION_BYTES = 256 << 20  # activations held at once while probing (samples run in chunks)
+ACTIVATION_BYTES = 64 << 20  # activations held at once while probing (samples run in chunks)
 MAX_ROUNDS = 6  # plans the closed loop writes and measures at most (budget(T), then bisection)
 MIN_BUDGET_EXPONENT = -12  # the smallest budget tried is 2^-12 (a 0.02% output change)
 
