@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench gendernet fetch proto clean
+.PHONY: demo test bench gendernet zoo compat fetch proto clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -28,9 +28,23 @@ bench: $(STAMP)
 gendernet: $(STAMP)
 	$(PY) -m gendernet.reproduce --faces $(or $(FACES),../shared/data/utkface-dev) --rank fc6=8 --fp16 0.95 --calibrated 0.95,0.99
 
+zoo: $(STAMP)
+	$(PY) tools/zoo_eval.py
+
+# The suite against the oldest and the newest dependencies setup.py allows.
+COMPAT_OLD := numpy==1.26.4 protobuf==4.21.12 opencv-python-headless==4.5.5.64
+compat:
+	rm -rf .venv-compat-old .venv-compat-new
+	$(PYTHON) -m venv .venv-compat-old
+	.venv-compat-old/bin/python -m pip --disable-pip-version-check -q install $(COMPAT_OLD) -e '.[test]'
+	.venv-compat-old/bin/python -m pytest -q tests
+	$(PYTHON) -m venv .venv-compat-new
+	.venv-compat-new/bin/python -m pip --disable-pip-version-check -q install --upgrade -e '.[test]'
+	.venv-compat-new/bin/python -m pytest -q tests
+
 proto: $(STAMP)
 	$(PIP) install 'grpcio-tools>=1.60'
 	$(PY) tools/gen_proto.py
 
 clean:
-	rm -rf $(VENV) out bench.json
+	rm -rf $(VENV) .venv-compat-old .venv-compat-new out bench.json

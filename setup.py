@@ -9,18 +9,20 @@ setup(
     license="MIT",
     python_requires=">=3.9",
     packages=find_packages(include=["caffe_compress", "caffe_compress.*", "gendernet"]),
+    # Only what the package imports. The ranges are the ones `make compat` runs the suite with: the
+    # oldest (numpy 1.26.4, protobuf 4.21.12 -- the first with the fast upb backend, OpenCV 4.5.5.64)
+    # and the newest releases.
     install_requires=[
-        "numpy>=1.21",
-        "scipy>=1.7",
-        "protobuf>=3.20,<8",
-        "tensorly>=0.8",
+        "numpy>=1.26",
+        "protobuf>=4.21,<8",
         # OpenCV 5 removed cv2.dnn.readNetFromCaffe: the whole tool depends on it.
-        "opencv-python-headless>=4.5,<5",
+        "opencv-python-headless>=4.5.5,<5",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "grpcio-tools>=1.60"],
+        # TensorLy is only the tests' independent oracle for CP quality.
+        "test": ["pytest>=7", "hypothesis>=6", "grpcio-tools>=1.60", "tensorly>=0.8"],
         "plot": ["matplotlib>=3.5"],
-        "dev": ["pytest>=7", "hypothesis>=6", "matplotlib>=3.5", "grpcio-tools>=1.60"],
+        "dev": ["pytest>=7", "hypothesis>=6", "matplotlib>=3.5", "grpcio-tools>=1.60", "tensorly>=0.8"],
     },
     entry_points={"console_scripts": ["caffe-compress=caffe_compress.cli:main"]},
 )

@@ -266,8 +266,14 @@ def _to_dict(msg, skip: Iterable[str] = ()) -> dict:
                 return ev.name if ev is not None else v
             return v
 
-        out[fd.name] = [convert(v) for v in value] if fd.is_repeated else convert(value)
+        out[fd.name] = [convert(v) for v in value] if _is_repeated(fd) else convert(value)
     return out
+
+
+def _is_repeated(fd) -> bool:
+    """protobuf >= 6 has FieldDescriptor.is_repeated (and deprecates label); older ones only label."""
+    flag = getattr(fd, "is_repeated", None)
+    return bool(flag) if flag is not None else fd.label == fd.LABEL_REPEATED
 
 
 def _layer_message(layer: Layer) -> pb.LayerParameter:
@@ -320,7 +326,7 @@ def _upgrade_v1(v1: pb.V1LayerParameter, index: int) -> pb.LayerParameter:
         target = out.DESCRIPTOR.fields_by_name.get(fd.name)
         if target is None:
             continue
-        if fd.is_repeated:
+        if _is_repeated(fd):
             getattr(out, fd.name).extend(value)
         elif fd.message_type is not None:
             getattr(out, fd.name).CopyFrom(value)

@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TRADEOFF = 0.95
 DEFAULT_PROBES = 8
-VALIDATION_PROBES = 64
-VALIDATION_ELEMENTS = 1 << 23  # values per input over all validation samples (32 MB of float32)
+VALIDATION_PROBES = 128  # class decisions need many inputs for a 98% agreement to mean anything
+VALIDATION_PROBES_DENSE = 32  # fully convolutional (image-to-image) nets: dense outputs, costly passes
+VALIDATION_ELEMENTS = 1 << 24  # values per input over all validation samples (64 MB of float32)
 PROBE_SIDE = 96
 TIMING_SIDE = 128  # layers are timed on maps at most this high and wide
 SPEED_MARGIN = 1.1  # --objective speed: a factored layer must be at least this much faster
@@ -213,7 +214,7 @@ class _OpenCV:
                 values.setdefault(k, []).append(v)
         values = {k: np.concatenate(v, axis=0) for k, v in values.items()}
         del cv_net
-        return {s: (inputs[s.layer] if s.is_input else values[names[s]]) for s in sources}
+        return {s: (np.asarray(inputs[s.layer], dtype=np.float32) if s.is_input else values[names[s]]) for s in sources}
 
 
 # ------------------------------------------------------------------ options and inputs
@@ -324,7 +325,8 @@ def _make_inputs(net: Net, *, wants_plan: bool, validate_output: bool, images, c
             validation, label = _image_inputs(shapes, Path(images), pre, "--images")
         else:
             elements = max(int(np.prod(s[1:])) for s in probe_shapes.values())
-            count = max(probes, min(VALIDATION_PROBES, VALIDATION_ELEMENTS // max(elements, 1)))
+            most = VALIDATION_PROBES_DENSE if probe_shapes != shapes else VALIDATION_PROBES
+            count = max(probes, min(most, VALIDATION_ELEMENTS // max(elements, 1)))
             validation, convention = _natural_inputs(net, probe_shapes, count, seed + 1000, pre)
             label = f"natural-image probes ({next(iter(validation.values())).shape[0]})"
     planning = None
@@ -461,16 +463,32 @@ class _SpeedGuard:
 
     def _input_shape(self, name: str) -> tuple[int, ...]:
         if not self.layer_shapes:
-            feed = {k: np.zeros((1,) + tuple(v[1:]), np.float32) for k, v in self.shapes.items()}
-            wanted = {n: s for n, s in self.first_input.items() if not s.is_input}
-            values = self.cv.run(self.net, feed, list(dict.fromkeys(wanted.values())), what="timing shapes")
-            for n, s in self.first_input.items():
-                value = feed[s.layer] if s.is_input else values[s]
-                self.layer_shapes[n] = tuple(value.shape)
+            self.layer_shapes = self._layer_input_shapes()
         shape = self.layer_shapes[name]
         if len(shape) == 4:
             shape = shape[:2] + tuple(min(int(d), TIMING_SIDE) for d in shape[2:])
         return shape
+
+    def _layer_input_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every layer's first input shape at the declared input size, from OpenCV's shape inference."""
+        cv_net = self.cv.load(self.net, what="timing shapes")
+        shapes = [tuple([1] + [int(d) for d in s[1:]]) for s in self.shapes.values()]
+        try:
+            ids, ins, _ = cv_net.getLayersShapes(shapes)
+            names = cv_net.getLayerNames()
+            found = {names[i - 1]: tuple(int(d) for d in shape[0]) for i, shape in zip(ids, ins) if i > 0 and shape}
+        except Exception:  # noqa: BLE001 - an older OpenCV without it: run one sample instead
+            found = {}
+        del cv_net
+        missing = [n for n in self.first_input if n not in found]
+        if missing:
+            feed = {k: np.zeros((1,) + tuple(v[1:]), np.float32) for k, v in self.shapes.items()}
+            sources = list(dict.fromkeys(self.first_input[n] for n in missing if not self.first_input[n].is_input))
+            values = self.cv.run(self.net, feed, sources, what="timing shapes") if sources else {}
+            for n in missing:
+                s = self.first_input[n]
+                found[n] = tuple((feed[s.layer] if s.is_input else values[s]).shape)
+        return found
 
 
 @dataclass
@@ -594,6 +612,7 @@ class _Run:
     say: ProgressFn
     cv: _OpenCV
     timer: _Timer = field(default_factory=_Timer)
+    _original_ms: float | None = None
 
     def execute(self, *, images, calibration) -> Report:
         start = time.perf_counter()
@@ -796,11 +815,15 @@ class _Run:
         feed = {}
         for i, (name, shape) in enumerate(net.input_shapes().items()):
             sample = inputs.validation.get(name)
-            if sample is not None and tuple(sample.shape[1:]) == tuple(shape[1:]):
+            if sample is not None:  # (a fully convolutional net's probes may be smaller than declared)
                 feed[name] = sample[:1]
             else:
                 feed[name] = np.random.default_rng(i).standard_normal((1,) + tuple(shape[1:])).astype(np.float32)
-        return timing.compare(lambda model: self.cv.load(model, what="timing"), net, new_net, feed)
+        # one network at a time (peak memory); the original's time is measured once per run
+        load = lambda model: self.cv.load(model, what="timing")  # noqa: E731
+        if self._original_ms is None:
+            self._original_ms = timing.median_ms(load, net, feed)
+        return timing.Latency(self._original_ms, timing.median_ms(load, new_net, feed))
 
     def write_and_verify(self, net, new_net, prefix, store_fp16, specs, reference, inputs):
         self.say("writing the model")

@@ -38,6 +38,27 @@ def _forward_once(cv_net, inputs: Mapping[str, np.ndarray]) -> float:
     return time.perf_counter() - start
 
 
+def median_ms(load: Callable[[Net], object], net: Net, inputs: Mapping[str, np.ndarray], *,
+              budget_s: float = NET_BUDGET_S / 2, threads: int = 1) -> float:
+    """Median latency (ms) of one net, loaded alone (one OpenCV network alive: peak memory)."""
+    from .validate import cv2_module
+
+    cv2 = cv2_module()
+    previous = cv2.getNumThreads()
+    cv2.setNumThreads(int(threads))
+    try:
+        cv_net = load(net)
+        feed = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in inputs.items()}
+        _forward_once(cv_net, feed)  # warm-up (allocation, fusion)
+        times = [_forward_once(cv_net, feed)]
+        runs = int(np.clip(budget_s / max(times[0], 1e-6), MIN_RUNS, MAX_RUNS))
+        times += [_forward_once(cv_net, feed) for _ in range(runs - 1)]
+        del cv_net
+    finally:
+        cv2.setNumThreads(previous)
+    return 1000.0 * float(np.median(times))
+
+
 def compare(load: Callable[[Net], object], original: Net, compressed: Net, inputs: Mapping[str, np.ndarray], *,
             budget_s: float = NET_BUDGET_S, threads: int = 1) -> Latency:
     """Median latency (ms) of two nets on ``inputs``, alternating runs after a warm-up."""

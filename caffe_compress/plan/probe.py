@@ -231,9 +231,40 @@ def _named(name: str) -> Convention:
     return next(c for c in COMMON_CONVENTIONS if c.name == name)
 
 
-def natural_probes(shape: Sequence[int], count: int, convention: Convention, *, seed: int) -> np.ndarray:
-    """(count, C, H, W) natural-image-like inputs in ``convention``; non-image inputs get N(0, 1)."""
+class Pictures:
+    """Probe inputs kept as 8-bit pictures and converted to the convention per slice (a quarter of the memory).
+
+    Behaves like a read-only (N, C, H, W) float32 array for ``shape``, ``len`` and slicing.
+    """
+
+    def __init__(self, pictures: np.ndarray, convention: Convention) -> None:
+        self.pictures = pictures
+        self.convention = convention
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.pictures.shape
+
+    def __len__(self) -> int:
+        return self.pictures.shape[0]
+
+    def __getitem__(self, index) -> np.ndarray:
+        part = self.pictures[index]
+        return self.convention.apply(part.astype(np.float32) if part.ndim == 4 else part[None].astype(np.float32))
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return self[:] if dtype is None else self[:].astype(dtype)
+
+
+def natural_probes(shape: Sequence[int], count: int, convention: Convention, *, seed: int):
+    """(count, C, H, W) natural-image-like inputs in ``convention`` (as :class:`Pictures`);
+    a non-image input gets N(0, 1) values (an ndarray)."""
     dims = tuple(int(d) for d in shape)
     if len(dims) != 4 or min(dims[2:]) < 4:
         return np.random.default_rng(seed).standard_normal((count,) + dims[1:]).astype(np.float32)
-    return convention.apply(dead_leaves(count, dims[1], dims[2], dims[3], seed=seed))
+    pictures = np.empty((count,) + dims[1:], dtype=np.uint8)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        pic = dead_leaves(1, dims[1], dims[2], dims[3], seed=int(rng.integers(1 << 31)))[0]
+        pictures[i] = np.clip(np.rint(pic), 0, 255).astype(np.uint8)
+    return Pictures(pictures, convention)
