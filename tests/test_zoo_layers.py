@@ -103,3 +103,91 @@ def test_rich_model(tmp_path, tradeoff):
     assert np.array_equal(a[2], b[2])  # prior boxes do not depend on weights
     sizes = report["totals"]
     assert sizes["bytes_after"] <= sizes["bytes_before"]
+
+
+# The libfacedetection (YuFaceDetectNet) family: several min_size values per PriorBox, which OpenCV 4.x
+# reads and BVLC's schema does not. Built here after the public prototxt's structure, scaled down.
+MULTI_SIZE_SSD = """
+name: "YuFaceDetectNet-like"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 64 dim: 64 } } }
+layer { name: "conv1_1" type: "Convolution" bottom: "data" top: "conv1_1"
+        convolution_param { num_output: 16 kernel_size: 3 stride: 2 pad: 1 } }
+layer { name: "relu1_1" type: "ReLU" bottom: "conv1_1" top: "conv1_1" }
+layer { name: "conv2_1" type: "Convolution" bottom: "conv1_1" top: "conv2_1"
+        convolution_param { num_output: 32 kernel_size: 3 stride: 2 pad: 1 } }
+layer { name: "relu2_1" type: "ReLU" bottom: "conv2_1" top: "conv2_1" }
+layer { name: "conv3_1" type: "Convolution" bottom: "conv2_1" top: "conv3_1"
+        convolution_param { num_output: 32 kernel_size: 3 pad: 1 } }
+layer { name: "relu3_1" type: "ReLU" bottom: "conv3_1" top: "conv3_1" }
+layer { name: "conv3_loc" type: "Convolution" bottom: "conv3_1" top: "conv3_loc"
+        convolution_param { num_output: 12 kernel_size: 3 pad: 1 } }
+layer { name: "conv3_loc_perm" type: "Permute" bottom: "conv3_loc" top: "conv3_loc_perm"
+        permute_param { order: 0 order: 2 order: 3 order: 1 } }
+layer { name: "conv3_loc_flat" type: "Flatten" bottom: "conv3_loc_perm" top: "mbox_loc" flatten_param { axis: 1 } }
+layer { name: "conv3_conf" type: "Convolution" bottom: "conv3_1" top: "conv3_conf"
+        convolution_param { num_output: 6 kernel_size: 3 pad: 1 } }
+layer { name: "conv3_conf_perm" type: "Permute" bottom: "conv3_conf" top: "conv3_conf_perm"
+        permute_param { order: 0 order: 2 order: 3 order: 1 } }
+layer { name: "conv3_conf_flat" type: "Flatten" bottom: "conv3_conf_perm" top: "mbox_conf" flatten_param { axis: 1 } }
+layer { name: "conv3_priorbox" type: "PriorBox" bottom: "conv3_1" bottom: "data" top: "mbox_priorbox"
+        prior_box_param { min_size: 10 min_size: 16 min_size: 24 clip: false flip: false step: 4
+                          variance: 0.1 variance: 0.1 variance: 0.2 variance: 0.2 } }
+layer { name: "mbox_conf_reshape" type: "Reshape" bottom: "mbox_conf" top: "mbox_conf_reshape"
+        reshape_param { shape { dim: 0 dim: -1 dim: 2 } } }
+layer { name: "mbox_conf_softmax" type: "Softmax" bottom: "mbox_conf_reshape" top: "mbox_conf_softmax"
+        softmax_param { axis: 2 } }
+layer { name: "mbox_conf_flatten" type: "Flatten" bottom: "mbox_conf_softmax" top: "mbox_conf_flatten"
+        flatten_param { axis: 1 } }
+layer { name: "detection_out" type: "DetectionOutput" bottom: "mbox_loc" bottom: "mbox_conf_flatten"
+        bottom: "mbox_priorbox" top: "detection_out"
+        detection_output_param { num_classes: 2 share_location: true background_label_id: 0
+          nms_param { nms_threshold: 0.3 top_k: 100 } code_type: CENTER_SIZE keep_top_k: 50
+          confidence_threshold: 0.3 } }
+"""
+
+
+def multi_size_weights():
+    from nets import cp_kernel
+
+    rng = np.random.default_rng(11)
+    return {
+        "conv1_1": [cp_kernel(16, 3, 3, 3, 3, seed=1) * 0.05, np.zeros(16, np.float32)],
+        "conv2_1": [cp_kernel(32, 16, 3, 3, 4, seed=2), rng.uniform(0, 0.1, 32).astype(np.float32)],
+        "conv3_1": [cp_kernel(32, 32, 3, 3, 4, seed=3), rng.uniform(0, 0.1, 32).astype(np.float32)],
+        "conv3_loc": [cp_kernel(12, 32, 3, 3, 2, seed=4), np.zeros(12, np.float32)],
+        "conv3_conf": [cp_kernel(6, 32, 3, 3, 2, seed=5), np.zeros(6, np.float32)],
+    }
+
+
+def test_multi_size_priorbox_ssd_round_trips_and_compresses(tmp_path):
+    deploy, model = write_model(tmp_path, "yu", MULTI_SIZE_SSD, multi_size_weights())
+    x = {"data": np.random.default_rng(0).uniform(-100, 100, (1, 3, 64, 64)).astype(np.float32)}
+    names = ["conv3_loc_flat", "mbox_conf_flatten", "conv3_priorbox"]  # OpenCV names outputs by layer
+    reference = opencv_outputs(deploy, model, x, names)
+    assert reference[2].shape[2] == 16 * 16 * 3 * 4  # three prior sizes per cell were read
+    result = run_cli(deploy, model, "--tradeoff", "0", "-o", tmp_path / "t0")
+    assert result.returncode == 0, result.stderr
+    for a, b in zip(reference, opencv_outputs(tmp_path / "t0.prototxt", tmp_path / "t0.caffemodel", x, names)):
+        assert np.array_equal(a, b)
+    assert "min_size: 16" in (tmp_path / "t0.prototxt").read_text()
+    result = run_cli(deploy, model, "--rank", "conv2_1=4", "--rank", "conv3_1=4", "-o", tmp_path / "c",
+                     "--json", tmp_path / "r.json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert {c["kind"] for c in report["contract"]["checks"]} >= {"scores", "boxes"}
+    for a, b in zip(reference, opencv_outputs(tmp_path / "c.prototxt", tmp_path / "c.caffemodel", x, names)):
+        assert max_relative_difference(a, b) <= 1e-3
+
+
+def test_one_input_channel_convolution_is_dense_not_depthwise(tmp_path):
+    from caffe_compress.net import Layer
+    from caffe_compress.plan import describe_layer
+
+    dense = Layer("c", "Convolution", ("x",), ("y",), {"convolution_param": {"num_output": 32, "kernel_size": [3]}},
+                  (np.zeros((32, 1, 3, 3), np.float32), np.zeros(32, np.float32)))
+    assert describe_layer(dense, keep=False)[0] == "cp"
+    depthwise = Layer("d", "Convolution", ("x",), ("y",),
+                      {"convolution_param": {"num_output": 32, "kernel_size": [3], "group": 32}},
+                      (np.zeros((32, 1, 3, 3), np.float32), np.zeros(32, np.float32)))
+    method, reason = describe_layer(depthwise, keep=False)
+    assert method == "keep" and "depthwise" in reason
