@@ -282,6 +282,11 @@ class _Inputs:
     validation_label: str
     convention: str
 
+    @property
+    def synthetic(self) -> bool:
+        """Validation on natural-image probes, not on the user's images."""
+        return self.validation_label.startswith("natural-image probes")
+
 
 def _image_inputs(shapes, directory: Path, pre: validate.Preprocessing, option: str, *,
                   files: Sequence[Path] | None = None) -> tuple[dict, str]:
@@ -841,8 +846,9 @@ class _Run:
                 compressed = {name: values[s] for name, s in zip(compared_blobs(net), sources)}
                 agreements = tuple(validate.compare_outputs(reference, compressed))
                 judged_at = DEFAULT_TRADEOFF if (self.ranks and self.tradeoff == 0) else self.tradeoff
+                margin = contract.SYNTHETIC_MARGIN if inputs.synthetic else 1.0
                 checks = tuple(contract.check_all(specs, reference, compressed, judged_at,
-                                                  min_fidelity=self.min_fidelity))
+                                                  min_fidelity=self.min_fidelity, margin=margin))
             if not checks:
                 raise ValidationError(f"{self.deploy}: validation compared no output")
             return _Verdict(checks, agreements), staged

@@ -165,6 +165,9 @@ def format_table(report: Report) -> str:
     )
     if report.convention:
         lines.append(f"probes assumed the input convention {report.convention}")
+    if report.contract and report.validation_inputs.startswith("natural-image probes"):
+        lines.append("contract on synthetic probes: each target allows half the change it allows on your images "
+                     "(--images DIR or --calibration DIR measure on real ones)")
     for c in report.contract:
         target = "none" if c.target is None else f"{'>=' if c.higher_is_better else '<='} {c.target:.4g}"
         lines.append(f"contract '{c.output}' ({c.kind}): {c.metric} {c.value:.4g}, target {target}: "
