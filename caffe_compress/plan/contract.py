@@ -11,8 +11,9 @@ class      top-1 agreement on the inputs where the original is     >= 98%
            confident (top-1 probability >= 0.9; the most
            confident half when fewer than 8 are)
 scores     detection confidences: Jaccard of the positive sets   >= 0.9, and <= 0.5 nats
-           (p > threshold, foreground classes); RMS logit change
-           at the original's strongest foreground entries
+           (p > threshold, foreground classes; entries within 1 nat
+           of the threshold in the original are ambiguous and left
+           out); RMS logit change at the strongest foreground entries
 boxes      location outputs paired with a scores output:         <= 5%
            relative error over the positives (or strongest)
 embedding  smallest cosine similarity over the inputs            >= 0.99
@@ -51,6 +52,7 @@ EMBEDDING_COSINE = 0.99
 IMAGE_PSNR_DB = 40.0
 
 SYNTHETIC_MARGIN = 0.5  # data-free validation: half the allowed change of each target
+AMBIGUOUS_NATS = 1.0  # original scores within 1 nat of the threshold (0.27..0.73 at 0.5) are ambiguous
 MIN_POSITIVES = 8  # fewer positives than this: the Jaccard says nothing, the logit check decides
 STRONGEST_SHARE = 0.002  # the strongest 0.2% of foreground entries (at least MIN_POSITIVES)
 EMBEDDING_MIN_DIM = 64
@@ -302,9 +304,15 @@ def check_output(spec: OutputSpec, original: np.ndarray, compressed: np.ndarray,
         fa, fb = va[:, :, keep], vb[:, :, keep]
         checks = []
         if count >= MIN_POSITIVES:
-            pb = fb > spec.threshold
-            jac = float((positive & pb).sum() / max((positive | pb).sum(), 1))
-            checks.append(Check(spec.name, spec.kind, f"positives Jaccard ({count} positives)", jac,
+            # Entries within AMBIGUOUS_NATS of the threshold in the original are nobody's positives:
+            # a 0.51 -> 0.49 anchor next to confident ones changes no detection after NMS.
+            cut = float(_logit(np.array(spec.threshold)))
+            la, lb = _logit(fa), _logit(fb)
+            sure_pos, sure_neg = la > cut + AMBIGUOUS_NATS, la < cut - AMBIGUOUS_NATS
+            now_pos = lb > cut
+            kept = int((sure_pos & now_pos).sum())
+            jac = kept / max(int(sure_pos.sum()) + int((sure_neg & now_pos).sum()), 1)
+            checks.append(Check(spec.name, spec.kind, f"positives Jaccard ({int(sure_pos.sum())} positives)", jac,
                                 t["jaccard"], True))
         d = _logit(fa[strongest]) - _logit(fb[strongest])
         checks.append(Check(spec.name, spec.kind, "logit change at the strongest (RMS nats)",
