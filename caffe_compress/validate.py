@@ -126,34 +126,6 @@ def image_batch(paths: Sequence[Path], shape: tuple[int, ...], pre: Preprocessin
     return np.concatenate(batch, axis=0).astype(np.float32)
 
 
-def random_probes(shape: tuple[int, ...], count: int, *, seed: int) -> np.ndarray:
-    """Smooth random images: low-pass noise in pixel units, centred on 0.
-
-    Caffe models mostly take mean-subtracted 0..255 pixels; smooth noise with
-    that range excites a network more like real images do than white noise.
-    """
-    rng = np.random.default_rng(seed)
-    dims = tuple(int(d) for d in shape)
-    if len(dims) != 4 or min(dims[2:]) < 4:
-        return rng.standard_normal((count,) + dims[1:]).astype(np.float32)
-    _, c, h, w = dims
-    coarse = rng.uniform(-110.0, 110.0, size=(count, c, max(h // 8, 2), max(w // 8, 2)))
-    # bilinear upsampling by separable interpolation
-    yi = np.linspace(0, coarse.shape[2] - 1, h)
-    xi = np.linspace(0, coarse.shape[3] - 1, w)
-    y0 = np.floor(yi).astype(int)
-    x0 = np.floor(xi).astype(int)
-    y1 = np.minimum(y0 + 1, coarse.shape[2] - 1)
-    x1 = np.minimum(x0 + 1, coarse.shape[3] - 1)
-    fy = (yi - y0)[None, None, :, None]
-    fx = (xi - x0)[None, None, None, :]
-    top = coarse[:, :, y0][:, :, :, x0] * (1 - fx) + coarse[:, :, y0][:, :, :, x1] * fx
-    bottom = coarse[:, :, y1][:, :, :, x0] * (1 - fx) + coarse[:, :, y1][:, :, :, x1] * fx
-    smooth = top * (1 - fy) + bottom * fy
-    detail = rng.normal(0.0, 12.0, size=smooth.shape)
-    return (smooth + detail).astype(np.float32)
-
-
 # ------------------------------------------------------------------ comparison
 
 

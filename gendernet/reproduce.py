@@ -145,7 +145,7 @@ def run(faces_dir: Path, out_dir: Path, tradeoffs=TRADEOFFS, *, model_name: str 
         for i, (t, cfg, label, fp16) in enumerate(runs):
             prefix = Path(tmp) / f"g{i}"
             report = compress(model.deploy, model.weights, tradeoff=t or 0.0, ranks=cfg, output=prefix, fp16=fp16)
-            deploy, weights = Path(report.output_prototxt), Path(report.output_caffemodel)
+            deploy, weights = _written(report, model)
             probs = predict(deploy, weights, batch)
             rows.append({
                 "tradeoff": t if fp16 is None else None, "label": label, "bytes": weights.stat().st_size,
@@ -162,6 +162,13 @@ def run(faces_dir: Path, out_dir: Path, tradeoffs=TRADEOFFS, *, model_name: str 
     cv2.setNumThreads(default_threads)
     write_results(rows, faces_dir, len(faces), out_dir, title=TITLES[model_name], command=command)
     return rows
+
+
+def _written(report, model) -> tuple[Path, Path]:
+    """The written pair, or the original when the contract left nothing to compress (nothing written)."""
+    if report.written:
+        return Path(report.output_prototxt), Path(report.output_caffemodel)
+    return model.deploy, model.weights
 
 
 GENDERNET_PRE = Preprocessing(resize=(256, 256), size=(227, 227), mean=MEAN)
@@ -187,7 +194,7 @@ def calibrated_rows(model, faces, batch, labels, ref_probs, tradeoffs, count: in
         for t in tradeoffs:
             report = compress(model.deploy, model.weights, tradeoff=t, output=Path(tmp) / f"c{t}",
                               calibration=calib, preprocessing=GENDERNET_PRE)
-            deploy, weights = Path(report.output_prototxt), Path(report.output_caffemodel)
+            deploy, weights = _written(report, model)
             probs = predict(deploy, weights, batch[held])
             rows.append({
                 "tradeoff": None, "label": f"T={t:g} --calibration ({count} faces)", "bytes": weights.stat().st_size,
