@@ -305,12 +305,20 @@ def write_results(rows, out: Path, header: str) -> None:
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
+def _ordered(rows: list) -> list:
+    names = [m.name for m in models()]
+    return sorted(rows, key=lambda r: (names.index(r["model"]) if r["model"] in names else 99,
+                                       r["mode"] != "data-free", r["T"]))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tradeoffs", default="0.5,0.9,0.95,0.99")
     parser.add_argument("--models", default="", help="comma-separated subset (default: all)")
     parser.add_argument("--modes", default="data-free,calibrated")
     parser.add_argument("--out", default=str(ROOT / "zoo"))
+    parser.add_argument("--update", action="store_true",
+                        help="replace only the rows of the models run in an existing results.json")
     args = parser.parse_args()
     if not ZOO.is_dir() or not FACES.is_dir():
         print(f"zoo_eval: needs {ZOO} and {FACES}", file=sys.stderr)
@@ -319,6 +327,10 @@ def main() -> int:
     wanted = set(filter(None, args.models.split(",")))
     modes = args.modes.split(",")
     rows = []
+    kept = []
+    if args.update and (Path(args.out) / "results.json").exists():
+        kept = [r for r in json.loads((Path(args.out) / "results.json").read_text())
+                if wanted and r["model"] not in wanted]
     header = (f"Zoo sweep (`make zoo`): {platform.machine()}, {os.cpu_count()} cores, OpenCV {cv2.__version__}, "
               f"numpy {np.__version__}; contract measured on {EVAL_COUNT} real held-out inputs per model "
               f"(calibration: {CALIBRATION_COUNT} others).")
@@ -337,7 +349,7 @@ def main() -> int:
                           f"{row.get('verdict', row['status']):6s} {row.get('seconds', 0):6.1f}s "
                           f"{row.get('latency_1t', float('nan')):.2f}x  {_worst(row)} | {row.get('task', '')}",
                           flush=True)
-                    write_results(rows, Path(args.out), header)
+                    write_results(_ordered(kept + rows), Path(args.out), header)
     return 0
 
 

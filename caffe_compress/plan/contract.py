@@ -14,6 +14,7 @@ scores     detection confidences: Jaccard of the positive sets   >= 0.9, and <= 
            (p > threshold, foreground classes; entries within 1 nat
            of the threshold in the original are ambiguous and left
            out); RMS logit change at the strongest foreground entries
+           (logits capped 3 nats above the threshold)
 boxes      location outputs paired with a scores output:         <= 5%
            relative error over the positives (or strongest)
 embedding  smallest cosine similarity over the inputs            >= 0.99
@@ -52,6 +53,7 @@ EMBEDDING_COSINE = 0.99
 IMAGE_PSNR_DB = 40.0
 
 SYNTHETIC_MARGIN = 0.5  # data-free validation: half the allowed change of each target
+SATURATION_NATS = 3.0  # logit changes above threshold + 3 nats (p = 0.95 at 0.5) do not count
 AMBIGUOUS_NATS = 1.0  # original scores within 1 nat of the threshold (0.27..0.73 at 0.5) are ambiguous
 MIN_POSITIVES = 8  # fewer positives than this: the Jaccard says nothing, the logit check decides
 STRONGEST_SHARE = 0.002  # the strongest 0.2% of foreground entries (at least MIN_POSITIVES)
@@ -314,7 +316,10 @@ def check_output(spec: OutputSpec, original: np.ndarray, compressed: np.ndarray,
             jac = kept / max(int(sure_pos.sum()) + int((sure_neg & now_pos).sum()), 1)
             checks.append(Check(spec.name, spec.kind, f"positives Jaccard ({int(sure_pos.sum())} positives)", jac,
                                 t["jaccard"], True))
-        d = _logit(fa[strongest]) - _logit(fb[strongest])
+        # Above the threshold a score only has to stay clearly positive: a face at p = 0.9999 that
+        # drops to 0.9990 changes nothing, so logits are capped SATURATION_NATS above the threshold.
+        cap = float(_logit(np.array(spec.threshold))) + SATURATION_NATS
+        d = np.minimum(_logit(fa[strongest]), cap) - np.minimum(_logit(fb[strongest]), cap)
         checks.append(Check(spec.name, spec.kind, "logit change at the strongest (RMS nats)",
                             float(np.sqrt(np.mean(d * d))) if d.size else 0.0, t["logit"], False))
         return checks
