@@ -134,6 +134,11 @@ def test_model_and_io_exit_codes(tmp_path):
     assert r.returncode == 5
     r = run_cli(deploy, model, "-o", tmp_path / "small")  # would overwrite the inputs
     assert r.returncode == 5 and "overwrite" in r.stderr
+    r = run_cli(deploy, model, "-o", f"{tmp_path / 'new' / 'dir'}/", "--force")  # a directory that does not exist
+    assert r.returncode == 5 and "does not exist" in r.stderr
+    assert not (tmp_path / "new").exists() and not list(tmp_path.glob("**/dir.*"))
+    r = run_cli(deploy, model, "-o", f"{tmp_path / 'dir2'}/", "--force")  # its parent exists: still no dir2.*
+    assert r.returncode == 5 and "does not exist" in r.stderr and not list(tmp_path.glob("dir2*"))
 
 
 def _images(directory, count=6):
