@@ -289,13 +289,18 @@ class _Inputs:
 
 
 def _image_inputs(shapes, directory: Path, pre: validate.Preprocessing, option: str, *,
-                  files: Sequence[Path] | None = None) -> tuple[dict, str]:
+                  files: Sequence[Path] | None = None, crop: Mapping | None = None) -> tuple[dict, str]:
+    """Preprocessed images; ``crop`` (probe shapes of a fully convolutional net) centre-crops them."""
     if len(shapes) != 1:
         raise UsageError(f"{option}: the model has {len(shapes)} inputs; images can feed only a single-input model")
     (name, shape), = shapes.items()
     files = list(files) if files is not None else validate.list_images(directory, option=option)
-    return {name: validate.image_batch(files[:MAX_IMAGES], shape, pre, option=option)}, \
-        f"images:{directory} ({min(len(files), MAX_IMAGES)})"
+    batch = validate.image_batch(files[:MAX_IMAGES], shape, pre, option=option)
+    if crop is not None and tuple(crop[name]) != tuple(shape) and batch.ndim == 4:
+        h, w = int(crop[name][2]), int(crop[name][3])
+        y0, x0 = (batch.shape[2] - h) // 2, (batch.shape[3] - w) // 2
+        batch = np.ascontiguousarray(batch[:, :, y0:y0 + h, x0:x0 + w])
+    return {name: batch}, f"images:{directory} ({min(len(files), MAX_IMAGES)})"
 
 
 def _given_convention(pre: validate.Preprocessing) -> probe.Convention | None:
@@ -339,12 +344,15 @@ def _make_inputs(net: Net, *, wants_plan: bool, validate_output: bool, images, c
         files = validate.list_images(Path(calibration), option="--calibration")
         if validate_output and images is None and len(files) >= 2 * MIN_HELD_OUT:
             # validate on the calibration images that planning does not see
-            planning, _ = _image_inputs(shapes, Path(calibration), pre, "--calibration", files=files[0::2])
-            validation, label = _image_inputs(shapes, Path(calibration), pre, "--calibration", files=files[1::2])
+            planning, _ = _image_inputs(shapes, Path(calibration), pre, "--calibration", files=files[0::2],
+                                        crop=probe_shapes)
+            validation, label = _image_inputs(shapes, Path(calibration), pre, "--calibration", files=files[1::2],
+                                              crop=probe_shapes)
             label = f"held-out {label}"
             convention = ""
         else:
-            planning, _ = _image_inputs(shapes, Path(calibration), pre, "--calibration", files=files)
+            planning, _ = _image_inputs(shapes, Path(calibration), pre, "--calibration", files=files,
+                                        crop=probe_shapes)
     elif wants_plan:
         planning, convention = _natural_inputs(net, probe_shapes, probes, seed, pre)
     return _Inputs(planning, validation, label, convention)
