@@ -14,43 +14,27 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Hashable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
 from . import io, rewrite, timing, validate
+from .runner import OpenCVRunner, blob_sources, compared_blobs
 from .decompose import cp_conv, cp_reconstruct
 from .errors import ModelError, RankError, UsageError, ValidationError, WriteError
 from .net import Layer, Net, conv_geometry
-from .plan import analyse as planner, contract, probe, search
+from .plan import analyse as planner, contract, inputs as plan_inputs, search
 from .report import Report
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TRADEOFF = 0.95
 DEFAULT_PROBES = 8
-VALIDATION_PROBES = 128  # class decisions need many inputs for a 98% agreement to mean anything
-VALIDATION_PROBES_DENSE = 32  # fully convolutional (image-to-image) nets: dense outputs, costly passes
-VALIDATION_ELEMENTS = 1 << 24  # values per input over all validation samples (64 MB of float32)
-PROBE_SIDE = 96
-TIMING_SIDE = 128  # layers are timed on maps at most this high and wide
-SPEED_MARGIN = 1.1  # --objective speed: a factored layer must be at least this much faster
 OBJECTIVES = ("balanced", "speed", "size")
 MAX_SPEED_ROUNDS = 3  # factorizations dropped one at a time while the whole model is slower
-LATENCY_TOLERANCE = 0.97  # whole-model 1-thread speed ratio below this is "slower" (noise allowance)  # fully convolutional nets are probed on pictures at most this high and wide
-# Layers that work at any spatial size: a net made only of these is probed on smaller pictures.
-SIZE_FREE_TYPES = frozenset({
-    "Input", "Convolution", "Deconvolution", "ReLU", "PReLU", "ELU", "TanH", "Sigmoid", "AbsVal", "BNLL", "Power",
-    "BatchNorm", "Scale", "Bias", "Eltwise", "Concat", "Split", "Slice", "Dropout", "Pooling", "LRN", "Clip",
-    "Swish", "Crop", "Exp", "Log", "Threshold",
-})
 POLISH_CP_ITERATIONS = 30  # extra sweeps for the rank the planner picks
 FORCED_CP_ITERATIONS = 1000  # a rank given with --rank: run to convergence
-MAX_PROBE_ELEMENTS = 1 << 24  # 64 MB of float32 per probe input (3 x 2048 x 2048 fits)
 MAX_PROBES = 256
-MAX_IMAGES = 64
-RUN_CHUNK = 8  # samples per OpenCV forward pass
-MIN_HELD_OUT = 8  # a calibration set of at least 2x this is split: even files plan, odd files validate
 NOTHING_TO_COMPRESS = "nothing to compress within the fidelity contract at this trade-off; try a higher T"
 
 ProgressFn = Callable[[str], None]
@@ -94,129 +78,6 @@ def default_prefix(weights: str | os.PathLike) -> Path:
     return Path.cwd() / f"{Path(weights).stem}-compressed"
 
 
-# ------------------------------------------------------------------ reading blobs in OpenCV
-
-
-@dataclass(frozen=True)
-class Source:
-    """A blob value at one point of the graph: top ``index`` of layer ``layer`` (or a net input)."""
-
-    layer: str
-    index: int = 0
-    is_input: bool = False
-
-
-def _sources(net: Net) -> tuple[dict[str, Source], list[Source]]:
-    """{layer: source of its first bottom} for every layer, and the sources of the compared outputs."""
-    last: dict[str, Source] = {}
-    first_input: dict[str, Source] = {}
-    for layer in net.layers:
-        if layer.bottoms and layer.bottoms[0] in last:
-            first_input[layer.name] = last[layer.bottoms[0]]
-        for k, top in enumerate(layer.tops):
-            last[top] = Source(top, 0, True) if layer.type == "Input" else Source(layer.name, k)
-    return first_input, [last[name] for name in compared_blobs(net)]
-
-
-# Outputs whose shape depends on the values (a detection count): compare their inputs instead.
-VALUE_SHAPED_TYPES = frozenset({"DetectionOutput"})
-
-
-def compared_blobs(net: Net) -> list[str]:
-    """The blobs on which original and compressed nets are compared: the net outputs,
-    with a value-shaped output (DetectionOutput) replaced by its inputs."""
-    producer = {}
-    for layer in net.layers:
-        for top in layer.tops:
-            producer[top] = layer
-    blobs: list[str] = []
-    for name in net.output_names():
-        layer = producer.get(name)
-        if layer is not None and layer.type in VALUE_SHAPED_TYPES:
-            blobs.extend(b for b in layer.bottoms if b not in blobs)
-        elif name not in blobs:
-            blobs.append(name)
-    return blobs
-
-
-def _tap_name(net: Net, source: Source) -> str:
-    taken = {layer.name for layer in net.layers} | {t for layer in net.layers for t in layer.tops}
-    name = f"{source.layer}__top{source.index}"
-    while name in taken:
-        name += "_"
-    return name
-
-
-def _with_taps(net: Net, sources: Sequence[Source], *, every: bool = False) -> tuple[Net, dict[Source, str]]:
-    """The net with an identity (Power) layer after every k > 0 top that is asked for.
-
-    OpenCV 4.x cannot return the k-th top of a multi-top layer by name ("layer.k" is not resolved),
-    so such a blob is copied by a layer of its own, right after its producer (before any in-place
-    layer changes it). Other sources map to their producer's name.
-    """
-    names: dict[Source, str] = {}
-    taps: dict[str, list[Layer]] = {}
-    for s in dict.fromkeys(sources):
-        if s.is_input or (s.index == 0 and not every):
-            names[s] = s.layer
-            continue
-        producer = net.layer(s.layer)
-        tap = _tap_name(net, s)
-        taps.setdefault(s.layer, []).append(Layer(tap, "Power", (producer.tops[s.index],), (tap,)))
-        names[s] = tap
-    if not taps:
-        return net, names
-    layers: list[Layer] = []
-    for layer in net.layers:
-        layers.append(layer)
-        layers.extend(taps.get(layer.name, ()))
-    return replace(net, layers=tuple(layers)), names
-
-
-class _OpenCV:
-    """Runs Nets in OpenCV through scratch files (ASCII paths we own); one network alive at a time."""
-
-    def __init__(self, scratch: Path) -> None:
-        self.scratch = scratch
-
-    def load(self, net: Net, *, what: str, error=ValidationError):
-        proto, weights = self.scratch / "m.prototxt", self.scratch / "m.caffemodel"
-        io.write_files(net, proto, weights)
-        try:
-            return validate.load_opencv_net(proto, weights, what=what, error=error)
-        finally:
-            weights.unlink(missing_ok=True)
-
-    def run(self, net: Net, inputs: Mapping[str, np.ndarray], sources: Sequence[Hashable], *,
-            what: str = "model", error=ValidationError, files: tuple[Path, Path] | None = None) -> dict:
-        """{source: array} of ``sources`` for ``inputs``; ``files``: run these (the staged pair) instead."""
-        try:
-            return self._run(net, inputs, sources, what=what, error=error, files=files, every=False)
-        except error:
-            # OpenCV cannot return some layer outputs by name (a convolution whose output it writes
-            # straight into a Concat's buffer): copy every asked-for blob with a layer of its own.
-            return self._run(net, inputs, sources, what=what, error=error, files=None, every=True)
-
-    def _run(self, net, inputs, sources, *, what, error, files, every) -> dict:
-        tapped, names = _with_taps(net, list(sources), every=every)
-        if files is not None and tapped is net:
-            cv_net = validate.load_opencv_net(files[0], files[1], what=what, error=error)
-        else:
-            cv_net = self.load(tapped, what=what, error=error)
-        wanted = list(dict.fromkeys(names[s] for s in sources if not s.is_input))
-        values: dict = {}
-        count = next(iter(inputs.values())).shape[0] if inputs else 0
-        for start in range(0, count, RUN_CHUNK) if wanted else ():
-            # in chunks: OpenCV keeps every intermediate blob of a batch alive (peak memory)
-            part = validate.forward(cv_net, {k: v[start:start + RUN_CHUNK] for k, v in inputs.items()}, wanted,
-                                    what=what, error=error)
-            for k, v in part.items():
-                values.setdefault(k, []).append(v)
-        values = {k: np.concatenate(v, axis=0) for k, v in values.items()}
-        del cv_net
-        return {s: (np.asarray(inputs[s.layer], dtype=np.float32) if s.is_input else values[names[s]]) for s in sources}
-
-
 # ------------------------------------------------------------------ options and inputs
 
 
@@ -242,120 +103,6 @@ def _check_layer_options(net: Net, ranks: Mapping[str, int], keep: Sequence[str]
                             f"{'x'.join(map(str, layer.blobs[0].shape))}")
         if rank % groups:
             raise RankError(f"--rank {name}={rank}: must be a multiple of the layer's group count {groups}")
-
-
-def _probe_shapes(net: Net, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-    """Input shapes for probing: a fully convolutional net gets pictures at most PROBE_SIDE wide."""
-    if not all(layer.type in SIZE_FREE_TYPES for layer in net.layers):
-        return dict(shapes)
-    if any(layer.type == "Pooling" and not layer.sub("pooling_param").get("global_pooling")
-           and layer.sub("pooling_param").get("pool") not in (None, "MAX", "AVE") for layer in net.layers):
-        return dict(shapes)
-    out = {}
-    for name, shape in shapes.items():
-        if len(shape) == 4 and max(shape[2:]) > PROBE_SIDE:
-            out[name] = (shape[0], shape[1], min(int(shape[2]), PROBE_SIDE), min(int(shape[3]), PROBE_SIDE))
-        else:
-            out[name] = tuple(shape)
-    return out
-
-
-def _checked_shapes(net: Net) -> dict[str, tuple[int, ...]]:
-    shapes = net.input_shapes()
-    if not shapes:
-        raise ModelError("the deploy net declares no Input layer or input: header, so it cannot be probed")
-    for name, shape in shapes.items():
-        if not shape:
-            raise ModelError(f"input '{name}' has no declared shape, so OpenCV cannot run it here; add input_shape "
-                             "or input_dim to the prototxt (or pass --no-validate with --tradeoff 0)")
-        elements = int(np.prod([int(d) for d in shape[1:]], dtype=object)) if len(shape) > 1 else 1
-        if elements > MAX_PROBE_ELEMENTS:
-            raise ModelError(f"input '{name}': shape {tuple(shape)} is too large to probe "
-                             f"({elements} values per sample, at most {MAX_PROBE_ELEMENTS})")
-    return shapes
-
-
-@dataclass(frozen=True)
-class _Inputs:
-    planning: dict[str, np.ndarray] | None
-    validation: dict[str, np.ndarray]
-    validation_label: str
-    convention: str
-
-    @property
-    def synthetic(self) -> bool:
-        """Validation on natural-image probes, not on the user's images."""
-        return self.validation_label.startswith("natural-image probes")
-
-
-def _image_inputs(shapes, directory: Path, pre: validate.Preprocessing, option: str, *,
-                  files: Sequence[Path] | None = None, crop: Mapping | None = None) -> tuple[dict, str]:
-    """Preprocessed images; ``crop`` (probe shapes of a fully convolutional net) centre-crops them."""
-    if len(shapes) != 1:
-        raise UsageError(f"{option}: the model has {len(shapes)} inputs; images can feed only a single-input model")
-    (name, shape), = shapes.items()
-    files = list(files) if files is not None else validate.list_images(directory, option=option)
-    batch = validate.image_batch(files[:MAX_IMAGES], shape, pre, option=option)
-    if crop is not None and tuple(crop[name]) != tuple(shape) and batch.ndim == 4:
-        h, w = int(crop[name][2]), int(crop[name][3])
-        y0, x0 = (batch.shape[2] - h) // 2, (batch.shape[3] - w) // 2
-        batch = np.ascontiguousarray(batch[:, :, y0:y0 + h, x0:x0 + w])
-    return {name: batch}, f"images:{directory} ({min(len(files), MAX_IMAGES)})"
-
-
-def _given_convention(pre: validate.Preprocessing) -> probe.Convention | None:
-    """The convention the user's --mean/--scale/--swap-rb describe, if any differs from the default."""
-    if pre == validate.Preprocessing() or (pre.mean == (0.0, 0.0, 0.0) and pre.scale == 1.0):
-        return None
-    return probe.Convention("given", tuple(pre.mean), (pre.scale,), f"(x - {pre.mean}) * {pre.scale:g}")
-
-
-def _natural_inputs(net: Net, shapes, count: int, seed: int, pre: validate.Preprocessing) -> tuple[dict, str]:
-    inputs, used = {}, []
-    for i, (name, shape) in enumerate(shapes.items()):
-        elements = int(np.prod(shape[1:])) if len(shape) > 1 else 1
-        n = max(1, min(count, MAX_PROBE_ELEMENTS // max(elements, 1)))
-        given = _given_convention(pre)
-        inferred = probe.InferredConvention(given, "--mean/--scale") if given else \
-            probe.infer_convention(net, name, shape, seed=seed)
-        inputs[name] = probe.natural_probes(shape, n, inferred.convention, seed=seed + 17 * i)
-        used.append(f"{name}: {inferred.convention.name} {inferred.convention.description} ({inferred.evidence})")
-    return inputs, "; ".join(used)
-
-
-def _make_inputs(net: Net, *, wants_plan: bool, validate_output: bool, images, calibration,
-                 pre: validate.Preprocessing, probes: int, seed: int) -> _Inputs:
-    """Planning inputs (calibration images or natural probes) and separate validation inputs."""
-    shapes = _checked_shapes(net) if (wants_plan or validate_output) else {}
-    probe_shapes = _probe_shapes(net, shapes)
-    validation: dict[str, np.ndarray] = {}
-    label, convention = "none", ""
-    if validate_output:  # read --images first: a bad option fails before any real work
-        if images is not None:
-            validation, label = _image_inputs(shapes, Path(images), pre, "--images")
-        else:
-            elements = max(int(np.prod(s[1:])) for s in probe_shapes.values())
-            most = VALIDATION_PROBES_DENSE if probe_shapes != shapes else VALIDATION_PROBES
-            count = max(probes, min(most, VALIDATION_ELEMENTS // max(elements, 1)))
-            validation, convention = _natural_inputs(net, probe_shapes, count, seed + 1000, pre)
-            label = f"natural-image probes ({next(iter(validation.values())).shape[0]})"
-    planning = None
-    if wants_plan and calibration is not None:
-        files = validate.list_images(Path(calibration), option="--calibration")
-        if validate_output and images is None and len(files) >= 2 * MIN_HELD_OUT:
-            # validate on the calibration images that planning does not see
-            planning, _ = _image_inputs(shapes, Path(calibration), pre, "--calibration", files=files[0::2],
-                                        crop=probe_shapes)
-            validation, label = _image_inputs(shapes, Path(calibration), pre, "--calibration", files=files[1::2],
-                                              crop=probe_shapes)
-            label = f"held-out {label}"
-            convention = ""
-        else:
-            planning, _ = _image_inputs(shapes, Path(calibration), pre, "--calibration", files=files,
-                                        crop=probe_shapes)
-    elif wants_plan:
-        planning, convention = _natural_inputs(net, probe_shapes, probes, seed, pre)
-    return _Inputs(planning, validation, label, convention)
 
 
 # ------------------------------------------------------------------ the rewrite for one plan
@@ -418,90 +165,6 @@ class _Factorizer:
 
 
 # ------------------------------------------------------------------ compress
-
-
-@dataclass
-class _SpeedGuard:
-    """Measured speed: a factorization that runs slower than its layer is dropped (objective balanced/speed).
-
-    Layers are timed alone in OpenCV, one thread, at their real input shape (spatial size capped at
-    TIMING_SIDE: the ratio is what matters), original against replacement; results are cached.
-    """
-
-    objective: str
-    cv: "_OpenCV"
-    net: Net
-    first_input: Mapping[str, "Source"]
-    shapes: Mapping[str, tuple[int, ...]]  # declared input shapes
-    say: ProgressFn
-    timings: dict
-    layer_shapes: dict = field(default_factory=dict)
-    speedups: dict = field(default_factory=dict)  # (layer, rank) -> original / factored time
-
-    @property
-    def required(self) -> float:
-        return {"size": 0.0, "balanced": LATENCY_TOLERANCE, "speed": SPEED_MARGIN}[self.objective]
-
-    def slow_layers(self, new_net: Net, chosen: Mapping[str, int], forced: Mapping[str, int]) -> dict[str, str]:
-        """{layer: reason} for chosen factorizations that are not fast enough (forced ranks are kept)."""
-        if self.objective == "size":
-            return {}
-        slow = {}
-        for name, rank in chosen.items():
-            if name in forced:
-                continue
-            speedup = self.speedup(new_net, name, rank)
-            if speedup < self.required:
-                slow[name] = f"factored form measured {1 / speedup:.2f}x slower in OpenCV" if speedup < 1 else \
-                    f"factored form only {speedup:.2f}x faster (--objective speed)"
-        return slow
-
-    def speedup(self, new_net: Net, name: str, rank: int) -> float:
-        key = (name, rank)
-        if key not in self.speedups:
-            start = time.perf_counter()
-            shape = self._input_shape(name)
-            layer = self.net.layer(name)
-            bottom = layer.bottoms[0]
-            self.say(f"timing {name}")
-            latency = timing.compare(
-                lambda model: self.cv.load(model, what=f"timing of {name}"),
-                timing.layer_net((layer,), bottom, shape),
-                timing.layer_net(timing.replacement_layers(new_net, name), bottom, shape),
-                {bottom: np.random.default_rng(0).standard_normal(shape).astype(np.float32)},
-                budget_s=timing.LAYER_BUDGET_S)
-            self.speedups[key] = latency.speedup
-            self.timings["timing"] = self.timings.get("timing", 0.0) + time.perf_counter() - start
-        return self.speedups[key]
-
-    def _input_shape(self, name: str) -> tuple[int, ...]:
-        if not self.layer_shapes:
-            self.layer_shapes = self._layer_input_shapes()
-        shape = self.layer_shapes[name]
-        if len(shape) == 4:
-            shape = shape[:2] + tuple(min(int(d), TIMING_SIDE) for d in shape[2:])
-        return shape
-
-    def _layer_input_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every layer's first input shape at the declared input size, from OpenCV's shape inference."""
-        cv_net = self.cv.load(self.net, what="timing shapes")
-        shapes = [tuple([1] + [int(d) for d in s[1:]]) for s in self.shapes.values()]
-        try:
-            ids, ins, _ = cv_net.getLayersShapes(shapes)
-            names = cv_net.getLayerNames()
-            found = {names[i - 1]: tuple(int(d) for d in shape[0]) for i, shape in zip(ids, ins) if i > 0 and shape}
-        except Exception:  # noqa: BLE001 - an older OpenCV without it: run one sample instead
-            found = {}
-        del cv_net
-        missing = [n for n in self.first_input if n not in found]
-        if missing:
-            feed = {k: np.zeros((1,) + tuple(v[1:]), np.float32) for k, v in self.shapes.items()}
-            sources = list(dict.fromkeys(self.first_input[n] for n in missing if not self.first_input[n].is_input))
-            values = self.cv.run(self.net, feed, sources, what="timing shapes") if sources else {}
-            for n in missing:
-                s = self.first_input[n]
-                found[n] = tuple((feed[s.layer] if s.is_input else values[s]).shape)
-        return found
 
 
 @dataclass
@@ -590,7 +253,7 @@ def compress(
                    ranks=dict(ranks or {}), keep=tuple(keep), validate_output=validate_output,
                    preprocessing=preprocessing or validate.Preprocessing(), probes=probes, seed=seed, fp16=fp16,
                    outputs=dict(outputs or {}), min_fidelity=min_fidelity, force=force, objective=objective,
-                   say=progress or (lambda message: None), cv=_OpenCV(Path(scratch)))
+                   say=progress or (lambda message: None), cv=OpenCVRunner(Path(scratch)))
         return run.execute(images=images, calibration=calibration)
 
 
@@ -623,7 +286,7 @@ class _Run:
     force: bool
     objective: str
     say: ProgressFn
-    cv: _OpenCV
+    cv: OpenCVRunner
     timer: _Timer = field(default_factory=_Timer)
     _original_ms: float | None = None
 
@@ -639,7 +302,7 @@ class _Run:
         io.check_outputs(prefix, protect=(Path(self.deploy), Path(self.weights)))
         net = self.load()
         wants_plan = self.tradeoff > 0 or bool(self.ranks)
-        inputs = _make_inputs(net, wants_plan=wants_plan, validate_output=self.validate_output, images=images,
+        inputs = plan_inputs.make_inputs(net, wants_plan=wants_plan, validate_output=self.validate_output, images=images,
                               calibration=calibration, pre=self.preprocessing, probes=self.probes, seed=self.seed)
         specs, reference = self.reference(net, inputs)
         candidates, skipped, ws = self.plan(net, inputs, wants_plan)
@@ -657,14 +320,14 @@ class _Run:
         return net
 
     # -- the original's outputs on the validation inputs, and their kinds
-    def reference(self, net: Net, inputs: _Inputs):
+    def reference(self, net: Net, inputs: plan_inputs.Inputs):
         if not self.validate_output:
             return [], {}
         blobs = compared_blobs(net)
         if not blobs:
             raise ValidationError(f"{self.deploy}: the model has no output to compare (every blob is consumed)")
         with self.timer.stage("validate"):
-            _, sources = _sources(net)
+            _, sources = blob_sources(net)
             values = self.cv.run(net, inputs.validation, sources, what=str(self.deploy), error=ModelError)
         reference = {name: values[s] for name, s in zip(blobs, sources)}
         for name, value in reference.items():
@@ -676,9 +339,9 @@ class _Run:
         return specs, reference
 
     # -- probe -> analyse -> sensitivity
-    def plan(self, net: Net, inputs: _Inputs, wants_plan: bool):
+    def plan(self, net: Net, inputs: plan_inputs.Inputs, wants_plan: bool):
         ws = planner.Workspace()
-        first_input, out_sources = _sources(net)
+        first_input, out_sources = blob_sources(net)
         decomposable, skipped = [], {}
         for layer in net.layers:
             method, reason = planner.describe_layer(layer, keep=layer.name in self.keep)
@@ -717,112 +380,13 @@ class _Run:
 
     # -- choose -> decompose -> rewrite -> write -> verify, backing off on a miss
     def closed_loop(self, net, prefix, candidates, skipped, ws, specs, reference, inputs) -> Report:
-        """The largest budget on the ladder whose plan meets the contract: budget(T) first, then bisection.
+        loop = _ClosedLoop(self, net, prefix, candidates, skipped, specs, reference, inputs,
+                           _Factorizer(net, ws, self.ranks, self.seed, self.timer.timings, self.say),
+                           timing.SpeedGuard(self.objective, self.cv, net, blob_sources(net)[0], net.input_shapes(),
+                                             self.say, self.timer.timings))
+        return loop.execute()
 
-        Meeting the contract is (nearly) monotone in the budget, so bisection over the fixed ladder finds
-        the same rung whatever T the walk started from: a larger T never gives a larger file.
-        """
-        factorizer = _Factorizer(net, ws, self.ranks, self.seed, self.timer.timings, self.say)
-        guard = _SpeedGuard(self.objective, self.cv, net, _sources(net)[0], net.input_shapes(), self.say,
-                            self.timer.timings)
-        store_fp16 = net.stored_fp16 if self.fp16 is None else bool(self.fp16)
-        ladder = search.budget_ladder(self.tradeoff) if candidates else [0.0]
-        state = _LoopState()
-
-        def attempt(budget: float) -> bool | None:
-            """True: the plan passed (and is kept staged); False: missed; None: nothing to factor."""
-            with self.timer.stage("plan"):
-                chosen, predicted = planner.choose_ranks(candidates, self.tradeoff, forced=self.ranks, budget=budget)
-            reasons = dict(skipped)
-            for name in [n for n in chosen if (n, chosen[n]) in state.slow]:
-                reasons[name] = state.slow[(name, chosen.pop(name))]
-            while True:
-                plan = replace(planner.build_plan(net, candidates, chosen, reasons, self.tradeoff, predicted),
-                               error_budget=budget)
-                if not chosen and self.tradeoff > 0 and not self.force:
-                    state.empty_plan = plan
-                    return None
-                key = tuple(sorted(chosen.items()))
-                if key in state.tried:
-                    return state.tried[key]
-                with self.timer.stage("decompose"):
-                    self.say("rewriting the network")
-                    new_net, plan = factorizer.build(plan)
-                    new_net.check()
-                with self.timer.stage("timing"):
-                    slow = guard.slow_layers(new_net, chosen, self.ranks)
-                if not slow:
-                    break
-                for name, why in slow.items():
-                    state.slow[(name, chosen.pop(name))] = why
-                    reasons[name] = why
-            verdict, staged = self.write_and_verify(net, new_net, prefix, store_fp16, specs, reference, inputs)
-            state.rounds += 1
-            # --rank alone (T = 0) is the user's own choice of loss: measured and reported, not enforced.
-            passed = verdict.passed or bool(self.ranks and self.tradeoff == 0)
-            state.tried[key] = passed
-            if passed:
-                state.keep(staged, new_net, plan, verdict)
-                state.best_budget = budget
-                return True
-            staged.discard()
-            if not chosen:
-                raise ValidationError(f"{self.deploy}: the model's outputs are not reproducible in OpenCV (an "
-                                      f"unchanged copy misses the contract: {verdict.first_miss()})")
-            state.misses.append(verdict.first_miss())
-            log.info("round %d (budget %.4g) misses the contract: %s", state.rounds, budget, state.misses[-1])
-            if self.ranks:
-                raise ValidationError(f"the forced ranks break the fidelity contract at T = {self.tradeoff:g}: "
-                                      f"{state.misses[-1]}; raise the ranks or the trade-off")
-            self.say(f"backing off: {state.misses[-1]}")
-            return False
-
-        def not_slower() -> None:
-            """Drop the slowest factorizations until the whole model is not slower (bounded)."""
-            for _ in range(MAX_SPEED_ROUNDS):
-                staged, new_net, plan, verdict = state.best
-                with self.timer.stage("timing"):
-                    state.latency = self.latency(net, new_net, inputs)
-                if self.objective == "size" or state.latency.speedup >= LATENCY_TOLERANCE:
-                    return
-                chosen = {lp.layer: lp.rank for lp in plan.layers if lp.rank and lp.layer not in self.ranks}
-                if not chosen:
-                    return
-                worst = min(chosen, key=lambda n: guard.speedup(new_net, n, chosen[n]))
-                state.slow[(worst, chosen[worst])] = (f"dropped: the model with it measured "
-                                                      f"{1 / state.latency.speedup:.2f}x slower in OpenCV")
-                budget = state.best_budget
-                state.discard()
-                if attempt(budget) is not True:
-                    return
-
-        try:
-            if attempt(ladder[0]) is False:
-                lo, hi = 1, len(ladder) - 1
-                while lo <= hi and state.rounds < search.MAX_ROUNDS:
-                    mid = (lo + hi) // 2
-                    if attempt(ladder[mid]) is False:
-                        lo = mid + 1
-                    else:
-                        hi = mid - 1
-            if state.best is not None:
-                not_slower()
-            if state.best is None and self.force:
-                attempt(0.0)  # --force: an unchanged copy when every plan misses
-        except BaseException:
-            state.discard()
-            raise
-        if state.best is None:
-            return self._nothing(net, state.empty_plan, specs, state.misses, inputs, state.rounds)
-        staged, new_net, plan, verdict = state.best
-        staged.commit()
-        report = self._report(net, new_net, plan, verdict, staged, inputs, store_fp16, state.misses, state.rounds)
-        if state.latency is not None and new_net is not net:
-            report = replace(report, latency_ms={
-                "original_1t": state.latency.original_ms, "compressed_1t": state.latency.compressed_ms})
-        return report
-
-    def latency(self, net: Net, new_net: Net, inputs: _Inputs) -> timing.Latency:
+    def latency(self, net: Net, new_net: Net, inputs: plan_inputs.Inputs) -> timing.Latency:
         """1-thread latency of the original and the rewritten net on one input of the declared shape."""
         self.say("timing the written model against the original")
         feed = {}
@@ -847,7 +411,7 @@ class _Run:
                 return _Verdict((), ()), staged
             self.say("validating with OpenCV")
             with self.timer.stage("validate"):
-                _, sources = _sources(new_net)
+                _, sources = blob_sources(new_net)
                 what = f"compressed model {staged.prototxt}"
                 values = self.cv.run(new_net, inputs.validation, sources, what=what,
                                      files=(staged.temp_prototxt, staged.temp_caffemodel))
@@ -901,3 +465,141 @@ class _Run:
             rounds=rounds,
             note=note,
         )
+
+
+@dataclass
+class _ClosedLoop:
+    """The largest budget on the ladder whose plan meets the contract: budget(T) first, then bisection.
+
+    Meeting the contract is (nearly) monotone in the budget, so bisection over the fixed ladder finds
+    the same rung whatever T the walk started from: a larger T never gives a larger file.
+    """
+
+    run: "_Run"
+    net: Net
+    prefix: Path
+    candidates: list
+    skipped: dict
+    specs: list
+    reference: dict
+    inputs: plan_inputs.Inputs
+    factorizer: _Factorizer
+    guard: timing.SpeedGuard
+    state: _LoopState = field(default_factory=_LoopState)
+
+    @property
+    def store_fp16(self) -> bool:
+        return self.net.stored_fp16 if self.run.fp16 is None else bool(self.run.fp16)
+
+    def execute(self) -> Report:
+        r, state = self.run, self.state
+        ladder = search.budget_ladder(r.tradeoff) if self.candidates else [0.0]
+        try:
+            if self.attempt(ladder[0]) is False:
+                lo, hi = 1, len(ladder) - 1
+                while lo <= hi and state.rounds < search.MAX_ROUNDS:
+                    mid = (lo + hi) // 2
+                    if self.attempt(ladder[mid]) is False:
+                        lo = mid + 1
+                    else:
+                        hi = mid - 1
+            if state.best is not None:
+                self.not_slower()
+            if state.best is None and r.force:
+                self.attempt(0.0)  # --force: an unchanged copy when every plan misses
+        except BaseException:
+            state.discard()
+            raise
+        if state.best is None:
+            return r._nothing(self.net, state.empty_plan, self.specs, state.misses, self.inputs, state.rounds)
+        staged, new_net, plan, verdict = state.best
+        staged.commit()
+        report = r._report(self.net, new_net, plan, verdict, staged, self.inputs, self.store_fp16, state.misses,
+                           state.rounds)
+        if state.latency is not None:
+            report = replace(report, latency_ms={
+                "original_1t": state.latency.original_ms, "compressed_1t": state.latency.compressed_ms})
+        return report
+
+    def attempt(self, budget: float) -> bool | None:
+        """True: the plan passed (and is kept staged); False: missed; None: nothing to factor."""
+        built = self.build(budget)
+        if built is None or isinstance(built, bool):
+            return built
+        key, chosen, new_net, plan = built
+        r, state = self.run, self.state
+        verdict, staged = r.write_and_verify(self.net, new_net, self.prefix, self.store_fp16, self.specs,
+                                             self.reference, self.inputs)
+        state.rounds += 1
+        # --rank alone (T = 0) is the user's own choice of loss: measured and reported, not enforced.
+        passed = verdict.passed or bool(r.ranks and r.tradeoff == 0)
+        state.tried[key] = passed
+        if passed:
+            state.keep(staged, new_net, plan, verdict)
+            state.best_budget = budget
+            return True
+        staged.discard()
+        self.missed(verdict, chosen, budget)
+        return False
+
+    def build(self, budget: float):
+        """(key, chosen, new_net, plan) for a budget, without the factorizations measured slower;
+        None when nothing is factored, a bool when this exact plan was already judged."""
+        r, state = self.run, self.state
+        with r.timer.stage("plan"):
+            chosen, predicted = planner.choose_ranks(self.candidates, r.tradeoff, forced=r.ranks, budget=budget)
+        reasons = dict(self.skipped)
+        for name in [n for n in chosen if (n, chosen[n]) in state.slow]:
+            reasons[name] = state.slow[(name, chosen.pop(name))]
+        while True:
+            plan = replace(planner.build_plan(self.net, self.candidates, chosen, reasons, r.tradeoff, predicted),
+                           error_budget=budget)
+            if not chosen and r.tradeoff > 0 and not r.force:
+                state.empty_plan = plan
+                return None
+            key = tuple(sorted(chosen.items()))
+            if key in state.tried:
+                return state.tried[key]
+            with r.timer.stage("decompose"):
+                r.say("rewriting the network")
+                new_net, plan = self.factorizer.build(plan)
+                new_net.check()
+            with r.timer.stage("timing"):
+                slow = self.guard.slow_layers(new_net, chosen, r.ranks)
+            if not slow:
+                return key, chosen, new_net, plan
+            for name, why in slow.items():
+                state.slow[(name, chosen.pop(name))] = why
+                reasons[name] = why
+
+    def missed(self, verdict: "_Verdict", chosen: Mapping[str, int], budget: float) -> None:
+        r, state = self.run, self.state
+        if not chosen:
+            raise ValidationError(f"{r.deploy}: the model's outputs are not reproducible in OpenCV (an "
+                                  f"unchanged copy misses the contract: {verdict.first_miss()})")
+        state.misses.append(verdict.first_miss())
+        log.info("round %d (budget %.4g) misses the contract: %s", state.rounds, budget, state.misses[-1])
+        if r.ranks:
+            raise ValidationError(f"the forced ranks break the fidelity contract at T = {r.tradeoff:g}: "
+                                  f"{state.misses[-1]}; raise the ranks or the trade-off")
+        r.say(f"backing off: {state.misses[-1]}")
+
+    def not_slower(self) -> None:
+        """Drop the slowest factorizations until the whole model is not slower (bounded)."""
+        r, state = self.run, self.state
+        for _ in range(MAX_SPEED_ROUNDS):
+            staged, new_net, plan, verdict = state.best
+            with r.timer.stage("timing"):
+                state.latency = r.latency(self.net, new_net, self.inputs)
+            if r.objective == "size" or state.latency.speedup >= timing.LATENCY_TOLERANCE:
+                return
+            chosen = {lp.layer: lp.rank for lp in plan.layers if lp.rank and lp.layer not in r.ranks}
+            if not chosen:
+                return
+            worst = min(chosen, key=lambda n: self.guard.speedup(new_net, n, chosen[n]))
+            state.slow[(worst, chosen[worst])] = (f"dropped: the model with it measured "
+                                                  f"{1 / state.latency.speedup:.2f}x slower in OpenCV")
+            budget = state.best_budget
+            state.discard()
+            if self.attempt(budget) is not True:
+                return

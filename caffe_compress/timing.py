@@ -8,7 +8,7 @@ to a time budget so that a slow model does not make the compression slow.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -16,6 +16,9 @@ import numpy as np
 from .net import Layer, Net
 
 MIN_RUNS, MAX_RUNS = 3, 15
+TIMING_SIDE = 128  # layers are timed on maps at most this high and wide
+SPEED_MARGIN = 1.1  # --objective speed: a factored layer must be at least this much faster
+LATENCY_TOLERANCE = 0.97  # a speed ratio below this is "slower" (noise allowance)
 NET_BUDGET_S = 6.0  # seconds spent timing one pair of whole nets
 LAYER_BUDGET_S = 1.5  # seconds spent timing one pair of layers
 
@@ -97,3 +100,87 @@ def layer_net(layers: Sequence[Layer], bottom: str, shape: tuple[int, ...]) -> N
     """A net of just ``layers`` fed by an Input of ``shape`` named ``bottom``."""
     data = Layer("input__", "Input", (), (bottom,), {"input_param": {"shape": [{"dim": [int(d) for d in shape]}]}})
     return Net("timing", (data, *layers))
+
+
+@dataclass
+class SpeedGuard:
+    """Measured speed: a factorization that runs slower than its layer is dropped (objective balanced/speed).
+
+    Layers are timed alone in OpenCV, one thread, at their real input shape (spatial size capped at
+    TIMING_SIDE: the ratio is what matters), original against replacement; results are cached.
+    """
+
+    objective: str
+    cv: object  # runner.OpenCVRunner: load(net, what=...), run(net, feed, sources, what=...)
+    net: Net
+    first_input: Mapping  # layer -> runner.Source of its first input
+    shapes: Mapping[str, tuple[int, ...]]  # declared input shapes
+    say: Callable[[str], None]
+    timings: dict
+    layer_shapes: dict = field(default_factory=dict)
+    speedups: dict = field(default_factory=dict)  # (layer, rank) -> original / factored time
+
+    @property
+    def required(self) -> float:
+        return {"size": 0.0, "balanced": LATENCY_TOLERANCE, "speed": SPEED_MARGIN}[self.objective]
+
+    def slow_layers(self, new_net: Net, chosen: Mapping[str, int], forced: Mapping[str, int]) -> dict[str, str]:
+        """{layer: reason} for chosen factorizations that are not fast enough (forced ranks are kept)."""
+        if self.objective == "size":
+            return {}
+        slow = {}
+        for name, rank in chosen.items():
+            if name in forced:
+                continue
+            speedup = self.speedup(new_net, name, rank)
+            if speedup < self.required:
+                slow[name] = f"factored form measured {1 / speedup:.2f}x slower in OpenCV" if speedup < 1 else \
+                    f"factored form only {speedup:.2f}x faster (--objective speed)"
+        return slow
+
+    def speedup(self, new_net: Net, name: str, rank: int) -> float:
+        key = (name, rank)
+        if key not in self.speedups:
+            start = time.perf_counter()
+            shape = self._input_shape(name)
+            layer = self.net.layer(name)
+            bottom = layer.bottoms[0]
+            self.say(f"timing {name}")
+            latency = compare(
+                lambda model: self.cv.load(model, what=f"timing of {name}"),
+                layer_net((layer,), bottom, shape),
+                layer_net(replacement_layers(new_net, name), bottom, shape),
+                {bottom: np.random.default_rng(0).standard_normal(shape).astype(np.float32)},
+                budget_s=LAYER_BUDGET_S)
+            self.speedups[key] = latency.speedup
+            self.timings["timing"] = self.timings.get("timing", 0.0) + time.perf_counter() - start
+        return self.speedups[key]
+
+    def _input_shape(self, name: str) -> tuple[int, ...]:
+        if not self.layer_shapes:
+            self.layer_shapes = self._layer_input_shapes()
+        shape = self.layer_shapes[name]
+        if len(shape) == 4:
+            shape = shape[:2] + tuple(min(int(d), TIMING_SIDE) for d in shape[2:])
+        return shape
+
+    def _layer_input_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every layer's first input shape at the declared input size, from OpenCV's shape inference."""
+        cv_net = self.cv.load(self.net, what="timing shapes")
+        shapes = [tuple([1] + [int(d) for d in s[1:]]) for s in self.shapes.values()]
+        try:
+            ids, ins, _ = cv_net.getLayersShapes(shapes)
+            names = cv_net.getLayerNames()
+            found = {names[i - 1]: tuple(int(d) for d in shape[0]) for i, shape in zip(ids, ins) if i > 0 and shape}
+        except Exception:  # noqa: BLE001 - an older OpenCV without it: run one sample instead
+            found = {}
+        del cv_net
+        missing = [n for n in self.first_input if n not in found]
+        if missing:
+            feed = {k: np.zeros((1,) + tuple(v[1:]), np.float32) for k, v in self.shapes.items()}
+            sources = list(dict.fromkeys(self.first_input[n] for n in missing if not self.first_input[n].is_input))
+            values = self.cv.run(self.net, feed, sources, what="timing shapes") if sources else {}
+            for n in missing:
+                s = self.first_input[n]
+                found[n] = tuple((feed[s.layer] if s.is_input else values[s]).shape)
+        return found

@@ -8,8 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from caffe_compress import io, pipeline
-from caffe_compress.errors import ValidationError
+from caffe_compress import io, pipeline, runner
 from caffe_compress.net import Layer, Net
 from caffe_compress.plan import contract, probe, search
 from nets import cp_kernel, low_rank_matrix, max_relative_difference, opencv_outputs, write_model
@@ -99,9 +98,9 @@ def test_taps_copy_the_kth_top_before_in_place_layers():
         Layer("s", "Slice", ("x",), ("a", "b")),
         Layer("r", "ReLU", ("b",), ("b",)),
     ))
-    tapped, names = pipeline._with_taps(net, [pipeline.Source("s", 1), pipeline.Source("s", 0)])
-    assert [layer.name for layer in tapped.layers] == ["data", "s", names[pipeline.Source("s", 1)], "r"]
-    assert names[pipeline.Source("s", 0)] == "s"
+    tapped, names = runner.with_taps(net, [runner.Source("s", 1), runner.Source("s", 0)])
+    assert [layer.name for layer in tapped.layers] == ["data", "s", names[runner.Source("s", 1)], "r"]
+    assert names[runner.Source("s", 0)] == "s"
 
 
 # ------------------------------------------------------------------ the closed loop
@@ -233,7 +232,7 @@ def test_boxes_metric_looks_at_the_positives():
 
 
 def test_class_metric_counts_confident_flips_and_forgives_unsure_ones():
-    rng = np.random.default_rng(2)
+
     confident = np.tile([0.97, 0.03], (90, 1))
     unsure = np.tile([0.55, 0.45], (10, 1))
     a = np.vstack([confident, unsure]).astype(np.float32)

@@ -3,10 +3,17 @@
 probe.py     probe inputs: input-convention inference and natural-image-like probes
 analyse.py   per-layer candidates: ranks -> output error, parameters, MACs; the global rank choice
 contract.py  output kinds, their fidelity metrics and the targets that T implies
+inputs.py    planning and validation inputs (images or probes; never the same)
+search.py    activations, per-layer analysis and gains, the ladder of budgets
 """
-from .analyse import *  # noqa: F401,F403
 from .analyse import (  # noqa: F401
     METHOD_CP, METHOD_KEEP, METHOD_POINTWISE, METHOD_SVD, MIN_RANK_DIVISOR, Candidate, LayerPlan, Plan,
     Workspace, analyse_convolution, analyse_inner_product, approximate_weight, build_plan, check_tradeoff,
     choose_ranks, describe_layer, error_budget, max_rank, sample_patches,
 )
+
+__all__ = [
+    "METHOD_CP", "METHOD_KEEP", "METHOD_POINTWISE", "METHOD_SVD", "MIN_RANK_DIVISOR", "Candidate", "LayerPlan",
+    "Plan", "Workspace", "analyse_convolution", "analyse_inner_product", "approximate_weight", "build_plan",
+    "check_tradeoff", "choose_ranks", "describe_layer", "error_budget", "max_rank", "sample_patches",
+]

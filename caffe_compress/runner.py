@@ -1,0 +1,142 @@
+"""Running Nets in OpenCV: which blob value a name means, taps for the blobs OpenCV cannot name, chunked runs.
+
+OpenCV names a blob by the layer that produced it; it cannot return the k-th top of a multi-top layer
+("layer.k" is not resolved in 4.x), nor, sometimes, a convolution output it writes straight into a
+Concat's buffer. A :class:`Source` says which value is wanted; :func:`with_taps` adds an identity layer
+where a name is missing. Nets are run from scratch files (ASCII paths the tool owns).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Hashable, Mapping, Sequence
+
+import numpy as np
+
+from . import io, validate
+from .errors import ValidationError
+from .net import Layer, Net
+
+RUN_CHUNK = 8  # samples per OpenCV forward pass
+
+
+@dataclass(frozen=True)
+class Source:
+    """A blob value at one point of the graph: top ``index`` of layer ``layer`` (or a net input)."""
+
+    layer: str
+    index: int = 0
+    is_input: bool = False
+
+
+def blob_sources(net: Net) -> tuple[dict[str, Source], list[Source]]:
+    """{layer: source of its first bottom} for every layer, and the sources of the compared outputs."""
+    last: dict[str, Source] = {}
+    first_input: dict[str, Source] = {}
+    for layer in net.layers:
+        if layer.bottoms and layer.bottoms[0] in last:
+            first_input[layer.name] = last[layer.bottoms[0]]
+        for k, top in enumerate(layer.tops):
+            last[top] = Source(top, 0, True) if layer.type == "Input" else Source(layer.name, k)
+    return first_input, [last[name] for name in compared_blobs(net)]
+
+
+# Outputs whose shape depends on the values (a detection count): compare their inputs instead.
+VALUE_SHAPED_TYPES = frozenset({"DetectionOutput"})
+
+
+def compared_blobs(net: Net) -> list[str]:
+    """The blobs on which original and compressed nets are compared: the net outputs,
+    with a value-shaped output (DetectionOutput) replaced by its inputs."""
+    producer = {}
+    for layer in net.layers:
+        for top in layer.tops:
+            producer[top] = layer
+    blobs: list[str] = []
+    for name in net.output_names():
+        layer = producer.get(name)
+        if layer is not None and layer.type in VALUE_SHAPED_TYPES:
+            blobs.extend(b for b in layer.bottoms if b not in blobs)
+        elif name not in blobs:
+            blobs.append(name)
+    return blobs
+
+
+def _tap_name(net: Net, source: Source) -> str:
+    taken = {layer.name for layer in net.layers} | {t for layer in net.layers for t in layer.tops}
+    name = f"{source.layer}__top{source.index}"
+    while name in taken:
+        name += "_"
+    return name
+
+
+def with_taps(net: Net, sources: Sequence[Source], *, every: bool = False) -> tuple[Net, dict[Source, str]]:
+    """The net with an identity (Power) layer after every k > 0 top that is asked for.
+
+    OpenCV 4.x cannot return the k-th top of a multi-top layer by name ("layer.k" is not resolved),
+    so such a blob is copied by a layer of its own, right after its producer (before any in-place
+    layer changes it). Other sources map to their producer's name.
+    """
+    names: dict[Source, str] = {}
+    taps: dict[str, list[Layer]] = {}
+    for s in dict.fromkeys(sources):
+        if s.is_input or (s.index == 0 and not every):
+            names[s] = s.layer
+            continue
+        producer = net.layer(s.layer)
+        tap = _tap_name(net, s)
+        taps.setdefault(s.layer, []).append(Layer(tap, "Power", (producer.tops[s.index],), (tap,)))
+        names[s] = tap
+    if not taps:
+        return net, names
+    layers: list[Layer] = []
+    for layer in net.layers:
+        layers.append(layer)
+        layers.extend(taps.get(layer.name, ()))
+    return replace(net, layers=tuple(layers)), names
+
+
+class OpenCVRunner:
+    """Runs Nets in OpenCV through scratch files (ASCII paths we own); one network alive at a time."""
+
+    def __init__(self, scratch: Path) -> None:
+        self.scratch = scratch
+
+    def load(self, net: Net, *, what: str, error=ValidationError):
+        proto, weights = self.scratch / "m.prototxt", self.scratch / "m.caffemodel"
+        io.write_files(net, proto, weights)
+        try:
+            return validate.load_opencv_net(proto, weights, what=what, error=error)
+        finally:
+            weights.unlink(missing_ok=True)
+
+    def run(self, net: Net, inputs: Mapping[str, np.ndarray], sources: Sequence[Hashable], *,
+            what: str = "model", error=ValidationError, files: tuple[Path, Path] | None = None) -> dict:
+        """{source: array} of ``sources`` for ``inputs``; ``files``: run these (the staged pair) instead."""
+        try:
+            return self._run(net, inputs, sources, what=what, error=error, files=files, every=False)
+        except error:
+            # OpenCV cannot return some layer outputs by name (a convolution whose output it writes
+            # straight into a Concat's buffer): copy every asked-for blob with a layer of its own.
+            return self._run(net, inputs, sources, what=what, error=error, files=None, every=True)
+
+    def _run(self, net, inputs, sources, *, what, error, files, every) -> dict:
+        tapped, names = with_taps(net, list(sources), every=every)
+        if files is not None and tapped is net:
+            cv_net = validate.load_opencv_net(files[0], files[1], what=what, error=error)
+        else:
+            cv_net = self.load(tapped, what=what, error=error)
+        wanted = list(dict.fromkeys(names[s] for s in sources if not s.is_input))
+        values: dict = {}
+        count = next(iter(inputs.values())).shape[0] if inputs else 0
+        for start in range(0, count, RUN_CHUNK) if wanted else ():
+            # in chunks: OpenCV keeps every intermediate blob of a batch alive (peak memory)
+            part = validate.forward(cv_net, {k: v[start:start + RUN_CHUNK] for k, v in inputs.items()}, wanted,
+                                    what=what, error=error)
+            for k, v in part.items():
+                values.setdefault(k, []).append(v)
+        values = {k: np.concatenate(v, axis=0) for k, v in values.items()}
+        del cv_net
+        return {s: (np.asarray(inputs[s.layer], dtype=np.float32) if s.is_input else values[names[s]]) for s in sources}
+
+
