@@ -469,10 +469,10 @@ class _Run:
 
 @dataclass
 class _ClosedLoop:
-    """The largest budget on the ladder whose plan meets the contract: budget(T) first, then bisection.
+    """The largest budget on the ladder whose plan meets the contract, walking down from T's rung.
 
-    Meeting the contract is (nearly) monotone in the budget, so bisection over the fixed ladder finds
-    the same rung whatever T the walk started from: a larger T never gives a larger file.
+    Every T walks the same fixed ladder (search.budget_ladder), so a larger T starts higher and stops no
+    lower; plans already judged are not written again, and at most MAX_ROUNDS distinct plans are.
     """
 
     run: "_Run"
@@ -495,14 +495,9 @@ class _ClosedLoop:
         r, state = self.run, self.state
         ladder = search.budget_ladder(r.tradeoff) if self.candidates else [0.0]
         try:
-            if self.attempt(ladder[0]) is False:
-                lo, hi = 1, len(ladder) - 1
-                while lo <= hi and state.rounds < search.MAX_ROUNDS:
-                    mid = (lo + hi) // 2
-                    if self.attempt(ladder[mid]) is False:
-                        lo = mid + 1
-                    else:
-                        hi = mid - 1
+            for budget in ladder:  # walk down until a plan passes (or nothing is left to factor)
+                if state.rounds >= search.MAX_ROUNDS or self.attempt(budget) is not False:
+                    break
             if state.best is not None:
                 self.not_slower()
             if state.best is None and r.force:

@@ -28,8 +28,8 @@ Say = Callable[[str], None]
 CP_ITERATIONS = 20  # ALS sweeps at the top of a layer's rank grid (fewer further down)
 NEGLIGIBLE_COST_SHARE = 0.005  # a layer below 0.5% of params+MACs gets no sensitivity trial
 ACTIVATION_BYTES = 64 << 20  # activations held at once while probing (samples run in chunks)
-MAX_ROUNDS = 6  # plans the closed loop writes and measures at most (budget(T), then bisection)
-MIN_BUDGET_EXPONENT = -12  # the smallest budget tried is 2^-12 (a 0.02% output change)
+MAX_ROUNDS = 12  # distinct plans the closed loop writes and measures at most
+MIN_BUDGET_EXPONENT = -7  # the smallest budget tried is 2^-7 (a 0.8% predicted output change)
 
 
 @dataclass(frozen=True)
@@ -181,15 +181,16 @@ def measure_gains(run: Run, net: Net, candidates: list[Candidate], *, inputs: Ma
 
 
 def budget_ladder(tradeoff: float) -> list[float]:
-    """The error budgets the closed loop may try: budget(T), then the powers of two below it.
+    """The error budgets the closed loop walks down: a fixed grid (steps of sqrt 2), from the largest rung
+    within budget(T) = ERROR_SCALE * ln(1 / (1 - T)) down to 2^MIN_BUDGET_EXPONENT.
 
-    The grid is the same for every T, so a larger T searches a superset of a smaller T's rungs and,
-    since meeting the contract is monotone in the budget, stops no lower: the size stays monotone in T.
+    The grid is the same for every T, so a larger T starts on a higher rung of the same ladder and, walking
+    down, meets the rungs a smaller T starts from: it stops no lower, and the size stays monotone in T.
     """
     start = error_budget(tradeoff)
     if math.isinf(start):
         return [start]
     if start <= 0:
         return [0.0]
-    top = math.floor(math.log2(start))
-    return [start] + [2.0 ** k for k in range(top, MIN_BUDGET_EXPONENT - 1, -1) if 2.0 ** k < start]
+    top = math.floor(2 * math.log2(start) + 1e-9)
+    return [2.0 ** (k / 2) for k in range(top, 2 * MIN_BUDGET_EXPONENT - 1, -1)]
