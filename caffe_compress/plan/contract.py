@@ -13,7 +13,7 @@ class      top-1 agreement on the inputs where the original is     >= 98%
 scores     detection confidences: Jaccard of the positive sets   >= 0.9, and <= 0.5 nats
            (p > threshold, foreground classes; entries within 1 nat
            of the threshold in the original are ambiguous and left
-           out); RMS logit change at the strongest foreground entries
+           out), when there are >= 8; otherwise RMS logit change at the strongest foreground entries
            (logits capped 3 nats above the threshold)
 boxes      location outputs paired with a scores output:         <= 5%
            relative error over the positives (or strongest)
@@ -316,8 +316,10 @@ def check_output(spec: OutputSpec, original: np.ndarray, compressed: np.ndarray,
             jac = kept / max(int(sure_pos.sum()) + int((sure_neg & now_pos).sum()), 1)
             checks.append(Check(spec.name, spec.kind, f"positives Jaccard ({int(sure_pos.sum())} positives)", jac,
                                 t["jaccard"], True))
-        # Above the threshold a score only has to stay clearly positive: a face at p = 0.9999 that
-        # drops to 0.9990 changes nothing, so logits are capped SATURATION_NATS above the threshold.
+        if checks:
+            return checks  # objects present: the positives decide
+        # No objects: the strongest entries are the ones that would become detections. Above the
+        # threshold a score only has to stay clearly positive, so logits are capped SATURATION_NATS above.
         cap = float(_logit(np.array(spec.threshold))) + SATURATION_NATS
         d = np.minimum(_logit(fa[strongest]), cap) - np.minimum(_logit(fb[strongest]), cap)
         checks.append(Check(spec.name, spec.kind, "logit change at the strongest (RMS nats)",
