@@ -302,7 +302,8 @@ class _Run:
         io.check_outputs(prefix, protect=(Path(self.deploy), Path(self.weights)))
         net = self.load()
         wants_plan = self.tradeoff > 0 or bool(self.ranks)
-        inputs = plan_inputs.make_inputs(net, wants_plan=wants_plan, validate_output=self.validate_output, images=images,
+        inputs = plan_inputs.make_inputs(net, wants_plan=wants_plan, validate_output=self.validate_output,
+                              images=images, responds=lambda feed: self.responds(net, feed),
                               calibration=calibration, pre=self.preprocessing, probes=self.probes, seed=self.seed)
         specs, reference = self.reference(net, inputs)
         candidates, skipped, ws = self.plan(net, inputs, wants_plan)
@@ -318,6 +319,16 @@ class _Run:
             net = io.load(self.deploy, self.weights)
         _check_layer_options(net, self.ranks, self.keep)
         return net
+
+    def responds(self, net: Net, feed: Mapping[str, np.ndarray]) -> bool:
+        """Whether some output of the original varies over the samples of ``feed``."""
+        _, sources = blob_sources(net)
+        values = self.cv.run(net, feed, sources, what=str(self.deploy), error=ModelError)
+        for value in values.values():
+            v = value.reshape(value.shape[0], -1).astype(np.float64)
+            if v.shape[0] > 1 and float(np.max(np.std(v, axis=0))) > 1e-6 * (float(np.max(np.abs(v))) + 1e-12):
+                return True
+        return False
 
     # -- the original's outputs on the validation inputs, and their kinds
     def reference(self, net: Net, inputs: plan_inputs.Inputs):

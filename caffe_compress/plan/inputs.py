@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
 from .. import validate
-from ..errors import ModelError, UsageError
+from ..errors import ModelError, UsageError, ValidationError
 from ..net import Net
 from . import probe
 
@@ -23,7 +23,9 @@ VALIDATION_ELEMENTS = 1 << 24  # values per input over all validation samples (6
 PROBE_SIDE = 96  # fully convolutional nets are probed on pictures at most this high and wide
 MAX_PROBE_ELEMENTS = 1 << 24  # 64 MB of float32 per probe input (3 x 2048 x 2048 fits)
 MAX_IMAGES = 64
-MIN_HELD_OUT = 8  # a calibration set of at least 2x this is split: even files plan, odd files validate
+MIN_HELD_OUT = 32  # a calibration set of at least 2x this is split: even files plan, odd files validate
+# (fewer held-out images cannot show a 98% agreement: the natural-image probes validate instead)
+RESPONSE_PROBES = 8  # probes that must make the outputs vary for a convention to be believed
 # Layers that work at any spatial size: a net made only of these is probed on smaller pictures.
 SIZE_FREE_TYPES = frozenset({
     "Input", "Convolution", "Deconvolution", "ReLU", "PReLU", "ELU", "TanH", "Sigmoid", "AbsVal", "BNLL", "Power",
@@ -97,21 +99,34 @@ def _given_convention(pre: validate.Preprocessing) -> probe.Convention | None:
     return probe.Convention("given", tuple(pre.mean), (pre.scale,), f"(x - {pre.mean}) * {pre.scale:g}")
 
 
-def _natural_inputs(net: Net, shapes, count: int, seed: int, pre: validate.Preprocessing) -> tuple[dict, str]:
+def _natural_inputs(net: Net, shapes, count: int, seed: int, pre: validate.Preprocessing,
+                    responds: Callable | None = None) -> tuple[dict, str]:
+    """Probes per input. ``responds(feed) -> bool`` says whether the net's outputs vary over a small
+    batch: a convention under which they do not is not the one the net was trained with."""
     inputs, used = {}, []
     for i, (name, shape) in enumerate(shapes.items()):
         elements = int(np.prod(shape[1:])) if len(shape) > 1 else 1
         n = max(1, min(count, MAX_PROBE_ELEMENTS // max(elements, 1)))
         given = _given_convention(pre)
-        inferred = probe.InferredConvention(given, "--mean/--scale") if given else \
-            probe.infer_convention(net, name, shape, seed=seed)
-        inputs[name] = probe.natural_probes(shape, n, inferred.convention, seed=seed + 17 * i)
-        used.append(f"{name}: {inferred.convention.name} {inferred.convention.description} ({inferred.evidence})")
+        candidates = [probe.InferredConvention(given, "--mean/--scale")] if given else \
+            probe.ranked_conventions(net, name, shape, seed=seed)
+        chosen = candidates[0]
+        if responds is not None and len(shapes) == 1:
+            for candidate in candidates:
+                if responds({name: probe.natural_probes(shape, RESPONSE_PROBES, candidate.convention, seed=seed)[:]}):
+                    chosen = candidate
+                    break
+            else:
+                raise ValidationError(
+                    f"input '{name}': the model's outputs do not vary over natural-image probes in any common "
+                    "input convention; pass --calibration DIR or --images DIR (with --mean/--scale)")
+        inputs[name] = probe.natural_probes(shape, n, chosen.convention, seed=seed + 17 * i)
+        used.append(f"{name}: {chosen.convention.name} {chosen.convention.description} ({chosen.evidence})")
     return inputs, "; ".join(used)
 
 
 def make_inputs(net: Net, *, wants_plan: bool, validate_output: bool, images, calibration,
-                 pre: validate.Preprocessing, probes: int, seed: int) -> Inputs:
+                 pre: validate.Preprocessing, probes: int, seed: int, responds: Callable | None = None) -> Inputs:
     """Planning inputs (calibration images or natural probes) and separate validation inputs."""
     shapes = checked_shapes(net) if (wants_plan or validate_output) else {}
     small = probe_shapes(net, shapes)
@@ -124,7 +139,7 @@ def make_inputs(net: Net, *, wants_plan: bool, validate_output: bool, images, ca
             elements = max(int(np.prod(s[1:])) for s in small.values())
             most = VALIDATION_PROBES_DENSE if small != shapes else VALIDATION_PROBES
             count = max(probes, min(most, VALIDATION_ELEMENTS // max(elements, 1)))
-            validation, convention = _natural_inputs(net, small, count, seed + 1000, pre)
+            validation, convention = _natural_inputs(net, small, count, seed + 1000, pre, responds)
             label = f"natural-image probes ({next(iter(validation.values())).shape[0]})"
     planning = None
     if wants_plan and calibration is not None:
@@ -141,7 +156,7 @@ def make_inputs(net: Net, *, wants_plan: bool, validate_output: bool, images, ca
             planning, _ = _image_inputs(shapes, Path(calibration), pre, "--calibration", files=files,
                                         crop=small)
     elif wants_plan:
-        planning, convention = _natural_inputs(net, small, probes, seed, pre)
+        planning, convention = _natural_inputs(net, small, probes, seed, pre, responds)
     return Inputs(planning, validation, label, convention)
 
 

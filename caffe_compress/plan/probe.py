@@ -227,6 +227,15 @@ def infer_convention(net: Net, input_name: str, shape: Sequence[int], *, seed: i
     return InferredConvention(_named(best), f"bias-to-response ratio of '{conv.name}'")
 
 
+def ranked_conventions(net: Net, input_name: str, shape: Sequence[int], *, seed: int = 0) -> list[InferredConvention]:
+    """The inferred convention first, then the other common ones (tried when the first leaves the
+    network's outputs constant, i.e. the probes do not exercise it)."""
+    first = infer_convention(net, input_name, shape, seed=seed)
+    rest = [InferredConvention(c, f"fallback: under '{first.convention.name}' the outputs did not vary")
+            for c in COMMON_CONVENTIONS if c.name != first.convention.name]
+    return [first, *rest]
+
+
 def _named(name: str) -> Convention:
     return next(c for c in COMMON_CONVENTIONS if c.name == name)
 
