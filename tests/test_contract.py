@@ -325,3 +325,24 @@ def test_natural_probes_look_like_pictures():
     # neighbouring pixels are strongly correlated, unlike white noise
     a, b = x[:, :, :, :-1].ravel(), x[:, :, :, 1:].ravel()
     assert np.corrcoef(a, b)[0, 1] > 0.8
+
+
+def test_a_convention_that_leaves_the_outputs_constant_is_not_believed():
+    from caffe_compress import validate
+    from caffe_compress.errors import ValidationError
+    from caffe_compress.plan import inputs as plan_inputs
+
+    weight = np.random.default_rng(8).standard_normal((16, 3, 3, 3)).astype(np.float32)
+    net = _conv_net(weight, np.zeros(16, np.float32))
+    first = probe.ranked_conventions(net, "data", (1, 3, 32, 32))[0].convention
+    seen = []
+
+    def responds(feed):  # the stub model ignores inputs in the first convention it is offered
+        x = feed["data"]
+        seen.append(float(np.abs(x).max()))
+        return len(seen) > 1
+
+    made, label = plan_inputs._natural_inputs(net, {"data": (1, 3, 32, 32)}, 4, 0, validate.Preprocessing(), responds)
+    assert first.name not in label.split()[1] and "fallback" in label
+    with pytest.raises(ValidationError, match="do not vary"):
+        plan_inputs._natural_inputs(net, {"data": (1, 3, 32, 32)}, 4, 0, validate.Preprocessing(), lambda feed: False)
