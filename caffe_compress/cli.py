@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", metavar="WxH", help="network input size for images (default: the net's)")
     p.add_argument("--resize", metavar="WxH", help="resize images to WxH, then centre-crop to --size")
     p.add_argument("--swap-rb", action="store_true", help="swap red and blue (images are read as BGR)")
-    p.add_argument("--probes", type=int, default=None, metavar="N", help="random probe inputs (default 8)")
+    p.add_argument("--probes", type=int, default=None, metavar="N", help="natural-image probe inputs for planning (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed for probes and CP (default 0)")
     storage = p.add_mutually_exclusive_group()
     storage.add_argument("--fp16", dest="fp16", action="store_const", const=True, default=None,
