@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """`make demo`: compress the authentic GenderNet at T = 0.95 and print the summary.
 
-Validation uses random probes: the sample photos that come with the model's package are
-whole scenes, not face crops, and GenderNet itself is unsure about them. Accuracy on real
+Validation uses natural-image probes (the sample photos that come with the model's package are
+whole scenes, not face crops), so the data-free fidelity contract applies. Accuracy on real
 faces is measured by `make gendernet`.
 """
 import sys
