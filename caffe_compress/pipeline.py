@@ -181,8 +181,7 @@ class _LoopState:
     latency: timing.Latency | None = None
 
     def keep(self, staged, new_net, plan, verdict) -> None:
-        # bisection only ever finds larger passing budgets after a pass... or smaller ones after a miss;
-        # the latest pass has the smaller index, i.e. the larger budget
+        # a pass after the whole-model speed check dropped a layer replaces the slower plan
         self.discard()
         self.best = (staged, new_net, plan, verdict)
 
@@ -441,16 +440,16 @@ class _Run:
             staged.discard()
             raise
 
-    def _nothing(self, net, plan, specs, misses, inputs, rounds) -> Report:
+    def _nothing(self, net, plan, misses, inputs, rounds) -> Report:
         if plan is None:
             plan = planner.build_plan(net, [], {}, {}, self.tradeoff, 0.0)
         note = NOTHING_TO_COMPRESS
         if misses:
             note += f" (the smallest plan tried missed it: {misses[-1]})"
-        return self._report(net, net, plan, _Verdict((), ()), None, inputs, net.stored_fp16, misses, rounds,
+        return self._report(net, net, plan, _Verdict((), ()), None, inputs, net.stored_fp16, rounds,
                             note=note)
 
-    def _report(self, net, new_net, plan, verdict, staged, inputs, store_fp16, misses, rounds,
+    def _report(self, net, new_net, plan, verdict, staged, inputs, store_fp16, rounds,
                 note: str = "") -> Report:
         weights_path = Path(self.weights)
         return Report(
@@ -519,11 +518,10 @@ class _ClosedLoop:
             state.discard()
             raise
         if state.best is None:
-            return r._nothing(self.net, state.empty_plan, self.specs, state.misses, self.inputs, state.rounds)
+            return r._nothing(self.net, state.empty_plan, state.misses, self.inputs, state.rounds)
         staged, new_net, plan, verdict = state.best
         staged.commit()
-        report = r._report(self.net, new_net, plan, verdict, staged, self.inputs, self.store_fp16, state.misses,
-                           state.rounds)
+        report = r._report(self.net, new_net, plan, verdict, staged, self.inputs, self.store_fp16, state.rounds)
         if state.latency is not None:
             report = replace(report, latency_ms={
                 "original_1t": state.latency.original_ms, "compressed_1t": state.latency.compressed_ms})

@@ -189,7 +189,8 @@ def _origin(producers, name: str):
 
 
 def _class_count(shape: tuple[int, ...]) -> int:
-    if len(shape) >= 3 and int(np.prod(shape[2:])) > 1 and len(shape) == 3:
+    """Classes of a probability output: the last axis of (N, positions, C), else axis 1."""
+    if len(shape) == 3 and shape[2] > 1:
         return int(shape[-1])
     return int(shape[1]) if len(shape) > 1 else 1
 
