@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="size/accuracy trade-off in [0, 1]: 0 lossless, 1 smallest "
                         "(default 0.95; 0 when --rank is given)")
     p.add_argument("--rank", action="append", default=[], metavar="LAYER=R", help="force a rank (repeatable)")
+    p.add_argument("--form", dest="forms", action="append", default=[], metavar="LAYER=FORM",
+                   help="factor LAYER only in FORM: cp, tucker2 or spatial-svd for a k x k convolution "
+                        "(default: the fastest at equal error, measured); repeatable")
     p.add_argument("--keep", action="append", default=[], metavar="LAYER", help="never touch LAYER (repeatable)")
     p.add_argument("--no-validate", action="store_true", help="skip the OpenCV comparison")
     p.add_argument("--images", metavar="DIR", help="validate on images from DIR instead of random probes")
@@ -173,6 +176,14 @@ def _run_compress(argv: Sequence[str]) -> int:
         for inp in (args.deploy, args.weights):
             if json_path.exists() and Path(inp).exists() and os.path.samefile(json_path, inp):
                 raise UsageError(f"--json: {json_path} is an input file; choose another name")
+    forms: dict[str, str] = {}
+    for text in args.forms:
+        name, sep, form = text.rpartition("=")
+        if not sep or not name:
+            raise UsageError(f"--form: '{text}' is not LAYER=FORM")
+        if name in forms:
+            raise UsageError(f"--form: layer '{name}' is given twice")
+        forms[name] = form
     kinds: dict[str, str] = {}
     for text in args.kinds:
         name, sep, kind = text.rpartition("=")
@@ -187,7 +198,7 @@ def _run_compress(argv: Sequence[str]) -> int:
             print(f"{PROG}: {message} ...", file=sys.stderr)
 
     report = compress(
-        args.deploy, args.weights, tradeoff=tradeoff, output=args.output, ranks=ranks, keep=args.keep,
+        args.deploy, args.weights, tradeoff=tradeoff, output=args.output, ranks=ranks, forms=forms, keep=args.keep,
         validate_output=not args.no_validate, images=args.images, calibration=args.calibration,
         preprocessing=pre, probes=args.probes if args.probes is not None else DEFAULT_PROBES,
         seed=args.seed, fp16=args.fp16, outputs=kinds, min_fidelity=min_fidelity, force=args.force,

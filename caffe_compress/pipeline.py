@@ -20,7 +20,7 @@ import numpy as np
 
 from . import io, rewrite, timing, validate
 from .runner import OpenCVRunner, blob_sources, compared_blobs
-from .decompose import cp_conv, cp_reconstruct
+from .decompose import cp_conv, cp_reconstruct, spatial_reconstruct, tucker_reconstruct
 from .errors import ModelError, RankError, UsageError, ValidationError, WriteError
 from .net import Layer, Net, conv_geometry
 from .plan import analyse as planner, contract, inputs as plan_inputs, search
@@ -81,11 +81,23 @@ def default_prefix(weights: str | os.PathLike) -> Path:
 # ------------------------------------------------------------------ options and inputs
 
 
-def _check_layer_options(net: Net, ranks: Mapping[str, int], keep: Sequence[str]) -> None:
+def _check_layer_options(net: Net, ranks: Mapping[str, int], keep: Sequence[str], forms: Mapping[str, str]) -> None:
     names = {layer.name for layer in net.layers}
     for name in keep:
         if name not in names:
             raise UsageError(f"--keep: no layer named '{name}' in the model")
+    for name, form in forms.items():
+        if name not in names:
+            raise UsageError(f"--form: no layer named '{name}' in the model")
+        if name in keep:
+            raise UsageError(f"--form {name}={form}: the layer is also given to --keep")
+        layer = net.layer(name)
+        method, reason = planner.describe_layer(layer, keep=False)
+        allowed = planner.layer_forms(layer, method) if method != planner.METHOD_KEEP else ()
+        if form not in allowed:
+            raise UsageError(f"--form {name}={form}: a {layer.type} layer with weight shape "
+                             f"{'x'.join(map(str, layer.blobs[0].shape)) if layer.blobs else '-'} takes "
+                             + (", ".join(allowed) if allowed else f"no form ({reason or 'not decomposable'})"))
     for name, rank in ranks.items():
         if name not in names:
             raise UsageError(f"--rank: no layer named '{name}' in the model")
@@ -96,6 +108,7 @@ def _check_layer_options(net: Net, ranks: Mapping[str, int], keep: Sequence[str]
         if method == planner.METHOD_KEEP:
             raise UsageError(f"--rank {name}={rank}: a {layer.type} layer cannot be decomposed"
                              + (f" ({reason})" if reason else ""))
+        method = forms.get(name, method)
         limit = planner.max_rank(layer, method)
         groups = conv_geometry(layer).group if layer.type == "Convolution" else 1
         if not 1 <= rank <= limit:
@@ -110,11 +123,11 @@ def _check_layer_options(net: Net, ranks: Mapping[str, int], keep: Sequence[str]
 
 @dataclass
 class _Factorizer:
-    """Builds the compressed Net for a plan; factors of a (layer, rank) are computed once per run."""
+    """Builds the compressed Net for a plan; factors of a (layer, form, rank) are computed once per run."""
 
     net: Net
     ws: planner.Workspace
-    forced: Mapping[str, int]
+    forced: Mapping[str, tuple]
     seed: int
     timings: dict
     say: ProgressFn
@@ -126,9 +139,9 @@ class _Factorizer:
         for lp in plan.layers:
             if lp.method == planner.METHOD_KEEP or not lp.rank:
                 continue
-            key = (lp.layer, lp.rank)
+            key = (lp.layer, lp.method, lp.rank)
             if key not in self.cache:
-                self.cache[key] = self._factor(lp)
+                self.cache[key] = self._factor(lp.layer, lp.method, lp.rank)
             replacements[lp.layer], err = self.cache[key]
             if err is not None:
                 errors[lp.layer] = err
@@ -137,31 +150,53 @@ class _Factorizer:
             replace(lp, weight_error=errors[lp.layer]) if lp.layer in errors else lp for lp in plan.layers))
         return new_net, plan
 
-    def _factor(self, lp: planner.LayerPlan) -> tuple[tuple[Layer, ...], float | None]:
-        layer = self.net.layer(lp.layer)
-        if lp.method == planner.METHOD_SVD:
-            return rewrite.decompose_inner_product(self.net, layer, self.ws.linear_factors(lp.layer, lp.rank)[0]), None
-        if lp.method == planner.METHOD_POINTWISE:
-            return rewrite.decompose_pointwise(self.net, layer, self.ws.linear_factors(lp.layer, lp.rank)), None
+    def draft(self, name: str, method: str, rank: int) -> tuple[Layer, ...]:
+        """The factored layers from the planning factors as they are (no polishing): for timing."""
+        layer = self.net.layer(name)
+        if method == planner.METHOD_CP:
+            return rewrite.decompose_convolution(self.net, layer, self.ws.cp[name][rank])
+        return self._factor(name, method, rank)[0]
+
+    def _factor(self, name: str, method: str, rank: int) -> tuple[tuple[Layer, ...], float | None]:
+        layer = self.net.layer(name)
+        ws = self.ws
+        if method == planner.METHOD_SVD:
+            return rewrite.decompose_inner_product(self.net, layer, ws.linear_factors(name, rank)[0]), None
+        if method == planner.METHOD_POINTWISE:
+            return rewrite.decompose_pointwise(self.net, layer, ws.linear_factors(name, rank)), None
+        kernels = rewrite.conv_group_kernels(layer)
+        if method == planner.METHOD_SPATIAL:
+            factors = ws.spatial_factors(name, layer.blobs[0].shape, rank)
+            return rewrite.decompose_spatial(self.net, layer, factors), _kernel_error(kernels, factors)
+        if method == planner.METHOD_TUCKER:
+            factors = ws.tucker_factors(name, kernels, rank)
+            return rewrite.decompose_tucker(self.net, layer, factors), _kernel_error(kernels, factors)
         # Polish the chosen rank's CP (the sweep ran few iterations per rank); a rank the user
         # forced gets a full run, so exact low-rank kernels come out exact.
-        self.say(f"decomposing {lp.layer}")
-        forced = lp.layer in self.forced
+        self.say(f"decomposing {name}")
+        forced = name in self.forced
         start = time.perf_counter()
-        kernels = rewrite.conv_group_kernels(layer)
         factors = [
-            cp_conv(k, lp.rank // len(kernels), seed=self.seed, init=f,
+            cp_conv(k, rank // len(kernels), seed=self.seed, init=f,
                     n_iter_max=FORCED_CP_ITERATIONS if forced else POLISH_CP_ITERATIONS,
                     tol=1e-10 if forced else 1e-6)
-            for k, f in zip(kernels, self.ws.cp[lp.layer][lp.rank])
+            for k, f in zip(kernels, ws.cp[name][rank])
         ]
-        self.timings[f"decompose/{lp.layer}"] = self.timings.get(f"decompose/{lp.layer}", 0.0) + \
+        self.timings[f"decompose/{name}"] = self.timings.get(f"decompose/{name}", 0.0) + \
             time.perf_counter() - start
-        w = layer.blobs[0].astype(np.float64)
-        residual = sum(float(np.sum((k - cp_reconstruct(f)).astype(np.float64) ** 2))
-                       for k, f in zip(kernels, factors))
-        return rewrite.decompose_convolution(self.net, layer, factors), \
-            float(np.sqrt(residual / max(float(np.sum(w * w)), 1e-300)))
+        return rewrite.decompose_convolution(self.net, layer, factors), _kernel_error(kernels, factors)
+
+
+def _kernel_error(kernels: Sequence[np.ndarray], factors: Sequence) -> float:
+    """||K - K_approx||_F / ||K||_F over the groups' kernels, for any conv form's factors."""
+    rebuild = {"ConvFactors": cp_reconstruct, "TuckerFactors": tucker_reconstruct,
+               "SpatialFactors": spatial_reconstruct}
+    residual = norm = 0.0
+    for k, f in zip(kernels, factors):
+        approx = rebuild[type(f).__name__](f)
+        residual += float(np.sum((k - approx).astype(np.float64) ** 2))
+        norm += float(np.sum(k.astype(np.float64) ** 2))
+    return float(np.sqrt(residual / max(norm, 1e-300)))
 
 
 # ------------------------------------------------------------------ compress
@@ -215,6 +250,7 @@ def compress(
     tradeoff: float = DEFAULT_TRADEOFF,
     output: str | os.PathLike | None = None,
     ranks: Mapping[str, int] | None = None,
+    forms: Mapping[str, str] | None = None,
     keep: Sequence[str] = (),
     validate_output: bool = True,
     images: str | os.PathLike | None = None,
@@ -234,6 +270,8 @@ def compress(
     tradeoff : float in [0, 1] -- 0 lossless, 1 smallest (default 0.95; see README).
     output : prefix of the written pair (default ``<weights-stem>-compressed`` in the cwd).
     ranks : {layer: rank} forced ranks; keep : layers never touched.
+    forms : {layer: form} restricts a layer to one exact form (plan.analyse.FORMS: cp, tucker2, spatial-svd
+        for a k x k convolution); a forced rank without a form uses cp (svd for 1x1 and InnerProduct).
     validate_output : measure the written model against the fidelity contract before publishing.
     images : directory of images for validation (default: natural-image probes in the inferred convention).
     calibration : directory of images whose activations drive the rank choice.
@@ -249,7 +287,7 @@ def compress(
     """
     with tempfile.TemporaryDirectory(prefix="caffe-compress-") as scratch:
         run = _Run(deploy, weights, tradeoff=planner.check_tradeoff(tradeoff), output=output,
-                   ranks=dict(ranks or {}), keep=tuple(keep), validate_output=validate_output,
+                   ranks=dict(ranks or {}), forms=dict(forms or {}), keep=tuple(keep), validate_output=validate_output,
                    preprocessing=preprocessing or validate.Preprocessing(), probes=probes, seed=seed, fp16=fp16,
                    outputs=dict(outputs or {}), min_fidelity=min_fidelity, force=force, objective=objective,
                    say=progress or (lambda message: None), cv=OpenCVRunner(Path(scratch)))
@@ -274,6 +312,7 @@ class _Run:
     tradeoff: float
     output: str | os.PathLike | None
     ranks: dict[str, int]
+    forms: dict[str, str]
     keep: tuple[str, ...]
     validate_output: bool
     preprocessing: validate.Preprocessing
@@ -288,6 +327,9 @@ class _Run:
     cv: OpenCVRunner
     timer: _Timer = field(default_factory=_Timer)
     _original_ms: float | None = None
+    net: Net | None = None
+    guard: timing.SpeedGuard | None = None
+    factorizer: _Factorizer | None = None
 
     def execute(self, *, images, calibration) -> Report:
         start = time.perf_counter()
@@ -299,14 +341,18 @@ class _Run:
             raise UsageError(f"--objective: '{self.objective}' is not one of {', '.join(OBJECTIVES)}")
         prefix = _output_prefix(self.output, self.weights)
         io.check_outputs(prefix, protect=(Path(self.deploy), Path(self.weights)))
-        net = self.load()
+        net = self.net = self.load()
+        ws = planner.Workspace()
+        self.factorizer = _Factorizer(net, ws, self.ranks, self.seed, self.timer.timings, self.say)
+        self.guard = timing.SpeedGuard(self.objective, self.cv, net, blob_sources(net)[0], net.input_shapes(),
+                                       self.say, self.timer.timings)
         wants_plan = self.tradeoff > 0 or bool(self.ranks)
         inputs = plan_inputs.make_inputs(net, wants_plan=wants_plan, validate_output=self.validate_output,
                               images=images, responds=lambda feed: self.responds(net, feed),
                               calibration=calibration, pre=self.preprocessing, probes=self.probes, seed=self.seed)
         specs, reference = self.reference(net, inputs)
-        candidates, skipped, ws = self.plan(net, inputs, wants_plan)
-        report = self.closed_loop(net, prefix, candidates, skipped, ws, specs, reference, inputs)
+        candidates, skipped = self.plan(net, inputs, wants_plan, ws)
+        report = _ClosedLoop(self, net, prefix, candidates, skipped, specs, reference, inputs).execute()
         self.timer.timings["total"] = time.perf_counter() - start
         self.timer.timings["_peak_rss_mb"] = peak_rss_mb()
         return replace(report, timings=self.timer.timings)
@@ -316,8 +362,16 @@ class _Run:
         self.say("loading model")
         with self.timer.stage("load"):
             net = io.load(self.deploy, self.weights)
-        _check_layer_options(net, self.ranks, self.keep)
+        _check_layer_options(net, self.ranks, self.keep, self.forms)
         return net
+
+    def forced(self) -> dict[str, tuple]:
+        """The user's forced ranks as plan choices {layer: (form, rank)}."""
+        out = {}
+        for name, rank in self.ranks.items():
+            method, _ = planner.describe_layer(self.net.layer(name), keep=False)
+            out[name] = (self.forms.get(name, method), rank)
+        return out
 
     def responds(self, net: Net, feed: Mapping[str, np.ndarray]) -> bool:
         """Whether some output of the original varies over the samples of ``feed``."""
@@ -351,8 +405,7 @@ class _Run:
         return specs, reference
 
     # -- probe -> analyse -> sensitivity
-    def plan(self, net: Net, inputs: plan_inputs.Inputs, wants_plan: bool):
-        ws = planner.Workspace()
+    def plan(self, net: Net, inputs: plan_inputs.Inputs, wants_plan: bool, ws: planner.Workspace):
         first_input, out_sources = blob_sources(net)
         decomposable, skipped = [], {}
         for layer in net.layers:
@@ -368,7 +421,7 @@ class _Run:
                 skipped[layer.name] = "nothing is factored at T = 0"
             decomposable.append((layer, method))
         if not wants_plan or not decomposable:
-            return [], skipped, ws
+            return [], skipped
 
         def run(model: Net, feed, sources):
             return self.cv.run(model, feed, sources, what=f"{self.deploy} (probing)", error=ModelError)
@@ -379,7 +432,7 @@ class _Run:
             layer_inputs, reference = search.collect_inputs(run, net, inputs.planning, sources, out_sources,
                                                             seed=self.seed)
         with self.timer.stage("analyse"):
-            candidates, more = search.analyse_layers(decomposable, layer_inputs, ranks=self.ranks, ws=ws,
+            candidates, more = search.analyse_layers(decomposable, layer_inputs, ranks=self.ranks, forms=self.forms, ws=ws,
                                                      seed=self.seed, timings=self.timer.timings, say=self.say)
             skipped.update(more)
         with self.timer.stage("sensitivity"):
@@ -388,15 +441,13 @@ class _Run:
                 lambda model, feed, srcs: self.cv.run(model, feed, srcs, what="sensitivity trial"),
                 net, candidates, inputs=inputs.planning, reference=reference, layer_inputs=layer_inputs,
                 compared_blobs=compared_blobs(net), skip=skip, ws=ws, say=self.say)
-        return candidates, skipped, ws
-
-    # -- choose -> decompose -> rewrite -> write -> verify, backing off on a miss
-    def closed_loop(self, net, prefix, candidates, skipped, ws, specs, reference, inputs) -> Report:
-        loop = _ClosedLoop(self, net, prefix, candidates, skipped, specs, reference, inputs,
-                           _Factorizer(net, ws, self.ranks, self.seed, self.timer.timings, self.say),
-                           timing.SpeedGuard(self.objective, self.cv, net, blob_sources(net)[0], net.input_shapes(),
-                                             self.say, self.timer.timings))
-        return loop.execute()
+        if self.objective != "size":
+            with self.timer.stage("timing"):
+                candidates = search.measure_times(
+                    candidates, say=self.say,
+                    original_ms=lambda name: self.guard.layer_ms(name, (net.layer(name),)),
+                    factored_ms=lambda c, r: self.guard.layer_ms(c.layer, self.factorizer.draft(c.layer, c.method, r)))
+        return candidates, skipped
 
     def latency(self, net: Net, new_net: Net, inputs: plan_inputs.Inputs) -> timing.Latency:
         """1-thread latency of the original and the rewritten net on one input of the declared shape."""
@@ -495,8 +546,6 @@ class _ClosedLoop:
     specs: list
     reference: dict
     inputs: plan_inputs.Inputs
-    factorizer: _Factorizer
-    guard: timing.SpeedGuard
     state: _LoopState = field(default_factory=_LoopState)
 
     @property
@@ -553,7 +602,8 @@ class _ClosedLoop:
         None when nothing is factored, a bool when this exact plan was already judged."""
         r, state = self.run, self.state
         with r.timer.stage("plan"):
-            chosen, predicted = planner.choose_ranks(self.candidates, r.tradeoff, forced=r.ranks, budget=budget)
+            chosen, predicted = planner.choose_ranks(self.candidates, r.tradeoff, forced=r.forced(), budget=budget,
+                                                     objective=r.objective, min_speedup=r.guard.required)
         reasons = dict(self.skipped)
         for name in [n for n in chosen if (n, chosen[n]) in state.slow]:
             reasons[name] = state.slow[(name, chosen.pop(name))]
@@ -568,15 +618,20 @@ class _ClosedLoop:
                 return state.tried[key]
             with r.timer.stage("decompose"):
                 r.say("rewriting the network")
-                new_net, plan = self.factorizer.build(plan)
+                new_net, plan = r.factorizer.build(plan)
                 new_net.check()
             with r.timer.stage("timing"):
-                slow = self.guard.slow_layers(new_net, chosen, r.ranks)
+                predicted_speed = {lp.layer: lp.time_before / lp.time_after for lp in plan.layers
+                                   if lp.rank and lp.time_before and lp.time_after}
+                slow = self.guard_slow(new_net, chosen, predicted_speed)
             if not slow:
                 return key, chosen, new_net, plan
             for name, why in slow.items():
                 state.slow[(name, chosen.pop(name))] = why
                 reasons[name] = why
+
+    def guard_slow(self, new_net: Net, chosen: Mapping[str, tuple], predicted: Mapping[str, float]) -> dict:
+        return self.run.guard.slow_layers(new_net, chosen, self.run.forced(), predicted)
 
     def missed(self, verdict: "_Verdict", chosen: Mapping[str, int], budget: float) -> None:
         r, state = self.run, self.state
@@ -599,10 +654,10 @@ class _ClosedLoop:
                 state.latency = r.latency(self.net, new_net, self.inputs)
             if r.objective == "size" or state.latency.speedup >= timing.LATENCY_TOLERANCE:
                 return
-            chosen = {lp.layer: lp.rank for lp in plan.layers if lp.rank and lp.layer not in r.ranks}
+            chosen = {lp.layer: (lp.method, lp.rank) for lp in plan.layers if lp.rank and lp.layer not in r.ranks}
             if not chosen:
                 return
-            worst = min(chosen, key=lambda n: self.guard.speedup(new_net, n, chosen[n]))
+            worst = min(chosen, key=lambda n: r.guard.speedup(new_net, n, chosen[n]))
             state.slow[(worst, chosen[worst])] = (f"dropped: the model with it measured "
                                                   f"{1 / state.latency.speedup:.2f}x slower in OpenCV")
             budget = state.best_budget

@@ -5,8 +5,10 @@
   + 1x1 (R->T, original bias); a grouped convolution is factored per group and
   keeps its grouping in the two 1x1 layers.
 * 1x1 Convolution at rank r -> two 1x1 convolutions (SVD), grouping kept.
+* Convolution by Tucker-2 -> 1x1 (S->R) + kh x kw (R->R, the original geometry) + 1x1 (R->T).
+* Convolution by spatial SVD -> kh x 1 (S->R, vertical geometry) + 1 x kw (R->T, horizontal geometry).
 
-New layers are named ``<name>_cp1..3`` / ``<name>_svd1``; the last one keeps
+New layers are named ``<name>_cp1..3`` / ``<name>_svd1`` / ``<name>_tk1..2`` / ``<name>_sp1``; the last one keeps
 the original layer's *name and top*, so in-place layers, consumers, and
 applications that ask OpenCV for an output by layer name
 (``net.forward("fc8")``) keep working.
@@ -19,7 +21,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .decompose import ConvFactors, LinearFactors
+from .decompose import ConvFactors, LinearFactors, SpatialFactors, TuckerFactors
 from .net import Layer, Net, conv_geometry, inner_product_geometry
 
 log = logging.getLogger(__name__)
@@ -93,53 +95,114 @@ def _conv_params(**fields) -> dict:
     return {"convolution_param": {k: v for k, v in fields.items() if v is not None}}
 
 
+def _vertical_geometry(geo, *, group: int | None) -> dict:
+    """convolution_param fields of a kh x 1 layer carrying the original vertical stride, pad and dilation."""
+    (kh, _), (sh, _), (ph, _), (dh, _) = geo.kernel, geo.stride, geo.pad, geo.dilation
+    return dict(kernel_h=kh, kernel_w=1,
+                stride_h=sh if sh != 1 else None, stride_w=1 if sh != 1 else None,
+                pad_h=ph if ph else None, pad_w=0 if ph else None,
+                dilation=[dh, 1] if dh != 1 else None, group=group)
+
+
+def _horizontal_geometry(geo, *, group: int | None) -> dict:
+    """convolution_param fields of a 1 x kw layer carrying the original horizontal stride, pad and dilation."""
+    (_, kw), (_, sw), (_, pw), (_, dw) = geo.kernel, geo.stride, geo.pad, geo.dilation
+    return dict(kernel_h=1, kernel_w=kw,
+                stride_h=1 if sw != 1 else None, stride_w=sw if sw != 1 else None,
+                pad_h=0 if pw else None, pad_w=pw if pw else None,
+                dilation=[1, dw] if dw != 1 else None, group=group)
+
+
+def _full_geometry(geo) -> dict:
+    """convolution_param fields of the original kernel geometry (kernel, stride, pad, dilation)."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geo.kernel, geo.stride, geo.pad, geo.dilation
+    return dict(kernel_h=kh, kernel_w=kw,
+                stride_h=sh if (sh, sw) != (1, 1) else None, stride_w=sw if (sh, sw) != (1, 1) else None,
+                pad_h=ph if (ph, pw) != (0, 0) else None, pad_w=pw if (ph, pw) != (0, 0) else None,
+                dilation=[dh, dw] if (dh, dw) != (1, 1) else None)
+
+
+def _one_rank(layer: Layer, ranks: set) -> None:
+    if len(ranks) != 1:
+        raise ValueError(f"layer '{layer.name}': groups must share one rank, got {sorted(ranks)}")
+
+
+def _last_layer(layer: Layer, bottom: str, geo, weight: np.ndarray, group: int | None) -> Layer:
+    """The final 1x1 (or 1 x kw) layer: the original name, top and bias."""
+    return Layer(
+        layer.name, "Convolution", (bottom,), layer.tops,
+        _conv_params(num_output=geo.num_output, bias_term=geo.bias_term, kernel_size=[1], group=group),
+        (weight,) + ((layer.blobs[1],) if geo.bias_term else ()),
+    )
+
+
 def decompose_convolution(net: Net, layer: Layer, factors: Sequence[ConvFactors]) -> tuple[Layer, ...]:
     """Four layers (1x1, kh x 1 depthwise, 1 x kw depthwise, 1x1) from one CP per group."""
     geo = conv_geometry(layer)
     if len(factors) != geo.group:
         raise ValueError(f"layer '{layer.name}': {len(factors)} factor sets for {geo.group} groups")
-    ranks = {f.rank for f in factors}
-    if len(ranks) != 1:
-        raise ValueError(f"layer '{layer.name}': groups must share one rank, got {sorted(ranks)}")
+    _one_rank(layer, {f.rank for f in factors})
     rank = factors[0].rank * geo.group
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geo.kernel, geo.stride, geo.pad, geo.dilation
     names = _fresh_blob_names(net, f"{layer.name}_cp", 4)
-    first_w = np.concatenate([f.first for f in factors], axis=0)
-    vertical_w = np.concatenate([f.vertical for f in factors], axis=0)
-    horizontal_w = np.concatenate([f.horizontal for f in factors], axis=0)
-    last_w = np.concatenate([f.last for f in factors], axis=0)
+    cat = lambda field: np.concatenate([getattr(f, field) for f in factors], axis=0)  # noqa: E731
     group = geo.group if geo.group > 1 else None
     first = Layer(
         names[0], "Convolution", layer.bottoms, (names[0],),
-        _conv_params(num_output=rank, bias_term=False, kernel_size=[1], group=group),
-        (first_w,),
+        _conv_params(num_output=rank, bias_term=False, kernel_size=[1], group=group), (cat("first"),),
     )
     vertical = Layer(
         names[1], "Convolution", (names[0],), (names[1],),
-        _conv_params(
-            num_output=rank, bias_term=False, kernel_h=kh, kernel_w=1,
-            stride_h=sh if sh != 1 else None, stride_w=1 if sh != 1 else None,
-            pad_h=ph if ph else None, pad_w=0 if ph else None,
-            dilation=[dh, 1] if dh != 1 else None, group=rank,
-        ),
-        (vertical_w,),
+        _conv_params(num_output=rank, bias_term=False, **_vertical_geometry(geo, group=rank)),
+        (cat("vertical"),),
     )
     horizontal = Layer(
         names[2], "Convolution", (names[1],), (names[2],),
-        _conv_params(
-            num_output=rank, bias_term=False, kernel_h=1, kernel_w=kw,
-            stride_h=1 if sw != 1 else None, stride_w=sw if sw != 1 else None,
-            pad_h=0 if pw else None, pad_w=pw if pw else None,
-            dilation=[1, dw] if dw != 1 else None, group=rank,
-        ),
-        (horizontal_w,),
+        _conv_params(num_output=rank, bias_term=False, **_horizontal_geometry(geo, group=rank)),
+        (cat("horizontal"),),
     )
-    last = Layer(
-        layer.name, "Convolution", (names[2],), layer.tops,
-        _conv_params(num_output=geo.num_output, bias_term=geo.bias_term, kernel_size=[1], group=group),
-        (last_w,) + ((layer.blobs[1],) if geo.bias_term else ()),
+    return first, vertical, horizontal, _last_layer(layer, names[2], geo, cat("last"), group)
+
+
+def decompose_tucker(net: Net, layer: Layer, factors: Sequence[TuckerFactors]) -> tuple[Layer, ...]:
+    """Three layers (1x1 S->R_in, kh x kw R_in->R_out with the original geometry, 1x1 R_out->T), per group."""
+    geo = conv_geometry(layer)
+    _one_rank(layer, {f.ranks for f in factors})
+    g = len(factors)
+    r_in, r_out = (r * g for r in factors[0].ranks)
+    names = _fresh_blob_names(net, f"{layer.name}_tk", 2)
+    group = g if g > 1 else None
+    first = Layer(
+        names[0], "Convolution", layer.bottoms, (names[0],),
+        _conv_params(num_output=r_in, bias_term=False, kernel_size=[1], group=group),
+        (np.concatenate([f.first for f in factors], axis=0),),
     )
-    return first, vertical, horizontal, last
+    core = Layer(
+        names[1], "Convolution", (names[0],), (names[1],),
+        _conv_params(num_output=r_out, bias_term=False, group=group, **_full_geometry(geo)),
+        (np.concatenate([f.core for f in factors], axis=0),),
+    )
+    return first, core, _last_layer(layer, names[1], geo, np.concatenate([f.last for f in factors], axis=0), group)
+
+
+def decompose_spatial(net: Net, layer: Layer, factors: Sequence[SpatialFactors]) -> tuple[Layer, Layer]:
+    """Two layers (kh x 1 S->R with the vertical geometry, 1 x kw R->T with the horizontal one), per group."""
+    geo = conv_geometry(layer)
+    _one_rank(layer, {f.rank for f in factors})
+    rank = factors[0].rank * len(factors)
+    (name,) = _fresh_blob_names(net, f"{layer.name}_sp", 1)
+    group = len(factors) if len(factors) > 1 else None
+    vertical = Layer(
+        name, "Convolution", layer.bottoms, (name,),
+        _conv_params(num_output=rank, bias_term=False, **_vertical_geometry(geo, group=group)),
+        (np.concatenate([f.vertical for f in factors], axis=0),),
+    )
+    horizontal = Layer(
+        layer.name, "Convolution", (name,), layer.tops,
+        _conv_params(num_output=geo.num_output, bias_term=geo.bias_term,
+                     **_horizontal_geometry(geo, group=group)),
+        (np.concatenate([f.horizontal for f in factors], axis=0),) + ((layer.blobs[1],) if geo.bias_term else ()),
+    )
+    return vertical, horizontal
 
 
 def decompose_pointwise(net: Net, layer: Layer, factors: Sequence[LinearFactors]) -> tuple[Layer, Layer]:

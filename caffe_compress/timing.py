@@ -7,6 +7,7 @@ to a time budget so that a slow model does not make the compression slow.
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
@@ -20,7 +21,9 @@ TIMING_SIDE = 128  # layers are timed on maps at most this high and wide
 SPEED_MARGIN = 1.1  # --objective speed: a factored layer must be at least this much faster
 LATENCY_TOLERANCE = 0.97  # a speed ratio below this is "slower" (noise allowance)
 NET_BUDGET_S = 6.0  # seconds spent timing one pair of whole nets
-LAYER_BUDGET_S = 1.5  # seconds spent timing one pair of layers
+LAYER_BUDGET_S = 0.6  # seconds spent timing one pair of layers (the check of a chosen factorization)
+MICRO_BUDGET_S = 0.05  # seconds spent on one planning micro-benchmark (min of 3..20 runs)
+CHECK_BAND = 1.3  # a chosen factorization predicted at least this much faster is not timed again
 
 
 @dataclass(frozen=True)
@@ -85,13 +88,42 @@ def compare(load: Callable[[Net], object], original: Net, compressed: Net, input
     return Latency(1000.0 * float(np.median(times[0])), 1000.0 * float(np.median(times[1])))
 
 
+def min_ms(load: Callable[[Net], object], net: Net, inputs: Mapping[str, np.ndarray], *,
+           budget_s: float = MICRO_BUDGET_S) -> float:
+    """Fastest of a few runs (ms), one thread: a planning micro-benchmark (noise only ever adds time)."""
+    from .validate import cv2_module
+
+    cv2 = cv2_module()
+    previous = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        cv_net = load(net)
+        feed = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in inputs.items()}
+        _forward_once(cv_net, feed)  # warm-up
+        times = [_forward_once(cv_net, feed)]
+        runs = int(np.clip(budget_s / max(times[0], 1e-6), MIN_RUNS, 20))
+        times += [_forward_once(cv_net, feed) for _ in range(runs - 1)]
+        del cv_net
+    finally:
+        cv2.setNumThreads(previous)
+    return 1000.0 * min(times)
+
+
+def signature(layers: Sequence[Layer]) -> str:
+    """The structure of a chain of layers (types, parameters, blob shapes), without names: equal
+    signatures at equal input shapes run at the same speed, so their timings are shared."""
+    return json.dumps([(layer.type, layer.params, [list(b.shape) for b in layer.blobs]) for layer in layers],
+                      sort_keys=True, default=str)
+
+
 def replacement_layers(new_net: Net, name: str) -> tuple[Layer, ...]:
-    """The layers that replaced layer ``name`` in a rewritten net (``name_cp1..3``/``name_svd1`` + ``name``)."""
+    """The layers that replaced layer ``name`` in a rewritten net (``name_cp1..3``/``_svd1``/``_tk1..2``/``_sp1``
+    + ``name``)."""
     names = [layer.name for layer in new_net.layers]
     end = names.index(name)
     start = end
     while start > 0 and names[start - 1].startswith(f"{name}_") and names[start - 1][len(name) + 1:] in (
-            "cp1", "cp2", "cp3", "svd1"):
+            "cp1", "cp2", "cp3", "svd1", "tk1", "tk2", "sp1"):
         start -= 1
     return new_net.layers[start:end + 1]
 
@@ -118,28 +150,46 @@ class SpeedGuard:
     say: Callable[[str], None]
     timings: dict
     layer_shapes: dict = field(default_factory=dict)
-    speedups: dict = field(default_factory=dict)  # (layer, rank) -> original / factored time
+    speedups: dict = field(default_factory=dict)  # (layer, (method, rank)) -> original / factored time
+    micro: dict = field(default_factory=dict)  # (signature, input shape) -> ms
+
+    def layer_ms(self, name: str, layers: Sequence[Layer]) -> float:
+        """Micro-benchmark of ``layers`` (the original layer ``name`` or its replacement) at its input shape."""
+        shape = self._input_shape(name)
+        bottom = self.net.layer(name).bottoms[0]
+        key = (signature(layers), shape)
+        if key not in self.micro:
+            start = time.perf_counter()
+            self.micro[key] = min_ms(lambda model: self.cv.load(model, what=f"timing of {name}"),
+                                     layer_net(layers, bottom, shape),
+                                     {bottom: np.random.default_rng(0).standard_normal(shape).astype(np.float32)})
+            self.timings["timing"] = self.timings.get("timing", 0.0) + time.perf_counter() - start
+        return self.micro[key]
 
     @property
     def required(self) -> float:
         return {"size": 0.0, "balanced": LATENCY_TOLERANCE, "speed": SPEED_MARGIN}[self.objective]
 
-    def slow_layers(self, new_net: Net, chosen: Mapping[str, int], forced: Mapping[str, int]) -> dict[str, str]:
-        """{layer: reason} for chosen factorizations that are not fast enough (forced ranks are kept)."""
+    def slow_layers(self, new_net: Net, chosen: Mapping[str, tuple], forced: Mapping[str, tuple],
+                    predicted: Mapping[str, float | None]) -> dict[str, str]:
+        """{layer: reason} for chosen factorizations that are not fast enough (forced ranks are kept).
+
+        A factorization predicted (by the planning micro-benchmarks) to be CHECK_BAND x faster is trusted;
+        the others are timed again, alternating with the original layer."""
         if self.objective == "size":
             return {}
         slow = {}
-        for name, rank in chosen.items():
-            if name in forced:
+        for name, choice in chosen.items():
+            if name in forced or (predicted.get(name) or 0.0) >= max(CHECK_BAND, self.required):
                 continue
-            speedup = self.speedup(new_net, name, rank)
+            speedup = self.speedup(new_net, name, choice)
             if speedup < self.required:
                 slow[name] = f"factored form measured {1 / speedup:.2f}x slower in OpenCV" if speedup < 1 else \
                     f"factored form only {speedup:.2f}x faster (--objective speed)"
         return slow
 
-    def speedup(self, new_net: Net, name: str, rank: int) -> float:
-        key = (name, rank)
+    def speedup(self, new_net: Net, name: str, choice: tuple) -> float:
+        key = (name, choice)
         if key not in self.speedups:
             start = time.perf_counter()
             shape = self._input_shape(name)

@@ -7,12 +7,13 @@ inputs.py    planning and validation inputs (images or probes; never the same)
 search.py    activations, per-layer analysis and gains, the ladder of budgets
 """
 from .analyse import (  # noqa: F401
-    METHOD_CP, METHOD_KEEP, METHOD_POINTWISE, METHOD_SVD, MIN_RANK_DIVISOR, Candidate, LayerPlan, Plan,
-    Workspace, analyse_convolution, analyse_inner_product, approximate_weight, build_plan, check_tradeoff,
-    choose_ranks, describe_layer, error_budget, max_rank, sample_patches,
+    CONV_FORMS, FORMS, METHOD_CP, METHOD_KEEP, METHOD_POINTWISE, METHOD_SPATIAL, METHOD_SVD, METHOD_TUCKER,
+    MIN_RANK_DIVISOR, Candidate, LayerPlan, Plan, Workspace, analyse_convolution, analyse_inner_product, approximate_weight, build_plan, check_tradeoff,
+    choose_ranks, describe_layer, error_budget, layer_forms, max_rank, sample_patches,
 )
 
 __all__ = [
+    "CONV_FORMS", "FORMS", "METHOD_SPATIAL", "METHOD_TUCKER", "layer_forms",
     "METHOD_CP", "METHOD_KEEP", "METHOD_POINTWISE", "METHOD_SVD", "MIN_RANK_DIVISOR", "Candidate", "LayerPlan",
     "Plan", "Workspace", "analyse_convolution", "analyse_inner_product", "approximate_weight", "build_plan",
     "check_tradeoff", "choose_ranks", "describe_layer", "error_budget", "max_rank", "sample_patches",

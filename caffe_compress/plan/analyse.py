@@ -31,7 +31,10 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ..decompose import ConvFactors, LinearFactors, SpectralBasis, cp_conv, cp_reconstruct, spectral_basis
+from ..decompose import (
+    ConvFactors, LinearFactors, SpatialFactors, SpectralBasis, TuckerFactors, cp_conv, cp_reconstruct, spatial_basis,
+    spatial_factors, spatial_reconstruct, spectral_basis, tucker2_conv, tucker_ranks, tucker_reconstruct,
+)
 from ..errors import UsageError
 from ..net import Layer, Net, conv_geometry, inner_product_geometry
 from ..rewrite import conv_group_kernels, inner_product_matrix
@@ -49,7 +52,13 @@ PATCH_SAMPLES = 1024
 METHOD_SVD = "svd"
 METHOD_CP = "cp"
 METHOD_POINTWISE = "svd-1x1"
+METHOD_TUCKER = "tucker2"
+METHOD_SPATIAL = "spatial-svd"
 METHOD_KEEP = "keep"
+CONV_FORMS = (METHOD_CP, METHOD_TUCKER, METHOD_SPATIAL)  # the exact forms of a k x k convolution
+FORMS = (METHOD_SVD, METHOD_POINTWISE, *CONV_FORMS)
+
+Choice = tuple  # (method, rank): what the plan does with one factored layer
 
 
 def error_budget(tradeoff: float) -> float:
@@ -73,8 +82,17 @@ def check_tradeoff(tradeoff: float, *, option: str = "--tradeoff") -> float:
 
 
 @dataclass(frozen=True)
+class Totals:
+    """The decomposable layers' original totals, the denominators of a plan's cost."""
+
+    params: int
+    macs: int
+    time_ms: float  # sum of the measured original times of the layers that were timed
+
+
+@dataclass(frozen=True)
 class Candidate:
-    """A decomposable layer and everything the planner knows about it."""
+    """A decomposable layer in one exact form, and everything the planner knows about it."""
 
     layer: str
     type: str
@@ -89,11 +107,34 @@ class Candidate:
     weight_error: Mapping[int, float]
     output_error: Mapping[int, float]
     gain: float = 1.0
+    time_before: float | None = None  # measured ms of the original layer alone in OpenCV (None: not timed)
+    time_at: Mapping[int, float] = field(default_factory=dict)  # measured/interpolated ms of the factored form
 
-    def cost(self, rank: int | None, totals: tuple[int, int]) -> float:
+    def cost(self, rank: int | None, totals: Totals, weights: tuple[float, float] = (1.0, 1.0)) -> float:
+        """Weighted share of the totals: bytes (parameters) and time (measured, else MACs)."""
         params = self.params_before if rank is None else self.params_at[rank]
-        macs = self.macs_before if rank is None else self.macs_at[rank]
-        return params / max(totals[0], 1) + macs / max(totals[1], 1)
+        size = params / max(totals.params, 1)
+        if self.time_before is not None and totals.time_ms > 0:
+            speed = (self.time_before if rank is None else self.time_at[rank]) / totals.time_ms
+        else:
+            macs = self.macs_before if rank is None else self.macs_at[rank]
+            speed = macs / max(totals.macs, 1)
+        return weights[0] * size + weights[1] * speed
+
+    def speedup(self, rank: int) -> float | None:
+        """Predicted original/factored layer time (None when the layer was not timed)."""
+        if self.time_before is None or rank not in self.time_at:
+            return None
+        return self.time_before / max(self.time_at[rank], 1e-9)
+
+
+def totals_of(candidates: Sequence[Candidate]) -> Totals:
+    """Totals over layers (a layer with several forms counts once)."""
+    first = {}
+    for c in candidates:
+        first.setdefault(c.layer, c)
+    return Totals(sum(c.params_before for c in first.values()), sum(c.macs_before for c in first.values()),
+                  sum(c.time_before or 0.0 for c in first.values()))
 
 
 @dataclass(frozen=True)
@@ -111,7 +152,9 @@ class LayerPlan:
     macs_after: int
     weight_error: float
     output_error: float  # estimated relative error of this layer's output
-    reason: str = ""
+    reason: str = ""  # why it is kept, or why this form
+    time_before: float | None = None  # measured ms of the layer alone (1 thread, capped map size)
+    time_after: float | None = None  # predicted ms of the factored form (measured at the grid ends)
 
 
 @dataclass(frozen=True)
@@ -124,14 +167,27 @@ class Plan:
 
 @dataclass
 class Workspace:
-    """Per-layer state the planner builds once and the rewrite reuses (bases, CP factors)."""
+    """Per-layer state the planner builds once and the rewrite reuses (bases and factors per form)."""
 
-    bases: dict[str, list[SpectralBasis]] = field(default_factory=dict)
+    bases: dict[str, list[SpectralBasis]] = field(default_factory=dict)  # svd / svd-1x1, per group
     cp: dict[str, dict[int, list[ConvFactors]]] = field(default_factory=dict)
+    tucker: dict[str, dict[int, list[TuckerFactors]]] = field(default_factory=dict)
+    spatial: dict[str, list[SpectralBasis]] = field(default_factory=dict)  # per group
 
     def linear_factors(self, name: str, rank_total: int) -> list[LinearFactors]:
         bases = self.bases[name]
         return [b.factors(rank_total // len(bases)) for b in bases]
+
+    def spatial_factors(self, name: str, shape: tuple[int, ...], rank_total: int) -> list[SpatialFactors]:
+        bases = self.spatial[name]
+        g = len(bases)
+        return [spatial_factors(b, (shape[0] // g, *shape[1:]), rank_total // g) for b in bases]
+
+    def tucker_factors(self, name: str, kernels: Sequence[np.ndarray], rank_total: int) -> list[TuckerFactors]:
+        store = self.tucker.setdefault(name, {})
+        if rank_total not in store:
+            store[rank_total] = [tucker2_conv(k, rank_total // len(kernels)) for k in kernels]
+        return store[rank_total]
 
 
 def _rank_grid(low: int, high: int, step: int, *, fine: bool = True) -> tuple[int, ...]:
@@ -175,14 +231,29 @@ def describe_layer(layer: Layer, *, keep: bool) -> tuple[str, str]:
     return method, ""
 
 
+def layer_forms(layer: Layer, method: str) -> tuple[str, ...]:
+    """The exact forms a layer of primary ``method`` can take: CP, Tucker-2 and (k x k) spatial SVD for a
+    k x k convolution, the one SVD otherwise."""
+    if method != METHOD_CP:
+        return (method,)
+    kh, kw = conv_geometry(layer).kernel
+    return CONV_FORMS if kh > 1 and kw > 1 else (METHOD_CP, METHOD_TUCKER)
+
+
 def _params_at(method: str, shape: tuple[int, ...], groups: int, rank: int, bias: int) -> int:
     if method == METHOD_SVD:
         n, k = shape
         return rank * (n + k) + bias
     t, sg, kh, kw = shape
+    tg, rg = t // groups, rank // groups
     if method == METHOD_POINTWISE:
-        return rank * sg + t * (rank // groups) + bias
-    return rank * (sg + kh + kw) + t * (rank // groups) + bias
+        return rank * sg + t * rg + bias
+    if method == METHOD_TUCKER:
+        r_in, r_out = tucker_ranks(rg, tg, sg)
+        return groups * (r_in * sg + r_out * r_in * kh * kw + tg * r_out) + bias
+    if method == METHOD_SPATIAL:
+        return groups * (rg * sg * kh + tg * rg * kw) + bias
+    return rank * (sg + kh + kw) + t * rg + bias
 
 
 def _macs_at(method: str, shape, groups, rank, in_spatial: int, out_spatial: int, rows: int) -> int:
@@ -190,10 +261,16 @@ def _macs_at(method: str, shape, groups, rank, in_spatial: int, out_spatial: int
         n, k = shape
         return rows * rank * (n + k)
     t, sg, kh, kw = shape
+    tg, rg = t // groups, rank // groups
     if method == METHOD_POINTWISE:
-        return out_spatial * (rank * sg + t * (rank // groups))
+        return out_spatial * (rank * sg + t * rg)
+    if method == METHOD_TUCKER:
+        r_in, r_out = tucker_ranks(rg, tg, sg)
+        return groups * (in_spatial * r_in * sg + out_spatial * r_out * (r_in * kh * kw + tg))
+    if method == METHOD_SPATIAL:  # the kh x 1 layer runs on (output rows x input columns) <= the input grid
+        return groups * (in_spatial * rg * sg * kh + out_spatial * tg * rg * kw)
     # 1x1 on the input grid, kh x 1 on (rows of output, cols of input) ~ input grid, 1 x kw and 1x1 on output grid
-    return in_spatial * rank * sg + in_spatial * rank * kh + out_spatial * rank * kw + out_spatial * t * (rank // groups)
+    return in_spatial * rank * sg + in_spatial * rank * kh + out_spatial * rank * kw + out_spatial * t * rg
 
 
 def max_rank(layer: Layer, method: str) -> int:
@@ -202,9 +279,14 @@ def max_rank(layer: Layer, method: str) -> int:
         return min(inner_product_matrix(layer).shape)
     t, sg, kh, kw = layer.blobs[0].shape
     groups = conv_geometry(layer).group
+    tg = t // groups
     if method == METHOD_POINTWISE:
-        return min(t // groups, sg) * groups
-    return min(t // groups * sg, sg * kh * kw, t // groups * kh * kw) * groups
+        return min(tg, sg) * groups
+    if method == METHOD_TUCKER:
+        return max(tg, sg) * groups
+    if method == METHOD_SPATIAL:
+        return min(sg * kh, tg * kw) * groups
+    return min(tg * sg, sg * kh * kw, tg * kh * kw) * groups
 
 
 # ------------------------------------------------------------------ per-layer analysis
@@ -279,87 +361,144 @@ def analyse_inner_product(
     )
 
 
-def analyse_convolution(
-    layer: Layer, patches: np.ndarray, in_shape: tuple[int, ...], out_shape: tuple[int, ...], method: str, *,
-    min_rank_divisor: int, seed: int, ws: Workspace, cp_iterations: int, forced_rank: int | None = None,
-) -> Candidate:
-    """patches : (P, C, kh, kw) float32 input patches at sampled output positions (see sample_patches)."""
+@dataclass(frozen=True)
+class ConvData:
+    """One convolution's analysis inputs: per-group kernels and patch matrices, and its reference output."""
+
+    kernels: list
+    group_patches: list  # (P, S/g * kh * kw) per group
+    ref: float  # ||Y||^2 over the sampled positions (bias included)
+    weight_sq: float
+
+    def errors(self, approximations: Sequence[np.ndarray]) -> tuple[float, float]:
+        """(layer-output error, weight error) of per-group approximate kernels."""
+        d_sq = w_sq = 0.0
+        for gp, k, a in zip(self.group_patches, self.kernels, approximations):
+            resid = (k - a).reshape(k.shape[0], -1)
+            d = (gp @ resid.T).astype(np.float64)
+            d_sq += float(np.sum(d * d))
+            w_sq += float(np.sum(np.square(resid, dtype=np.float64)))
+        return _relative(d_sq, self.ref), _relative(w_sq, self.weight_sq)
+
+
+def conv_data(layer: Layer, patches: np.ndarray) -> ConvData:
     geo = conv_geometry(layer)
     g = geo.group
-    w = layer.blobs[0]
-    t, sg, kh, kw = w.shape
-    bias_count = t if geo.bias_term else 0
+    sg = layer.blobs[0].shape[1]
     patches = patches.astype(np.float32)
     kernels = conv_group_kernels(layer)
     group_patches = [patches[:, i * sg : (i + 1) * sg].reshape(patches.shape[0], -1) for i in range(g)]
-    ys = [gp @ k.reshape(k.shape[0], -1).T for gp, k in zip(group_patches, kernels)]
-    y = np.concatenate(ys, axis=1).astype(np.float64)
+    y = np.concatenate([gp @ k.reshape(k.shape[0], -1).T for gp, k in zip(group_patches, kernels)],
+                       axis=1).astype(np.float64)
     if geo.bias_term:
         y = y + layer.blobs[1].astype(np.float64)[None, :]
-    ref = float(np.sum(y * y))
-    in_spatial = _spatial_size(in_shape)
-    out_spatial = _spatial_size(out_shape)
+    return ConvData(kernels, group_patches, float(np.sum(y * y)),
+                     float(np.sum(layer.blobs[0].astype(np.float64) ** 2)))
+
+
+def _grid_below_break_even(method: str, shape, groups: int, bias: int, low: int, cap: int, *, fine: bool) -> tuple:
+    """Per-group ranks of the grid in [low, cap] whose form has fewer parameters than the layer."""
+    before = int(np.prod(shape)) + bias
+    grid = _rank_grid(low, cap, 1, fine=fine) if cap >= max(low, 1) else ()
+    return tuple(r for r in grid if _params_at(method, shape, groups, r * groups, bias) < before)
+
+
+def _pointwise_errors(layer, data: ConvData, ws: Workspace, low: int, bias: int, forced: int | None):
+    t, sg = layer.blobs[0].shape[:2]
+    g = len(data.kernels)
+    bases = [spectral_basis(k.reshape(k.shape[0], -1)) for k in data.kernels]
+    ws.bases[layer.name] = bases
+    group_ranks = _grid_below_break_even(METHOD_POINTWISE, layer.blobs[0].shape, g, bias, low, min(t // g, sg),
+                                         fine=True)
+    if forced is not None:
+        group_ranks = (forced // g,)
+    errs = {}
+    for rg in group_ranks:
+        approx = []
+        for basis, k in zip(bases, data.kernels):
+            f = basis.factors(rg)
+            approx.append((f.second @ f.first).reshape(k.shape))
+        errs[rg * g] = data.errors(approx)
+    return errs
+
+
+def _cp_errors(layer, data: ConvData, ws: Workspace, low: int, bias: int, forced: int | None, *,
+               seed: int, cp_iterations: int):
+    t, sg, kh, kw = layer.blobs[0].shape
+    g = len(data.kernels)
+    # CP beyond the channel counts costs much and rarely pays; the grid's top is
+    # the largest power of two within them (ALS time grows with the rank).
+    cap = 1 << (max(t // g, sg).bit_length() - 1)
+    # CP costs one ALS run per rank: a coarser (power-of-two) grid.
+    group_ranks = _grid_below_break_even(METHOD_CP, layer.blobs[0].shape, g, bias, low, cap, fine=False)
+    if forced is not None:
+        group_ranks = (forced // g,)
+    store: dict[int, list[ConvFactors]] = {}
+    errs = {}
+    prev: list[ConvFactors | None] = [None] * g
+    for idx, rg in enumerate(group_ranks):
+        iters = cp_iterations if idx == 0 or forced else max(cp_iterations // 3, 8)
+        facs = [cp_conv(k, rg, seed=seed, n_iter_max=iters, tol=1e-6, init=prev[i]) for i, k in enumerate(data.kernels)]
+        prev = list(facs)
+        store[rg * g] = facs
+        errs[rg * g] = data.errors([cp_reconstruct(f) for f in facs])
+    ws.cp[layer.name] = store
+    return errs
+
+
+def _tucker_errors(layer, data: ConvData, ws: Workspace, low: int, bias: int, forced: int | None):
+    t, sg = layer.blobs[0].shape[:2]
+    g = len(data.kernels)
+    group_ranks = _grid_below_break_even(METHOD_TUCKER, layer.blobs[0].shape, g, bias, low, max(t // g, sg),
+                                         fine=False)
+    if forced is not None:
+        group_ranks = (forced // g,)
+    errs = {}
+    for rg in group_ranks:
+        facs = ws.tucker_factors(layer.name, data.kernels, rg * g)
+        errs[rg * g] = data.errors([tucker_reconstruct(f) for f in facs])
+    return errs
+
+
+def _spatial_errors(layer, data: ConvData, ws: Workspace, low: int, bias: int, forced: int | None):
+    t, sg, kh, kw = layer.blobs[0].shape
+    g = len(data.kernels)
+    ws.spatial[layer.name] = [spatial_basis(k) for k in data.kernels]
+    group_ranks = _grid_below_break_even(METHOD_SPATIAL, layer.blobs[0].shape, g, bias, low,
+                                         min(sg * kh, t // g * kw), fine=True)
+    if forced is not None:
+        group_ranks = (forced // g,)
+    errs = {}
+    for rg in group_ranks:
+        facs = ws.spatial_factors(layer.name, layer.blobs[0].shape, rg * g)
+        errs[rg * g] = data.errors([spatial_reconstruct(f) for f in facs])
+    return errs
+
+
+def analyse_convolution(
+    layer: Layer, patches: np.ndarray, in_shape: tuple[int, ...], out_shape: tuple[int, ...], method: str, *,
+    min_rank_divisor: int, seed: int, ws: Workspace, cp_iterations: int, forced_rank: int | None = None,
+    data: ConvData | None = None,
+) -> Candidate:
+    """One form of a convolution. patches : (P, C, kh, kw) float32 input patches at sampled output positions
+    (see sample_patches); ``data`` reuses another form's prepared patches."""
+    geo = conv_geometry(layer)
+    g = geo.group
+    w = layer.blobs[0]
+    t, sg = w.shape[:2]
+    bias_count = t if geo.bias_term else 0
+    data = data or conv_data(layer, patches)
+    low = max(1, min(t // g, sg) // min_rank_divisor)
     if method == METHOD_POINTWISE:
-        bases = [spectral_basis(k.reshape(k.shape[0], -1)) for k in kernels]
-        ws.bases[layer.name] = bases
-        m = min(t // g, sg)
-        full = t * sg
-        break_even_group = (full // g - 1) // (sg + t // g)  # per group
-        high = min(break_even_group, m)
-        low = max(1, m // min_rank_divisor)
-        group_ranks = _rank_grid(low, high, 1) if high >= 1 else ()
-        if forced_rank is not None:
-            group_ranks = (forced_rank // g,)
-        out_err = {}
-        w_err = {}
-        for rg in group_ranks:
-            d_sq = 0.0
-            w_sq = 0.0
-            for gp, basis in zip(group_patches, bases):
-                f = basis.factors(rg)
-                approx = f.second @ f.first
-                resid = ((basis.u * basis.s) @ basis.vt).astype(np.float32) - approx
-                d = (gp @ resid.T).astype(np.float64)
-                d_sq += float(np.sum(d * d))
-                w_sq += float(np.sum(resid * resid))
-            out_err[rg * g] = _relative(d_sq, ref)
-            w_err[rg * g] = _relative(w_sq, float(np.sum(w.astype(np.float64) ** 2)))
-        ranks = tuple(rg * g for rg in group_ranks)
+        errs = _pointwise_errors(layer, data, ws, low, bias_count, forced_rank)
+    elif method == METHOD_TUCKER:
+        errs = _tucker_errors(layer, data, ws, low, bias_count, forced_rank)
+    elif method == METHOD_SPATIAL:
+        errs = _spatial_errors(layer, data, ws, low, bias_count, forced_rank)
     else:
-        per_group_cost = sg + kh + kw + t // g
-        break_even_group = (t // g * sg * kh * kw - 1) // per_group_cost
-        # CP beyond the channel counts costs much and rarely pays; the grid's top is
-        # the largest power of two within them (ALS time grows with the rank).
-        cap = 1 << (max(t // g, sg).bit_length() - 1)
-        high = min(break_even_group, cap)
-        low = max(1, min(t // g, sg) // min_rank_divisor)
-        # CP costs one ALS run per rank: a coarser (power-of-two) grid.
-        group_ranks = _rank_grid(low, high, 1, fine=False) if high >= 1 else ()
-        if forced_rank is not None:
-            group_ranks = (forced_rank // g,)
-        store: dict[int, list[ConvFactors]] = {}
-        out_err, w_err = {}, {}
-        w_norm_sq = float(np.sum(w.astype(np.float64) ** 2))
-        prev: list[ConvFactors | None] = [None] * g
-        for idx, rg in enumerate(group_ranks):
-            iters = cp_iterations if idx == 0 or forced_rank else max(cp_iterations // 3, 8)
-            facs = [
-                cp_conv(k, rg, seed=seed, n_iter_max=iters, tol=1e-6, init=prev[i])
-                for i, k in enumerate(kernels)
-            ]
-            prev = list(facs)
-            store[rg * g] = facs
-            d_sq = 0.0
-            wr_sq = 0.0
-            for gp, k, f in zip(group_patches, kernels, facs):
-                resid = k - cp_reconstruct(f)
-                d = (gp @ resid.reshape(resid.shape[0], -1).T).astype(np.float64)
-                d_sq += float(np.sum(d * d))
-                wr_sq += float(np.sum(np.square(resid, dtype=np.float64)))
-            out_err[rg * g] = _relative(d_sq, ref)
-            w_err[rg * g] = _relative(wr_sq, w_norm_sq)
-        ws.cp[layer.name] = store
-        ranks = tuple(rg * g for rg in group_ranks)
+        errs = _cp_errors(layer, data, ws, low, bias_count, forced_rank, seed=seed, cp_iterations=cp_iterations)
+    ranks = tuple(errs)
+    in_spatial, out_spatial = _spatial_size(in_shape), _spatial_size(out_shape)
     return Candidate(
         layer=layer.name, type=layer.type, method=method, weight_shape=tuple(w.shape), groups=g,
         params_before=w.size + bias_count,
@@ -367,8 +506,8 @@ def analyse_convolution(
         ranks=ranks,
         params_at={r: _params_at(method, tuple(w.shape), g, r, bias_count) for r in ranks},
         macs_at={r: _macs_at(method, tuple(w.shape), g, r, in_spatial, out_spatial, 1) for r in ranks},
-        weight_error=w_err,
-        output_error=out_err,
+        weight_error={r: e[1] for r, e in errs.items()},
+        output_error={r: e[0] for r, e in errs.items()},
     )
 
 
@@ -381,7 +520,12 @@ def approximate_weight(layer: Layer, candidate: Candidate, rank: int, ws: Worksp
     if candidate.method == METHOD_POINTWISE:
         parts = [f.second @ f.first for f in ws.linear_factors(layer.name, rank)]
         return np.concatenate(parts, axis=0).astype(np.float32).reshape(layer.blobs[0].shape)
-    parts = [cp_reconstruct(f) for f in ws.cp[layer.name][rank]]
+    if candidate.method == METHOD_TUCKER:
+        parts = [tucker_reconstruct(f) for f in ws.tucker_factors(layer.name, conv_group_kernels(layer), rank)]
+    elif candidate.method == METHOD_SPATIAL:
+        parts = [spatial_reconstruct(f) for f in ws.spatial_factors(layer.name, layer.blobs[0].shape, rank)]
+    else:
+        parts = [cp_reconstruct(f) for f in ws.cp[layer.name][rank]]
     return np.concatenate(parts, axis=0).astype(np.float32)
 
 
@@ -393,84 +537,122 @@ def _lambda_grid() -> list[float]:
     return [0.0] + [10.0 ** (e / 8.0) for e in range(-64, 129)] + [math.inf]
 
 
-def choose_ranks(
-    candidates: Sequence[Candidate], tradeoff: float, *, forced: Mapping[str, int] | None = None,
-    budget: float | None = None,
-) -> tuple[dict[str, int], float]:
-    """Pick ranks for the error budget of ``tradeoff``. Returns ({layer: rank}, predicted error).
+OBJECTIVE_WEIGHTS = {"balanced": (1.0, 1.0), "speed": (0.25, 1.0), "size": (1.0, 0.0)}  # (bytes, time)
 
-    For a price lambda on squared output error, every layer independently takes
-    the option (unfactored or a grid rank) minimising cost + lambda * (g e)^2;
-    a higher price never lowers any layer's rank. T picks the lowest price
-    whose predicted error fits the budget, and a larger budget can only lower
-    that price -- so a larger T never gives a larger file, for any model.
+
+def _options(cands: Sequence[Candidate], min_speedup: float) -> list[tuple[Candidate | None, int | None]]:
+    """Keep (None) and every (form, rank) not predicted slower than the layer by more than allowed."""
+    out: list[tuple[Candidate | None, int | None]] = [(None, None)]
+    for c in cands:
+        for r in c.ranks:
+            speedup = c.speedup(r)
+            if speedup is None or speedup >= min_speedup:
+                out.append((c, r))
+    return out
+
+
+def choose_ranks(
+    candidates: Sequence[Candidate], tradeoff: float, *, forced: Mapping[str, Choice] | None = None,
+    budget: float | None = None, objective: str = "size", min_speedup: float = 0.0,
+) -> tuple[dict[str, Choice], float]:
+    """Pick a form and rank per layer for the error budget of ``tradeoff``: ({layer: (method, rank)}, error).
+
+    For a price lambda on squared output error, every layer independently takes the option (unfactored,
+    or a form at a grid rank) minimising cost + lambda * (g e)^2, where the cost weighs bytes and measured
+    time by ``objective`` and options predicted slower than ``min_speedup`` x the layer are not offered.
+    A higher price never raises any layer's error or lowers its cost; T picks the lowest price whose
+    predicted error fits the budget, and a larger budget can only lower that price -- so with the "size"
+    objective (cost = bytes) a larger T never gives a larger file, for any model.
     """
     forced = dict(forced or {})
     budget = error_budget(tradeoff) if budget is None else budget
-    totals = (sum(c.params_before for c in candidates), sum(c.macs_before for c in candidates))
-    free = [c for c in candidates if c.layer not in forced]
-    by_name = {c.layer: c for c in candidates}
+    totals = totals_of(candidates)
+    weights = OBJECTIVE_WEIGHTS[objective]
+    by_layer: dict[str, list[Candidate]] = {}
+    for c in candidates:
+        by_layer.setdefault(c.layer, []).append(c)
 
-    def contribution(c: Candidate, rank: int | None) -> float:
-        return 0.0 if rank is None else (c.gain * c.output_error[rank]) ** 2
+    def contribution(c: Candidate | None, rank: int | None) -> float:
+        return 0.0 if c is None else (c.gain * c.output_error[rank]) ** 2
 
-    base_sq = sum(contribution(by_name[n], r) for n, r in forced.items() if n in by_name and r in by_name[n].output_error)
+    base_sq = 0.0
+    for name, (method, rank) in forced.items():
+        for c in by_layer.get(name, ()):
+            if c.method == method and rank in c.output_error:
+                base_sq += contribution(c, rank)
+    free = {name: _options(cands, min_speedup) for name, cands in by_layer.items() if name not in forced}
 
-    def pick(price: float) -> tuple[dict[str, int | None], float]:
-        state: dict[str, int | None] = {}
+    def pick(price: float) -> tuple[dict[str, Choice], float]:
+        state: dict[str, Choice] = {}
         err_sq = base_sq
-        for c in free:
-            options: list[int | None] = [None, *c.ranks]
+        for name, options in free.items():
             if math.isinf(price):
-                best = None
-            else:
-                best = min(options, key=lambda r: (c.cost(r, totals) + price * contribution(c, r),
-                                                   -(r or 10**9)))
-            state[c.layer] = best
-            err_sq += contribution(c, best)
+                continue
+            c, r = min(options, key=lambda o: (
+                (o[0] or by_layer[name][0]).cost(o[1], totals, weights) + price * contribution(*o),
+                -(o[1] or 10**9)))
+            if c is not None:
+                state[name] = (c.method, r)
+            err_sq += contribution(c, r)
         return state, math.sqrt(max(err_sq, 0.0))
 
-    chosen_state: dict[str, int | None] = {}
+    chosen: dict[str, Choice] = {}
     predicted = math.sqrt(base_sq)
     if budget <= 0:  # lossless: nothing but the forced ranks
         return dict(forced), predicted
     for price in _lambda_grid():
         state, err = pick(price)
         if err <= budget or math.isinf(price):
-            chosen_state, predicted = state, err
+            chosen, predicted = state, err
             break
-    chosen = {n: r for n, r in chosen_state.items() if r is not None}
     chosen.update(forced)
     return chosen, predicted
+
+
+def _form_reason(c: Candidate, rank: int, others: Sequence[Candidate]) -> str:
+    """Why this form: its measured speed against the layer, and what the other forms offered."""
+    speedup = c.speedup(rank)
+    parts = [f"pred. {speedup:.2f}x the layer's speed" if speedup is not None else "layer not timed"]
+    alternatives = [o.method for o in others if o is not c and o.ranks]
+    if alternatives:
+        parts.append("cheapest at its error among " + ", ".join([c.method, *alternatives]))
+    return "; ".join(parts)
 
 
 def build_plan(
     net: Net,
     candidates: Sequence[Candidate],
-    chosen: Mapping[str, int],
+    chosen: Mapping[str, Choice],
     skipped: Mapping[str, str],
     tradeoff: float,
     predicted: float,
 ) -> Plan:
-    by_name = {c.layer: c for c in candidates}
+    by_layer: dict[str, list[Candidate]] = {}
+    for c in candidates:
+        by_layer.setdefault(c.layer, []).append(c)
     rows = []
     for layer in net.layers:
         if not layer.blobs:
             continue
         shape = tuple(layer.blobs[0].shape)
         params = layer.param_count
-        if layer.name in by_name:
-            c = by_name[layer.name]
-            rank = chosen.get(layer.name)
-            if rank is not None:
+        cands = by_layer.get(layer.name)
+        if cands:
+            first = cands[0]
+            choice = chosen.get(layer.name)
+            if choice is not None:
+                method, rank = choice
+                c = next(c for c in cands if c.method == method)
                 rows.append(LayerPlan(
                     layer.name, layer.type, shape, c.method, rank, params, c.params_at[rank],
                     c.macs_before, c.macs_at[rank], c.weight_error[rank], c.output_error[rank],
+                    _form_reason(c, rank, cands), c.time_before, c.time_at.get(rank),
                 ))
                 continue
             reason = skipped.get(layer.name) or "not worth its error at this trade-off"
             rows.append(LayerPlan(layer.name, layer.type, shape, METHOD_KEEP, None, params, params,
-                                  c.macs_before, c.macs_before, 0.0, 0.0, reason))
+                                  first.macs_before, first.macs_before, 0.0, 0.0, reason, first.time_before,
+                                  first.time_before))
         else:
             rows.append(LayerPlan(layer.name, layer.type, shape, METHOD_KEEP, None, params, params,
                                   0, 0, 0.0, 0.0, skipped.get(layer.name, "")))

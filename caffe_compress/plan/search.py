@@ -16,8 +16,8 @@ import numpy as np
 from .. import tail
 from ..net import Layer, Net, conv_geometry
 from .analyse import (
-    METHOD_SVD, MIN_RANK_DIVISOR, PATCH_SAMPLES, Candidate, Workspace, analyse_convolution, analyse_inner_product,
-    approximate_weight, error_budget, sample_patches,
+    METHOD_SVD, MIN_RANK_DIVISOR, PATCH_SAMPLES, Candidate, Workspace, conv_data, analyse_convolution,
+    analyse_inner_product, approximate_weight, error_budget, layer_forms, sample_patches, totals_of,
 )
 
 log = logging.getLogger(__name__)
@@ -92,9 +92,10 @@ def collect_inputs(run: Run, net: Net, inputs: Mapping[str, np.ndarray], sources
 
 
 def analyse_layers(decomposable: Sequence[tuple[Layer, str]], layer_inputs: Mapping[str, LayerInput], *,
-                   ranks: dict[str, int], ws: Workspace, seed: int, timings: dict, say: Say,
-                   ) -> tuple[list[Candidate], dict[str, str]]:
-    """Candidates for every decomposable layer, and the reasons of those left alone.
+                   ranks: dict[str, int], forms: Mapping[str, str], ws: Workspace, seed: int, timings: dict,
+                   say: Say) -> tuple[list[Candidate], dict[str, str]]:
+    """Candidates for every decomposable layer in each of its exact forms (``forms`` restricts a layer to
+    one; a forced rank without a form means the layer's primary form), and the reasons of those left alone.
 
     A forced rank that would not reduce the layer's parameters is dropped from ``ranks``.
     """
@@ -103,27 +104,34 @@ def analyse_layers(decomposable: Sequence[tuple[Layer, str]], layer_inputs: Mapp
         say(f"analysing {layer.name}")
         data = layer_inputs[layer.name]
         start = time.perf_counter()
+        forced = ranks.get(layer.name)
+        if layer.name in forms:
+            methods = (forms[layer.name],)
+        else:
+            methods = (method,) if forced is not None else layer_forms(layer, method)
         if method == METHOD_SVD:
-            cand = analyse_inner_product(layer, data.rows, min_rank_divisor=MIN_RANK_DIVISOR, ws=ws,
-                                         forced_rank=ranks.get(layer.name))
+            cands = [analyse_inner_product(layer, data.rows, min_rank_divisor=MIN_RANK_DIVISOR, ws=ws,
+                                           forced_rank=forced)]
         elif data.patches is None:
             skipped[layer.name] = f"input is {len(data.shape)}-D; only 2-D convolutions are decomposed"
             continue
         else:
-            cand = analyse_convolution(layer, data.patches, data.shape, conv_out_shape(layer, data.shape), method,
-                                       min_rank_divisor=MIN_RANK_DIVISOR, seed=seed, ws=ws,
-                                       cp_iterations=CP_ITERATIONS, forced_rank=ranks.get(layer.name))
+            prepared = conv_data(layer, data.patches)
+            cands = [analyse_convolution(layer, data.patches, data.shape, conv_out_shape(layer, data.shape), m,
+                                         min_rank_divisor=MIN_RANK_DIVISOR, seed=seed, ws=ws,
+                                         cp_iterations=CP_ITERATIONS, forced_rank=forced, data=prepared)
+                     for m in methods]
         timings[f"analyse/{layer.name}"] = time.perf_counter() - start
-        if not cand.ranks:
+        cands = [c for c in cands if c.ranks]
+        if not cands:
             skipped[layer.name] = "no rank reduces its parameter count (break-even)"
             continue
-        forced = ranks.get(layer.name)
-        if forced is not None and cand.params_at[forced] >= cand.params_before:
+        if forced is not None and cands[0].params_at[forced] >= cands[0].params_before:
             skipped[layer.name] = (f"--rank {forced} would not reduce its parameters "
-                                   f"({cand.params_at[forced]} >= {cand.params_before}); left alone")
+                                   f"({cands[0].params_at[forced]} >= {cands[0].params_before}); left alone")
             ranks.pop(layer.name)
             continue
-        candidates.append(cand)
+        candidates.extend(cands)
     return candidates, skipped
 
 
@@ -156,10 +164,14 @@ def measure_gains(run: Run, net: Net, candidates: list[Candidate], *, inputs: Ma
             chain = tail.tail_chain(net, cand.layer, compared_blobs[0])
             if chain is not None and layer_inputs[cand.layer].rows is not None:
                 tails[cand.layer] = chain
-    totals = (sum(c.params_before for c in candidates), sum(c.macs_before for c in candidates))
+    totals = totals_of(candidates)
     out = list(candidates)
+    gains: dict[str, float] = {}
     for i, cand in enumerate(candidates):
-        if cand.layer in skip or cand.cost(None, totals) < NEGLIGIBLE_COST_SHARE:
+        if cand.layer in gains:  # the gain is the layer's, whatever its form
+            out[i] = replace(cand, gain=gains[cand.layer])
+            continue
+        if cand.layer in skip or negligible(cand, totals):
             continue  # too small to matter either way: keep the conservative gain of 1
         probe_rank = cand.ranks[len(cand.ranks) // 2]
         layer_err = cand.output_error[probe_rank]
@@ -176,7 +188,39 @@ def measure_gains(run: Run, net: Net, candidates: list[Candidate], *, inputs: Ma
         else:
             trial_out = run(with_weight(net, cand.layer, approx), inputs, list(reference))
             end_err = relative_output_error(reference, trial_out)
-        out[i] = replace(cand, gain=end_err / layer_err)
+        gains[cand.layer] = end_err / layer_err
+        out[i] = replace(cand, gain=gains[cand.layer])
+    return out
+
+
+def negligible(cand: Candidate, totals) -> bool:
+    """A layer below NEGLIGIBLE_COST_SHARE of the parameters + MACs: not worth a trial or a timing."""
+    return cand.cost(None, replace(totals, time_ms=0.0)) < NEGLIGIBLE_COST_SHARE
+
+
+def timing_ranks(ranks: Sequence[int]) -> tuple[int, ...]:
+    """The grid ranks that are timed: both ends and the middle (times in between are interpolated)."""
+    ordered = sorted(set(ranks))
+    return tuple(sorted({ordered[0], ordered[len(ordered) // 2], ordered[-1]}))
+
+
+def measure_times(candidates: list[Candidate], *, original_ms: Callable[[str], float],
+                  factored_ms: Callable[[Candidate, int], float], say: Say) -> list[Candidate]:
+    """Each candidate with its layer's measured time, and its form's time at every grid rank: measured at
+    timing_ranks, linear in between (every layer of a form is linear in the rank, Tucker-2's core
+    quadratic: the chord over-estimates it, on the safe side). Negligible layers are not timed."""
+    totals = totals_of(candidates)
+    out = []
+    for cand in candidates:
+        if negligible(cand, totals):
+            out.append(cand)
+            continue
+        say(f"timing {cand.layer} ({cand.method})")
+        base = original_ms(cand.layer)
+        points = {r: factored_ms(cand, r) for r in timing_ranks(cand.ranks)}
+        xs = sorted(points)
+        time_at = {r: float(np.interp(r, xs, [points[x] for x in xs])) for r in cand.ranks}
+        out.append(replace(cand, time_before=base, time_at=time_at))
     return out
 
 

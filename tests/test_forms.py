@@ -1,0 +1,129 @@
+"""Tucker-2 and spatial SVD: exact at their true ranks, in numpy and in OpenCV across the geometries."""
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from caffe_compress import io
+from caffe_compress.decompose import (
+    spatial_reconstruct, spatial_svd_conv, tucker2_conv, tucker_ranks, tucker_reconstruct,
+)
+from caffe_compress.errors import UsageError
+from caffe_compress.pipeline import compress
+from nets import max_relative_difference, opencv_outputs, write_model
+from test_geometry import CASES, S, T, _net_text
+
+
+def tucker_kernel(t, s, kh, kw, rank, seed=0):
+    """A (t, s, kh, kw) kernel whose two channel-mode ranks are ``rank``."""
+    rng = np.random.default_rng(seed)
+    u_out, u_in = rng.standard_normal((t, rank)), rng.standard_normal((s, rank))
+    core = rng.standard_normal((rank, rank, kh, kw))
+    return (np.einsum("ta,abij,sb->tsij", u_out, core, u_in) / np.sqrt(rank * s * kh * kw)).astype(np.float32)
+
+
+def spatial_kernel(t, s, kh, kw, rank, seed=0):
+    """A kernel whose (S*kh) x (T*kw) unfolding has rank ``rank``."""
+    rng = np.random.default_rng(seed)
+    m = rng.standard_normal((s * kh, rank)) @ rng.standard_normal((rank, t * kw)) / np.sqrt(rank * s * kh)
+    return m.reshape(s, kh, t, kw).transpose(2, 0, 1, 3).astype(np.float32)
+
+
+FORMS = {"tucker2": (tucker_kernel, 3), "spatial-svd": (spatial_kernel, 2)}  # form: (kernel maker, conv layers)
+
+
+@pytest.mark.parametrize("shape,rank", [((16, 8, 3, 3), 4), ((32, 16, 5, 5), 7), ((12, 6, 5, 3), 6),
+                                        ((8, 4, 7, 7), 3), ((6, 10, 3, 3), 10)])
+def test_tucker_recovers_exact_rank(shape, rank):
+    kernel = tucker_kernel(*shape, rank, seed=2)
+    f = tucker2_conv(kernel, rank)
+    r_in, r_out = tucker_ranks(rank, shape[0], shape[1])
+    assert f.first.shape == (r_in, shape[1], 1, 1) and f.last.shape == (shape[0], r_out, 1, 1)
+    assert f.core.shape == (r_out, r_in, shape[2], shape[3])
+    assert np.linalg.norm(tucker_reconstruct(f) - kernel) / np.linalg.norm(kernel) <= 1e-5
+    assert f.relative_error <= 1e-5
+
+
+def test_tucker_error_falls_with_rank_and_is_deterministic():
+    kernel = np.random.default_rng(4).standard_normal((24, 16, 3, 3)).astype(np.float32)
+    errors = [tucker2_conv(kernel, r).relative_error for r in (2, 4, 8, 16)]
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 0.5 * errors[0]
+    assert np.array_equal(tucker2_conv(kernel, 5).core, tucker2_conv(kernel, 5).core)
+    assert tucker2_conv(np.zeros((4, 3, 3, 3), np.float32), 2).relative_error == 0.0
+
+
+@pytest.mark.parametrize("shape,rank", [((16, 8, 3, 3), 5), ((32, 16, 5, 5), 12), ((12, 6, 5, 3), 4)])
+def test_spatial_svd_recovers_exact_rank(shape, rank):
+    kernel = spatial_kernel(*shape, rank, seed=3)
+    f = spatial_svd_conv(kernel, rank)
+    assert f.vertical.shape == (rank, shape[1], shape[2], 1) and f.horizontal.shape == (shape[0], rank, 1, shape[3])
+    assert np.linalg.norm(spatial_reconstruct(f) - kernel) / np.linalg.norm(kernel) <= 1e-5
+    errors = [spatial_svd_conv(kernel, r).relative_error for r in range(1, rank + 1)]
+    assert errors == sorted(errors, reverse=True) and errors[-1] <= 1e-5
+
+
+SPATIAL_CASES = [c for c, v in CASES.items() if v[0] != (1, 1)]
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("case", SPATIAL_CASES)
+def test_form_exact_rank_in_opencv(tmp_path, case, form):
+    """Forced form and true rank: the rewritten net matches the original in OpenCV (stride, pad, dilation,
+    groups, non-square kernels, no bias)."""
+    (kh, kw), param, group, rank = CASES[case]
+    make, conv_layers = FORMS[form]
+    rng = np.random.default_rng(11)
+    weight = np.concatenate([make(T // group, S // group, kh, kw, rank // group, seed=g) for g in range(group)])
+    blobs = [weight] if "bias_term: false" in param else [weight, rng.standard_normal(T).astype(np.float32)]
+    deploy, model = write_model(tmp_path, "geo", _net_text(param, False), {"conv": blobs})
+    report = compress(deploy, model, tradeoff=0.0, ranks={"conv": rank}, forms={"conv": form},
+                      output=tmp_path / "out")
+    x = {"data": rng.standard_normal((2, S, 19, 17)).astype(np.float32)}
+    a = opencv_outputs(deploy, model, x)[0]
+    b = opencv_outputs(tmp_path / "out.prototxt", tmp_path / "out.caffemodel", x)[0]
+    assert a.shape == b.shape
+    assert max_relative_difference(a, b) <= 1e-4
+    types = Counter(l.type for l in io.load(tmp_path / "out.prototxt", tmp_path / "out.caffemodel").layers)
+    assert types["Convolution"] == conv_layers
+    conv = next(lp for lp in report.layers if lp.layer == "conv")
+    assert conv.method == form and conv.rank == rank and conv.params_after < conv.params_before
+
+
+def test_every_form_chained_in_one_network(tmp_path):
+    """Three k x k layers, one per form, strided/dilated/padded, factored together at their true ranks."""
+    rng = np.random.default_rng(12)
+    specs = [("a", "cp", "kernel_size: 3 stride: 2 pad_h: 1 pad_w: 2"),
+             ("b", "tucker2", "kernel_h: 5 kernel_w: 3 dilation: 2 pad: 3 group: 2"),
+             ("c", "spatial-svd", "kernel_size: 3 stride_h: 1 stride_w: 2 pad: 1")]
+    from nets import cp_kernel
+
+    makers = {"cp": cp_kernel, "tucker2": tucker_kernel, "spatial-svd": spatial_kernel}
+    layers, weights, bottom = [], {}, "data"
+    for i, (name, form, param) in enumerate(specs):
+        group = 2 if "group: 2" in param else 1
+        kh, kw = (5, 3) if "kernel_h: 5" in param else (3, 3)
+        weights[name] = [np.concatenate([makers[form](T // group, (S if i == 0 else T) // group, kh, kw, 2, seed=g)
+                                         for g in range(group)]),
+                         rng.standard_normal(T).astype(np.float32) * 0.1]
+        layers.append(f'layer {{ name: "{name}" type: "Convolution" bottom: "{bottom}" top: "{name}" '
+                      f'convolution_param {{ num_output: {T} {param} }} }}')
+        bottom = name
+    text = (f'layer {{ name: "data" type: "Input" top: "data" input_param {{ shape {{ dim: 1 dim: {S} dim: 41 dim: 37 }} }} }}\n'
+            + "\n".join(layers) + "\n")
+    deploy, model = write_model(tmp_path, "chain", text, weights)
+    ranks = {"a": 2, "b": 4, "c": 2}  # b: rank 2 per group, 2 groups
+    compress(deploy, model, tradeoff=0.0, ranks=ranks, forms={n: f for n, f, _ in specs}, output=tmp_path / "o")
+    x = {"data": rng.standard_normal((1, S, 41, 37)).astype(np.float32)}
+    a = opencv_outputs(deploy, model, x)[0]
+    b = opencv_outputs(tmp_path / "o.prototxt", tmp_path / "o.caffemodel", x)[0]
+    assert max_relative_difference(a, b) <= 1e-4
+
+
+def test_form_option_is_checked(tmp_path):
+    (kh, kw), param, group, rank = CASES["k1x1"]
+    w = np.random.default_rng(1).standard_normal((T, S, 1, 1)).astype(np.float32)
+    deploy, model = write_model(tmp_path, "p", _net_text(param, False), {"conv": [w, np.zeros(T, np.float32)]})
+    with pytest.raises(UsageError, match="--form conv=tucker2: .* takes svd-1x1"):
+        compress(deploy, model, forms={"conv": "tucker2"}, output=tmp_path / "o")
+    with pytest.raises(UsageError, match="--form: no layer named 'nope'"):
+        compress(deploy, model, forms={"nope": "cp"}, output=tmp_path / "o")
