@@ -169,7 +169,7 @@ class _Factorizer:
             factors = ws.spatial_factors(name, layer.blobs[0].shape, rank)
             return rewrite.decompose_spatial(self.net, layer, factors), _kernel_error(kernels, factors)
         if method == planner.METHOD_TUCKER:
-            factors = ws.tucker_factors(name, kernels, rank)
+            factors = ws.tucker_factors(name, kernels, rank, polish=True)
             return rewrite.decompose_tucker(self.net, layer, factors), _kernel_error(kernels, factors)
         # Polish the chosen rank's CP (the sweep ran few iterations per rank); a rank the user
         # forced gets a full run, so exact low-rank kernels come out exact.
@@ -535,7 +535,8 @@ class _ClosedLoop:
     """The largest budget on the ladder whose plan meets the contract, walking down from T's rung.
 
     Every T walks the same fixed ladder (search.budget_ladder), so a larger T starts higher and stops no
-    lower; plans already judged are not written again, and at most MAX_ROUNDS distinct plans are.
+    lower; plans already judged are not written again, and at most MAX_ROUNDS distinct plans are (see
+    search(): a miss costs about log2 of the ladder's length in rounds, and two when nothing passes).
     """
 
     run: "_Run"
@@ -556,9 +557,7 @@ class _ClosedLoop:
         r, state = self.run, self.state
         ladder = search.budget_ladder(r.tradeoff) if self.candidates else [0.0]
         try:
-            for budget in ladder:  # walk down until a plan passes (or nothing is left to factor)
-                if state.rounds >= search.MAX_ROUNDS or self.attempt(budget) is not False:
-                    break
+            self.search(ladder)
             if state.best is not None:
                 self.not_slower()
             if state.best is None and r.force:
@@ -575,6 +574,26 @@ class _ClosedLoop:
             report = replace(report, latency_ms={
                 "original_1t": state.latency.original_ms, "compressed_1t": state.latency.compressed_ms})
         return report
+
+    def search(self, ladder: Sequence[float]) -> None:
+        """The largest rung whose plan passes: T's own rung, else the lowest (if even that most cautious plan
+        misses, or factors nothing, stop: nothing can be gained), else bisect between them -- a plan that
+        passes at a budget passes at every smaller one, so this finds the rung a walk down would."""
+        first = self.attempt(ladder[0])
+        if first is not False or len(ladder) == 1 or self.run.ranks:
+            return
+        failing, passing = 0, len(ladder) - 1
+        if self.attempt(ladder[passing]) is not True:
+            return
+        while passing - failing > 1 and self.state.rounds < search.MAX_ROUNDS:
+            middle = (failing + passing) // 2
+            result = self.attempt(ladder[middle])
+            if result is None:
+                return
+            if result:
+                passing = middle
+            else:
+                failing = middle
 
     def attempt(self, budget: float) -> bool | None:
         """True: the plan passed (and is kept staged); False: missed; None: nothing to factor."""

@@ -184,7 +184,7 @@ def format_table(report: Report) -> str:
         a, b = report.latency_ms["original_1t"], report.latency_ms["compressed_1t"]
         lines.append(f"measured OpenCV latency, 1 thread: {a:.1f} ms -> {b:.1f} ms ({a / b:.2f}x)")
     if report.rounds > 1:
-        lines.append(f"closed loop: {report.rounds} rounds (the plans before the last missed the contract)")
+        lines.append(f"closed loop: {report.rounds} plans measured to find the largest budget that meets the contract")
     timing = ", ".join(f"{k} {v:.2f}s" for k, v in report.timings.items() if not k.startswith("_") and "/" not in k)
     lines.append(f"time: {timing}; peak memory {report.timings.get('_peak_rss_mb', 0):.0f} MB")
     if report.written:

@@ -20,9 +20,9 @@ MIN_RUNS, MAX_RUNS = 3, 15
 TIMING_SIDE = 128  # layers are timed on maps at most this high and wide
 SPEED_MARGIN = 1.1  # --objective speed: a factored layer must be at least this much faster
 LATENCY_TOLERANCE = 0.97  # a speed ratio below this is "slower" (noise allowance)
-NET_BUDGET_S = 6.0  # seconds spent timing one pair of whole nets
+NET_BUDGET_S = 3.0  # seconds spent timing one pair of whole nets (median of up to MAX_RUNS each)
 LAYER_BUDGET_S = 0.6  # seconds spent timing one pair of layers (the check of a chosen factorization)
-MICRO_BUDGET_S = 0.05  # seconds spent on one planning micro-benchmark (min of 3..20 runs)
+MICRO_BUDGET_S = 0.03  # seconds spent on one planning micro-benchmark (min of 3..20 runs)
 CHECK_BAND = 1.3  # a chosen factorization predicted at least this much faster is not timed again
 
 

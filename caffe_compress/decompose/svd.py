@@ -57,8 +57,9 @@ class SpectralBasis:
         if not 1 <= rank <= m:
             raise RankError(f"rank {rank} out of range 1..{m}")
         root = np.sqrt(self.s[:rank])
-        first = (root[:, None] * self.vt[:rank].astype(np.float64)).astype(np.float32)
-        second = (self.u[:, :rank].astype(np.float64) * root[None, :]).astype(np.float32)
+        # in the bases' own precision: a float64 copy of a large factor would double the peak memory
+        first = (self.vt[:rank] * root[:, None].astype(self.vt.dtype)).astype(np.float32, copy=False)
+        second = (self.u[:, :rank] * root[None, :].astype(self.u.dtype)).astype(np.float32, copy=False)
         return LinearFactors(first, second, self.relative_error(rank))
 
 

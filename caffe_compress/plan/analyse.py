@@ -35,6 +35,7 @@ from ..decompose import (
     ConvFactors, LinearFactors, SpatialFactors, SpectralBasis, TuckerFactors, cp_conv, cp_reconstruct, spatial_basis,
     spatial_factors, spatial_reconstruct, spectral_basis, tucker2_conv, tucker_ranks, tucker_reconstruct,
 )
+from ..decompose.tucker import HOOI_SWEEPS
 from ..errors import UsageError
 from ..net import Layer, Net, conv_geometry, inner_product_geometry
 from ..rewrite import conv_group_kernels, inner_product_matrix
@@ -171,7 +172,7 @@ class Workspace:
 
     bases: dict[str, list[SpectralBasis]] = field(default_factory=dict)  # svd / svd-1x1, per group
     cp: dict[str, dict[int, list[ConvFactors]]] = field(default_factory=dict)
-    tucker: dict[str, dict[int, list[TuckerFactors]]] = field(default_factory=dict)
+    tucker: dict[str, dict[tuple, list[TuckerFactors]]] = field(default_factory=dict)
     spatial: dict[str, list[SpectralBasis]] = field(default_factory=dict)  # per group
 
     def linear_factors(self, name: str, rank_total: int) -> list[LinearFactors]:
@@ -183,11 +184,15 @@ class Workspace:
         g = len(bases)
         return [spatial_factors(b, (shape[0] // g, *shape[1:]), rank_total // g) for b in bases]
 
-    def tucker_factors(self, name: str, kernels: Sequence[np.ndarray], rank_total: int) -> list[TuckerFactors]:
+    def tucker_factors(self, name: str, kernels: Sequence[np.ndarray], rank_total: int, *,
+                       polish: bool = False) -> list[TuckerFactors]:
+        """HOSVD factors for the analysis (an error estimate on the safe side), HOOI-polished for the model."""
         store = self.tucker.setdefault(name, {})
-        if rank_total not in store:
-            store[rank_total] = [tucker2_conv(k, rank_total // len(kernels)) for k in kernels]
-        return store[rank_total]
+        key = (rank_total, polish)
+        if key not in store:
+            sweeps = HOOI_SWEEPS if polish else 0
+            store[key] = [tucker2_conv(k, rank_total // len(kernels), sweeps=sweeps) for k in kernels]
+        return store[key]
 
 
 def _rank_grid(low: int, high: int, step: int, *, fine: bool = True) -> tuple[int, ...]:
@@ -537,7 +542,7 @@ def _lambda_grid() -> list[float]:
     return [0.0] + [10.0 ** (e / 8.0) for e in range(-64, 129)] + [math.inf]
 
 
-OBJECTIVE_WEIGHTS = {"balanced": (1.0, 1.0), "speed": (0.25, 1.0), "size": (1.0, 0.0)}  # (bytes, time)
+OBJECTIVE_WEIGHTS = {"balanced": (1.0, 0.5), "speed": (0.25, 1.0), "size": (1.0, 0.0)}  # (bytes, time)
 
 
 def _options(cands: Sequence[Candidate], min_speedup: float) -> list[tuple[Candidate | None, int | None]]:

@@ -16,7 +16,7 @@ import numpy as np
 from .. import tail
 from ..net import Layer, Net, conv_geometry
 from .analyse import (
-    METHOD_SVD, MIN_RANK_DIVISOR, PATCH_SAMPLES, Candidate, Workspace, conv_data, analyse_convolution,
+    METHOD_SVD, METHOD_TUCKER, MIN_RANK_DIVISOR, PATCH_SAMPLES, Candidate, Workspace, conv_data, analyse_convolution,
     analyse_inner_product, approximate_weight, error_budget, layer_forms, sample_patches, totals_of,
 )
 
@@ -28,6 +28,7 @@ Say = Callable[[str], None]
 CP_ITERATIONS = 20  # ALS sweeps at the top of a layer's rank grid (fewer further down)
 NEGLIGIBLE_COST_SHARE = 0.005  # a layer below 0.5% of params+MACs gets no sensitivity trial
 ACTIVATION_BYTES = 64 << 20  # activations held at once while probing (samples run in chunks)
+GAIN_SAMPLES = 4  # planning samples a sensitivity trial runs (the gain is a ratio: a few samples settle it)
 MAX_ROUNDS = 12  # distinct plans the closed loop writes and measures at most
 MIN_BUDGET_EXPONENT = -7  # the smallest budget tried is 2^-7 (a 0.8% predicted output change)
 
@@ -186,8 +187,9 @@ def measure_gains(run: Run, net: Net, candidates: list[Candidate], *, inputs: Ma
             end_err = relative_output_error({"y": tail.run_tail(chain, x)},
                                             {"y": tail.run_tail(chain, x, {cand.layer: approx})})
         else:
-            trial_out = run(with_weight(net, cand.layer, approx), inputs, list(reference))
-            end_err = relative_output_error(reference, trial_out)
+            trial_out = run(with_weight(net, cand.layer, approx), {k: v[:GAIN_SAMPLES] for k, v in inputs.items()},
+                            list(reference))
+            end_err = relative_output_error({k: v[:GAIN_SAMPLES] for k, v in reference.items()}, trial_out)
         gains[cand.layer] = end_err / layer_err
         out[i] = replace(cand, gain=gains[cand.layer])
     return out
@@ -198,10 +200,12 @@ def negligible(cand: Candidate, totals) -> bool:
     return cand.cost(None, replace(totals, time_ms=0.0)) < NEGLIGIBLE_COST_SHARE
 
 
-def timing_ranks(ranks: Sequence[int]) -> tuple[int, ...]:
-    """The grid ranks that are timed: both ends and the middle (times in between are interpolated)."""
+def timing_ranks(ranks: Sequence[int], method: str) -> tuple[int, ...]:
+    """The grid ranks that are timed: both ends (every layer of a form is linear in the rank), and the
+    middle for Tucker-2, whose core is quadratic (times in between are interpolated)."""
     ordered = sorted(set(ranks))
-    return tuple(sorted({ordered[0], ordered[len(ordered) // 2], ordered[-1]}))
+    middle = (ordered[len(ordered) // 2],) if method == METHOD_TUCKER else ()
+    return tuple(sorted({ordered[0], *middle, ordered[-1]}))
 
 
 def measure_times(candidates: list[Candidate], *, original_ms: Callable[[str], float],
@@ -217,7 +221,7 @@ def measure_times(candidates: list[Candidate], *, original_ms: Callable[[str], f
             continue
         say(f"timing {cand.layer} ({cand.method})")
         base = original_ms(cand.layer)
-        points = {r: factored_ms(cand, r) for r in timing_ranks(cand.ranks)}
+        points = {r: factored_ms(cand, r) for r in timing_ranks(cand.ranks, cand.method)}
         xs = sorted(points)
         time_at = {r: float(np.interp(r, xs, [points[x] for x in xs])) for r in cand.ranks}
         out.append(replace(cand, time_before=base, time_at=time_at))
