@@ -60,6 +60,19 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def release_memory() -> None:
+    """Hand freed heap back to the OS between rounds (glibc keeps it otherwise, and the high-water mark
+    creeps up round after round as big blobs are allocated and freed)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 class _Timer:
     def __init__(self) -> None:
         self.timings: dict[str, float] = {}
@@ -327,6 +340,7 @@ class _Run:
     cv: OpenCVRunner
     timer: _Timer = field(default_factory=_Timer)
     _original_ms: float | None = None
+    _original_default_ms: float | None = None
     net: Net | None = None
     guard: timing.SpeedGuard | None = None
     factorizer: _Factorizer | None = None
@@ -351,7 +365,11 @@ class _Run:
                               images=images, responds=lambda feed: self.responds(net, feed),
                               calibration=calibration, pre=self.preprocessing, probes=self.probes, seed=self.seed)
         specs, reference = self.reference(net, inputs)
+        if wants_plan:  # timed now, while little else is held (it loads the whole original into OpenCV)
+            self.time_original(net, inputs)
+        release_memory()
         candidates, skipped = self.plan(net, inputs, wants_plan, ws)
+        release_memory()
         report = _ClosedLoop(self, net, prefix, candidates, skipped, specs, reference, inputs).execute()
         self.timer.timings["total"] = time.perf_counter() - start
         self.timer.timings["_peak_rss_mb"] = peak_rss_mb()
@@ -435,6 +453,7 @@ class _Run:
             candidates, more = search.analyse_layers(decomposable, layer_inputs, ranks=self.ranks, forms=self.forms, ws=ws,
                                                      seed=self.seed, timings=self.timer.timings, say=self.say)
             skipped.update(more)
+        release_memory()
         with self.timer.stage("sensitivity"):
             skip = set(self.ranks) if self.tradeoff not in (0.0, 1.0) else {c.layer for c in candidates}
             candidates = search.measure_gains(
@@ -449,9 +468,8 @@ class _Run:
                     factored_ms=lambda c, r: self.guard.layer_ms(c.layer, self.factorizer.draft(c.layer, c.method, r)))
         return candidates, skipped
 
-    def latency(self, net: Net, new_net: Net, inputs: plan_inputs.Inputs) -> timing.Latency:
-        """1-thread latency of the original and the rewritten net on one input of the declared shape."""
-        self.say("timing the written model against the original")
+    @staticmethod
+    def _latency_feed(net: Net, inputs: plan_inputs.Inputs) -> dict:
         feed = {}
         for i, (name, shape) in enumerate(net.input_shapes().items()):
             sample = inputs.validation.get(name)
@@ -459,11 +477,31 @@ class _Run:
                 feed[name] = sample[:1]
             else:
                 feed[name] = np.random.default_rng(i).standard_normal((1,) + tuple(shape[1:])).astype(np.float32)
-        # one network at a time (peak memory); the original's time is measured once per run
-        load = lambda model: self.cv.load(model, what="timing")  # noqa: E731
+        return feed
+
+    def _load_for_timing(self, model: Net):
+        return self.cv.load(model, what="timing")
+
+    def time_original(self, net: Net, inputs: plan_inputs.Inputs) -> None:
+        """The original's latency, 1 thread and default threads (medians; one network alive at a time)."""
+        with self.timer.stage("timing"):
+            self.say("timing the original model")
+            feed = self._latency_feed(net, inputs)
+            self._original_ms = timing.median_ms(self._load_for_timing, net, feed)
+            self._original_default_ms = timing.median_ms(self._load_for_timing, net, feed,
+                                                         threads=timing.default_threads(),
+                                                         budget_s=timing.NET_BUDGET_S / 4)
+
+    def latency(self, net: Net, new_net: Net, inputs: plan_inputs.Inputs, *, threads: int = 1) -> timing.Latency:
+        """Latency of the original (timed once per run) and the rewritten net on one input of the declared shape."""
+        self.say("timing the written model against the original")
+        feed = self._latency_feed(net, inputs)
         if self._original_ms is None:
-            self._original_ms = timing.median_ms(load, net, feed)
-        return timing.Latency(self._original_ms, timing.median_ms(load, new_net, feed))
+            self.time_original(net, inputs)
+        if threads != 1:
+            return timing.Latency(self._original_default_ms, timing.median_ms(
+                self._load_for_timing, new_net, feed, threads=threads, budget_s=timing.NET_BUDGET_S / 4))
+        return timing.Latency(self._original_ms, timing.median_ms(self._load_for_timing, new_net, feed))
 
     def write_and_verify(self, net, new_net, prefix, store_fp16, specs, reference, inputs):
         self.say("writing the model")
@@ -571,8 +609,13 @@ class _ClosedLoop:
         staged.commit()
         report = r._report(self.net, new_net, plan, verdict, staged, self.inputs, self.store_fp16, state.rounds)
         if state.latency is not None:
+            threads = timing.default_threads()
+            with r.timer.stage("timing"):
+                default = r.latency(self.net, new_net, self.inputs, threads=threads)
             report = replace(report, latency_ms={
-                "original_1t": state.latency.original_ms, "compressed_1t": state.latency.compressed_ms})
+                "original_1t": state.latency.original_ms, "compressed_1t": state.latency.compressed_ms,
+                "original_default": default.original_ms, "compressed_default": default.compressed_ms,
+                "default_threads": threads})
         return report
 
     def search(self, ladder: Sequence[float]) -> None:
@@ -597,6 +640,7 @@ class _ClosedLoop:
 
     def attempt(self, budget: float) -> bool | None:
         """True: the plan passed (and is kept staged); False: missed; None: nothing to factor."""
+        release_memory()
         built = self.build(budget)
         if built is None or isinstance(built, bool):
             return built

@@ -85,6 +85,8 @@ class Report:
                     "macs_after": lp.macs_after,
                     "weight_error": lp.weight_error,
                     "output_error": lp.output_error,
+                    "time_ms_before": lp.time_before,
+                    "time_ms_after_predicted": lp.time_after if lp.rank else lp.time_before,
                     "note": lp.reason,
                 }
                 for lp in self.layers
@@ -128,8 +130,17 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB"
 
 
+def _layer_ms(lp: LayerPlan) -> str:
+    if lp.time_before is None:
+        return "-"
+    if lp.rank and lp.time_after is not None:
+        return f"{lp.time_before:.2f} -> {lp.time_after:.2f} (pred.)"
+    return f"{lp.time_before:.2f}"
+
+
 def format_table(report: Report) -> str:
-    header = ("layer", "type", "weight shape", "method", "rank", "params", "weight err", "est out err")
+    header = ("layer", "type", "weight shape", "method", "rank", "params", "weight err", "layer out err",
+              "1-thread ms (alone)")
     rows: list[Sequence[str]] = []
     for lp in report.layers:
         params = (
@@ -146,11 +157,13 @@ def format_table(report: Report) -> str:
             params,
             f"{lp.weight_error:.3f}" if lp.rank else "-",
             f"{lp.output_error:.3f}" if lp.rank else "-",
+            _layer_ms(lp),
         ))
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines += [f"{lp.layer}: {lp.method} -- {lp.reason}" for lp in report.layers if lp.rank and lp.reason]
     lines.append("")
     lines.append(
         f"layers {report.layers_before} -> {report.layers_after}, "
@@ -182,7 +195,11 @@ def format_table(report: Report) -> str:
         lines.append("validation: skipped (--no-validate)")
     if report.latency_ms:
         a, b = report.latency_ms["original_1t"], report.latency_ms["compressed_1t"]
-        lines.append(f"measured OpenCV latency, 1 thread: {a:.1f} ms -> {b:.1f} ms ({a / b:.2f}x)")
+        line = f"measured OpenCV latency, 1 thread: {a:.1f} ms -> {b:.1f} ms ({a / b:.2f}x)"
+        if "original_default" in report.latency_ms:
+            c, d = report.latency_ms["original_default"], report.latency_ms["compressed_default"]
+            line += f"; {report.latency_ms['default_threads']} threads: {c:.1f} ms -> {d:.1f} ms ({c / d:.2f}x)"
+        lines.append(line)
     if report.rounds > 1:
         lines.append(f"closed loop: {report.rounds} plans measured to find the largest budget that meets the contract")
     timing = ", ".join(f"{k} {v:.2f}s" for k, v in report.timings.items() if not k.startswith("_") and "/" not in k)

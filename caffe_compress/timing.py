@@ -88,6 +88,13 @@ def compare(load: Callable[[Net], object], original: Net, compressed: Net, input
     return Latency(1000.0 * float(np.median(times[0])), 1000.0 * float(np.median(times[1])))
 
 
+def default_threads() -> int:
+    """OpenCV's default thread count on this machine."""
+    from .validate import cv2_module
+
+    return int(cv2_module().getNumThreads())
+
+
 def min_ms(load: Callable[[Net], object], net: Net, inputs: Mapping[str, np.ndarray], *,
            budget_s: float = MICRO_BUDGET_S) -> float:
     """Fastest of a few runs (ms), one thread: a planning micro-benchmark (noise only ever adds time)."""

@@ -83,7 +83,8 @@ def test_json_report_keys_and_validation_figures(tmp_path):
     assert report["totals"]["bytes_after"] == (tmp_path / "o.caffemodel").stat().st_size
     for layer in report["layers"]:
         assert set(layer) == {"name", "type", "weight_shape", "method", "rank", "params_before", "params_after",
-                              "macs_before", "macs_after", "weight_error", "output_error", "note"}
+                              "macs_before", "macs_after", "weight_error", "output_error", "time_ms_before",
+                              "time_ms_after_predicted", "note"}
     (out,) = report["validation"]["outputs"]
     assert out["name"] == "prob"
     assert 0.0 <= out["top1_agreement"] <= 1.0
