@@ -4,9 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import sys
-import tempfile
 import traceback
 from pathlib import Path
 from typing import Sequence
@@ -125,7 +123,32 @@ def build_fetch_parser() -> argparse.ArgumentParser:
 
 
 def _error(message: str) -> None:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
+    """One line on stderr: control characters in names or paths (a newline, say) are escaped."""
+    text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in message)
+    try:
+        print(f"{PROG}: error: {text}", file=sys.stderr)
+    except (OSError, ValueError):  # stderr closed or full: nothing more can be said
+        pass
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP: unwinds like KeyboardInterrupt, so every temp file and scratch directory goes."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(signum)
+
+
+def _install_signal_handlers() -> None:
+    import signal
+
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), _raise_terminated)
 
 
 def _run_fetch(argv: Sequence[str]) -> int:
@@ -167,15 +190,6 @@ def _run_compress(argv: Sequence[str]) -> int:
         scale=_floats(args.scale, "--scale")[0] if args.scale else 1.0,
         swap_rb=args.swap_rb,
     )
-    if args.json:
-        json_path = Path(args.json)
-        if not json_path.parent.is_dir():
-            raise UsageError(f"--json: directory {json_path.parent} does not exist")
-        if json_path.is_dir():
-            raise UsageError(f"--json: {json_path} is a directory")
-        for inp in (args.deploy, args.weights):
-            if json_path.exists() and Path(inp).exists() and os.path.samefile(json_path, inp):
-                raise UsageError(f"--json: {json_path} is an input file; choose another name")
     forms: dict[str, str] = {}
     for text in args.forms:
         name, sep, form = text.rpartition("=")
@@ -203,35 +217,39 @@ def _run_compress(argv: Sequence[str]) -> int:
         preprocessing=pre, probes=args.probes if args.probes is not None else DEFAULT_PROBES,
         seed=args.seed, fp16=args.fp16, outputs=kinds, min_fidelity=min_fidelity, force=args.force,
         objective=args.objective,
-        progress=progress,
+        progress=progress, report_path=args.json,
     )
     from .report import format_table
 
-    print(format_table(report))
-    if args.json:
-        _write_atomically(Path(args.json), report.json_text())
+    try:
+        print(format_table(report))
+        sys.stdout.flush()
+    except (OSError, ValueError) as exc:  # stdout closed or full (| true, > /dev/full)
+        _quiet_stdout()
+        from .errors import EXIT_CANNOT_WRITE
+
+        done = f"the model was written to {report.output_prototxt}" if report.written else "nothing was written"
+        _error(f"stdout: cannot print the report ({getattr(exc, 'strerror', None) or exc}); {done}")
+        return EXIT_CANNOT_WRITE
     return EXIT_OK
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    from .errors import WriteError
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush does not fail again."""
+    import os
 
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except (OSError, UnboundLocalError):
-            pass
-        raise WriteError(f"--json: {path}: {exc.strerror}") from None
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    _install_signal_handlers()
     try:
         if argv and argv[0] == "fetch":
             return _run_fetch(argv[1:])
@@ -242,8 +260,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         _error(str(exc))
         return exc.exit_code
     except KeyboardInterrupt:
-        _error("interrupted")
+        _error("interrupted (SIGINT); temp files removed, nothing published")
         return 130
+    except Terminated as exc:
+        import signal
+
+        _error(f"terminated ({signal.Signals(exc.signum).name}); temp files removed, nothing published")
+        return 128 + exc.signum
     except MemoryError:
         _error("out of memory")
         return EXIT_INTERNAL

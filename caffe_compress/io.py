@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import stat
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -75,6 +74,7 @@ def parse_prototxt(data: bytes, path: str | os.PathLike) -> pb.NetParameter:
                 f"{path}: this is a binary caffemodel, not a prototxt; are DEPLOY and WEIGHTS swapped?"
             )
         raise ModelError(f"{path}: not a text prototxt (contains NUL bytes)")
+    _check_structure(text, path)
     msg = pb.NetParameter()
     try:
         text_format.Parse(text, msg)
@@ -83,6 +83,23 @@ def parse_prototxt(data: bytes, path: str | os.PathLike) -> pb.NetParameter:
     except (ValueError, RecursionError) as exc:  # pathological nesting or numbers
         raise ModelError(f"{path}: cannot parse prototxt: {exc}") from None
     return msg
+
+
+MAX_PROTOTXT_FIELDS = 300_000  # ':' and '{' in a deploy text: real nets have tens of thousands
+MAX_PROTOTXT_DEPTH = 64  # nesting of { } (a deploy net needs 4 or 5)
+
+
+def _check_structure(text: str, path) -> None:
+    """Refuse, in milliseconds, a text whose parse would take minutes: too many fields, or deep nesting."""
+    fields = text.count(":") + text.count("{")
+    if fields > MAX_PROTOTXT_FIELDS:
+        raise ModelError(f"{path}: has about {fields} fields, more than the {MAX_PROTOTXT_FIELDS} a deploy "
+                         "prototxt can need")
+    if "{" in text:
+        raw = np.frombuffer(text.encode("utf-8", "replace"), dtype=np.uint8)
+        depth = int(np.max(np.cumsum((raw == ord("{")).astype(np.int32) - (raw == ord("}")).astype(np.int32))))
+        if depth > MAX_PROTOTXT_DEPTH:
+            raise ModelError(f"{path}: nested {depth} levels deep (at most {MAX_PROTOTXT_DEPTH})")
 
 
 def _looks_like_caffemodel(data: bytes) -> bool:
@@ -96,27 +113,36 @@ def _looks_like_caffemodel(data: bytes) -> bool:
     return any(len(l.blobs) for l in msg.layer) or any(len(l.blobs) for l in msg.layers)
 
 
+def _is_text_prototxt(data: bytes) -> bool:
+    """Whether ``data`` parses as a (small) text prototxt: the 'swapped arguments' hint."""
+    if len(data) > MAX_PROTOTXT_BYTES or not data.strip():
+        return False
+    try:
+        text = data.decode("utf-8")
+        _check_structure(text, "")
+        text_format.Parse(text, pb.NetParameter())
+        return True
+    except Exception:  # noqa: BLE001 - any failure just means "no hint"
+        return False
+
+
 def parse_caffemodel(data: bytes, path: str | os.PathLike) -> pb.NetParameter:
+    if not data:
+        raise ModelError(f"{path}: caffemodel is empty (0 bytes)")
     msg = pb.NetParameter()
     try:
         msg.ParseFromString(data)
+    except MemoryError:
+        raise ModelError(f"{path}: out of memory parsing a {len(data) / 1e6:.0f} MB caffemodel") from None
     except (DecodeError, RecursionError, ValueError):
-        hint = ""
-        try:
-            text_format.Parse(data.decode("utf-8"), pb.NetParameter())
-            hint = "; it is a text prototxt: are DEPLOY and WEIGHTS swapped?"
-        except Exception:  # noqa: BLE001 - any failure just means "no hint"
-            pass
+        hint = "; it is a text prototxt: are DEPLOY and WEIGHTS swapped?" if _is_text_prototxt(data) else ""
         raise ModelError(f"{path}: not a valid caffemodel (truncated or corrupt protobuf){hint}") from None
     if len(msg.layer) + len(msg.layers) > MAX_CAFFEMODEL_LAYERS:
         raise ModelError(f"{path}: holds {len(msg.layer) + len(msg.layers)} layers, more than the "
                          f"{MAX_CAFFEMODEL_LAYERS} this tool accepts")
     if not msg.layer and not msg.layers:
-        try:
-            text_format.Parse(data.decode("utf-8"), pb.NetParameter())
+        if _is_text_prototxt(data):
             raise ModelError(f"{path}: this is a text prototxt, not a caffemodel; are DEPLOY and WEIGHTS swapped?")
-        except (UnicodeDecodeError, text_format.ParseError, ValueError):
-            pass
         raise ModelError(f"{path}: caffemodel holds no layers")
     return msg
 
@@ -176,6 +202,8 @@ def _blob_shape(blob: pb.BlobProto, where: str) -> tuple[int, ...]:
         raise ModelError(f"{where}: blob has {len(dims)} axes (at most {MAX_BLOB_AXES})")
     if any(d < 0 for d in dims):
         raise ModelError(f"{where}: blob has a negative dimension {dims}")
+    if any(d >= 1 << 31 for d in dims):
+        raise ModelError(f"{where}: blob has an impossible dimension {dims} (at most 2^31 - 1 per axis)")
     return dims
 
 
@@ -195,6 +223,8 @@ def blob_to_array(blob: pb.BlobProto, *, where: str = "blob") -> np.ndarray:
     elif n_double:
         values = np.frombuffer(_packed_payload(blob.SerializeToString(), 8), dtype="<f8")
     elif blob.HasField("raw_data"):
+        if not blob.HasField("raw_data_type"):  # absent, or a value this schema does not know (kept unknown)
+            raise ModelError(f"{where}: raw_data without a known raw_data_type (FLOAT16, FLOAT or DOUBLE)")
         dtype = {pb.FLOAT16: "<f2", pb.FLOAT: "<f4", pb.DOUBLE: "<f8"}.get(blob.raw_data_type)
         if dtype is None:
             raise ModelError(f"{where}: raw_data of type {pb.Type.Name(blob.raw_data_type)} is not supported")
@@ -212,7 +242,10 @@ def blob_to_array(blob: pb.BlobProto, *, where: str = "blob") -> np.ndarray:
         raise ModelError(f"{where}: blob shape {dims} needs {count} values but {values.size} are stored")
     # float32 payloads are used in place (read-only views of one serialized blob):
     # no second copy of a 38 MB weight.
-    return values.astype(np.float32, copy=False).reshape(dims)
+    try:
+        return values.astype(np.float32, copy=False).reshape(dims)
+    except (ValueError, MemoryError):
+        raise ModelError(f"{where}: blob shape {dims} cannot be held in memory") from None
 
 
 def _varint(n: int) -> bytes:
@@ -636,31 +669,145 @@ def _blob_header(array: np.ndarray, *, fp16: bool = False) -> tuple[bytes, bytes
 
 @dataclass
 class StagedModel:
-    """A written-but-not-published model pair: temp files beside the targets."""
+    """A written-but-not-published model pair (and optional extra files such as the JSON report): temp files
+    beside the targets, named ``.<target name>.<pid>-<token>.tmp``.
+
+    ``commit()`` publishes them as a unit: under an exclusive lock on the output directory (so two runs
+    never interleave their renames), it first repairs any commit a killed run left half-done on this
+    prefix, then renames the caffemodel, the prototxt and the extras, in that order. A crash between the
+    renames leaves the prototxt temp without its caffemodel temp, which the next run on the prefix
+    completes (see sweep_leftovers).
+    """
 
     prototxt: Path
     caffemodel: Path
     temp_prototxt: Path
     temp_caffemodel: Path
     committed: bool = field(default=False)
+    extras: list = field(default_factory=list)  # [(temp, target)]
 
-    def commit(self) -> None:
-        """Rename the temp files into place (atomic per file on POSIX)."""
+    def add(self, target: Path, data: bytes) -> None:
+        """Stage one more file, published with the pair (e.g. the JSON report)."""
+        directory = target.parent if str(target.parent) else Path(".")
         try:
-            os.replace(self.temp_caffemodel, self.caffemodel)
-            os.replace(self.temp_prototxt, self.prototxt)
+            temp = _write_temp(directory, target.name, [data], token=_token_of(self.temp_prototxt))
         except OSError as exc:
-            self.discard()
-            raise WriteError(f"{self.prototxt.parent}: cannot publish output: {exc.strerror}") from None
-        _fsync_dir(self.prototxt.parent)
+            raise WriteError(f"{target}: cannot write: {exc.strerror}") from None
+        self.extras.append((temp, target))
+
+    def commit(self) -> list[str]:
+        """Rename the temp files into place; returns what was swept or repaired first (one line each)."""
+        directory = self.prototxt.parent if str(self.prototxt.parent) else Path(".")
+        with directory_lock(directory):
+            notes = sweep_leftovers(self.prototxt, self.caffemodel, locked=True)
+            try:
+                os.replace(self.temp_caffemodel, self.caffemodel)
+                os.replace(self.temp_prototxt, self.prototxt)
+                for temp, target in self.extras:
+                    os.replace(temp, target)
+            except OSError as exc:
+                self.discard()
+                raise WriteError(f"{self.prototxt.parent}: cannot publish output: {exc.strerror}") from None
+            _fsync_dir(directory)
         self.committed = True
+        return notes
 
     def discard(self) -> None:
-        for p in (self.temp_prototxt, self.temp_caffemodel):
+        # the prototxt temp goes first: a prototxt temp without its caffemodel temp means "commit in progress"
+        for p in (self.temp_prototxt, self.temp_caffemodel, *(t for t, _ in self.extras)):
             try:
                 p.unlink()
             except FileNotFoundError:
                 pass
+
+
+class directory_lock:
+    """An exclusive advisory lock (flock) on a directory, held for a commit; a no-op where flock is missing."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.fd: int | None = None
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:  # not POSIX
+            return self
+        try:
+            self.fd = os.open(self.directory, os.O_RDONLY)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            if self.fd is not None:
+                os.close(self.fd)
+                self.fd = None
+            raise WriteError(f"{self.directory}: cannot lock the output directory: {exc.strerror}") from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing releases the flock
+            self.fd = None
+
+
+def _token_of(temp: Path) -> str:
+    return temp.name.rsplit(".", 2)[-2]
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: someone else's live process
+        return True
+    return True
+
+
+def _dead_temps(directory: Path, name: str) -> dict[str, Path]:
+    """{token: temp} of ``.<name>.<pid>-<hex>.tmp`` files whose process is gone."""
+    found = {}
+    prefix = f".{name}."
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return found
+    for entry in entries:
+        if not (entry.name.startswith(prefix) and entry.name.endswith(".tmp")):
+            continue
+        token = entry.name[len(prefix):-len(".tmp")]
+        pid, sep, rest = token.partition("-")
+        if sep and pid.isdigit() and rest and not _pid_alive(int(pid)):
+            found[token] = Path(entry.path)
+    return found
+
+
+def sweep_leftovers(prototxt: Path, caffemodel: Path, *, locked: bool = False) -> list[str]:
+    """Remove the temp files a killed run left for this output pair, completing its commit when it died
+    between the two renames; one line per action (for the run's output)."""
+    directory = prototxt.parent if str(prototxt.parent) else Path(".")
+    if not locked:
+        with directory_lock(directory):
+            return sweep_leftovers(prototxt, caffemodel, locked=True)
+    notes = []
+    protos = _dead_temps(directory, prototxt.name)
+    models = _dead_temps(directory, caffemodel.name)
+    for token, temp in protos.items():
+        if token in models:  # staged, never committed: remove both
+            continue
+        try:
+            os.replace(temp, prototxt)
+            notes.append(f"{prototxt}: completed a commit an earlier run (pid {token.split('-')[0]}) left half-done")
+        except OSError:
+            pass
+    for temp in [*models.values(), *(t for k, t in protos.items() if k in models)]:
+        try:
+            temp.unlink()
+            notes.append(f"{temp}: removed a temp file an earlier run (pid {_token_of(temp).split('-')[0]}) left")
+        except OSError:
+            pass
+    return notes
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -691,8 +838,17 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def _write_temp(directory: Path, stem: str, chunks: Iterable[bytes | memoryview]) -> Path:
-    fd, name = tempfile.mkstemp(prefix=f".{stem}.", suffix=".tmp", dir=directory)
+def new_token() -> str:
+    """``<pid>-<random hex>``: names one run's temp files, so a later run can tell whether their owner lives."""
+    import secrets
+
+    return f"{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _write_temp(directory: Path, stem: str, chunks: Iterable[bytes | memoryview], *, token: str) -> Path:
+    """A new ``.<stem>.<token>.tmp`` file with the usual mode under the user's umask (0666 & ~umask)."""
+    name = str(directory / f".{stem}.{token}.tmp")
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as fh:
             for chunk in chunks:
@@ -705,14 +861,7 @@ def _write_temp(directory: Path, stem: str, chunks: Iterable[bytes | memoryview]
         except OSError:
             pass
         raise
-    os.chmod(name, 0o644 & ~_umask())
     return Path(name)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def check_outputs(prefix: str | os.PathLike, *, protect: Iterable[str | os.PathLike] = ()) -> Path:
@@ -734,6 +883,56 @@ def check_outputs(prefix: str | os.PathLike, *, protect: Iterable[str | os.PathL
     return directory
 
 
+def check_report_path(path: str | os.PathLike, *, inputs: Iterable[str | os.PathLike],
+                      outputs: Iterable[str | os.PathLike], option: str = "--json") -> Path:
+    """Refuse, before any work, a report path that is an input or an output, not a regular file, or in a
+    directory that does not exist or cannot be written."""
+    report = Path(path)
+    directory = report.parent if str(report.parent) else Path(".")
+    for other, what in [*((Path(p), "an input") for p in inputs), *((Path(p), "an output") for p in outputs)]:
+        if _same_file(report, other) or os.path.abspath(report) == os.path.abspath(other):
+            raise WriteError(f"{option}: {report} is {what} of this run ({other}); choose another name")
+    if not directory.is_dir():
+        raise WriteError(f"{option}: directory {directory} does not exist")
+    if report.is_dir():
+        raise WriteError(f"{option}: {report} is a directory")
+    if os.path.lexists(report) and not report.is_file():
+        raise WriteError(f"{option}: {report} exists and is not a regular file (it is never replaced)")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise WriteError(f"{option}: directory {directory} is not writable")
+    return report
+
+
+def write_atomically(path: Path, data: bytes, *, option: str = "--json") -> None:
+    """A small file written to a temp beside it and renamed into place (never replacing a non-regular file)."""
+    directory = path.parent if str(path.parent) else Path(".")
+    try:
+        temp = _write_temp(directory, path.name, [data], token=new_token())
+    except OSError as exc:
+        raise WriteError(f"{option}: {path}: {exc.strerror}") from None
+    try:
+        if os.path.lexists(path) and not path.is_file():
+            raise WriteError(f"{option}: {path} exists and is not a regular file (it is never replaced)")
+        os.replace(temp, path)
+    except OSError as exc:
+        raise WriteError(f"{option}: {path}: {exc.strerror}") from None
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def sweep_temps(path: Path) -> list[str]:
+    """Remove temp files of ``path`` whose run is gone (a killed run's report, say)."""
+    directory = path.parent if str(path.parent) else Path(".")
+    notes = []
+    for temp in _dead_temps(directory, path.name).values():
+        try:
+            temp.unlink()
+            notes.append(f"{temp}: removed a temp file an earlier run left")
+        except OSError:
+            pass
+    return notes
+
+
 def stage(net: Net, prefix: str | os.PathLike, *, protect: Iterable[str | os.PathLike] = (),
           fp16: bool = False) -> StagedModel:
     """Write ``net`` to temp files beside ``PREFIX.prototxt``/``PREFIX.caffemodel``.
@@ -746,9 +945,10 @@ def stage(net: Net, prefix: str | os.PathLike, *, protect: Iterable[str | os.Pat
     directory = check_outputs(prefix, protect=protect)
     proto_data = prototxt_bytes(net)
     temps: list[Path] = []
-    try:
-        temps.append(_write_temp(directory, model_path.name, caffemodel_chunks(net, fp16=fp16)))
-        temps.append(_write_temp(directory, proto_path.name, [proto_data]))
+    token = new_token()
+    try:  # the caffemodel first: a prototxt temp alone means a commit was in progress (sweep_leftovers)
+        temps.append(_write_temp(directory, model_path.name, caffemodel_chunks(net, fp16=fp16), token=token))
+        temps.append(_write_temp(directory, proto_path.name, [proto_data], token=token))
     except OSError as exc:
         for t in temps:
             t.unlink(missing_ok=True)

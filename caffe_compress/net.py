@@ -220,6 +220,7 @@ class Net:
             if layer.type == "Input":
                 _check_input_shapes(layer)
         _check_channels(self)
+        _check_spatial(self)
         return self
 
 
@@ -293,6 +294,66 @@ def _check_channels(net: "Net") -> None:
             out = sum(parts) if all(p is not None for p in parts) else None
         for top in layer.tops:
             channels[top] = out
+
+
+# Layers whose output has the spatial size of their (first) input.
+_SIZE_PRESERVING = _CHANNEL_PRESERVING - {"Pooling"}
+
+
+def _pool_out(size: int, kernel: int, stride: int, pad: int) -> int:
+    out = -(-(size + 2 * pad - kernel) // stride) + 1  # Caffe rounds pooled sizes up
+    if pad and (out - 1) * stride >= size + pad:
+        out -= 1
+    return out
+
+
+def _check_spatial(net: "Net") -> None:
+    """Propagate 4-D spatial sizes where they are certain, and name the convolution or pooling layer whose
+    kernel does not fit its padded input (OpenCV would only say "getLayerShapesRecursively")."""
+    sizes: dict[str, tuple[int, int] | None] = {}
+    for layer in net.layers:
+        first = sizes.get(layer.bottoms[0]) if layer.bottoms else None
+        out: tuple[int, int] | None = None
+        if layer.type == "Input":
+            for top, dims in zip(layer.tops, _declared_shapes(layer)):
+                sizes[top] = (dims[2], dims[3]) if len(dims) == 4 and min(dims[2:]) > 0 else None
+            continue
+        if layer.type == "Convolution" and first is not None:
+            geo = conv_geometry(layer)
+            if geo.axis == 1:
+                dims = []
+                for size, k, s, p, d in zip(first, geo.kernel, geo.stride, geo.pad, geo.dilation):
+                    span = d * (k - 1) + 1
+                    if size + 2 * p < span:
+                        raise ModelError(f"layer '{layer.name}': kernel {geo.kernel[0]}x{geo.kernel[1]} (spanning "
+                                         f"{span} with dilation {d}) does not fit its {first[0]}x{first[1]} input "
+                                         f"padded by {p}")
+                    dims.append((size + 2 * p - span) // s + 1)
+                out = (dims[0], dims[1])
+        elif layer.type == "Pooling" and first is not None:
+            pp = layer.sub("pooling_param")
+            if pp.get("global_pooling"):
+                out = (1, 1)
+            else:
+                k = _pair(list(pp.get("kernel_size", []) if isinstance(pp.get("kernel_size"), list)
+                               else [pp["kernel_size"]] if "kernel_size" in pp else []),
+                          pp.get("kernel_h"), pp.get("kernel_w"), 0, "kernel", layer.name)
+                st = _pair([pp["stride"]] if "stride" in pp else [], pp.get("stride_h"), pp.get("stride_w"), 1,
+                           "stride", layer.name)
+                pd = _pair([pp["pad"]] if "pad" in pp else [], pp.get("pad_h"), pp.get("pad_w"), 0, "pad",
+                           layer.name)
+                if min(k) <= 0 or min(st) <= 0:
+                    out = None
+                else:
+                    for size, kk, p in zip(first, k, pd):
+                        if size + 2 * p < kk:
+                            raise ModelError(f"layer '{layer.name}': pooling kernel {k[0]}x{k[1]} does not fit its "
+                                             f"{first[0]}x{first[1]} input padded by {p}")
+                    out = tuple(_pool_out(size, kk, ss, p) for size, kk, ss, p in zip(first, k, st, pd))
+        elif layer.type in _SIZE_PRESERVING:
+            out = first
+        for top in layer.tops:
+            sizes[top] = out
 
 
 def _declared_shapes(layer: Layer) -> list[list[int]]:

@@ -11,6 +11,7 @@ import logging
 import os
 import tempfile
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -76,10 +77,12 @@ def release_memory() -> None:
 class _Timer:
     def __init__(self) -> None:
         self.timings: dict[str, float] = {}
+        self.current = ""
 
     @contextmanager
     def stage(self, name: str):
         start = time.perf_counter()
+        self.current = name
         try:
             yield
         finally:
@@ -277,6 +280,7 @@ def compress(
     force: bool = False,
     objective: str = "balanced",
     progress: ProgressFn | None = None,
+    report_path: str | os.PathLike | None = None,
 ) -> Report:
     """Compress a Caffe model; write ``PREFIX.prototxt``/``PREFIX.caffemodel``; return a Report.
 
@@ -297,14 +301,36 @@ def compress(
     objective : "balanced" (default: no factored layer and no written model slower than the original in
         OpenCV on this machine), "speed" (a factored layer must be 1.1x faster) or "size" (no speed checks).
     progress : callable receiving one-line progress messages.
+    report_path : also write the report as JSON there, published with the pair (checked before any work).
     """
-    with tempfile.TemporaryDirectory(prefix="caffe-compress-") as scratch:
+    with _scratch_directory() as scratch, np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # overflow in hostile weights: the checks say it once
         run = _Run(deploy, weights, tradeoff=planner.check_tradeoff(tradeoff), output=output,
                    ranks=dict(ranks or {}), forms=dict(forms or {}), keep=tuple(keep), validate_output=validate_output,
                    preprocessing=preprocessing or validate.Preprocessing(), probes=probes, seed=seed, fp16=fp16,
                    outputs=dict(outputs or {}), min_fidelity=min_fidelity, force=force, objective=objective,
-                   say=progress or (lambda message: None), cv=OpenCVRunner(Path(scratch)))
-        return run.execute(images=images, calibration=calibration)
+                   say=progress or (lambda message: None), cv=OpenCVRunner(Path(scratch)),
+                   report_path=Path(report_path) if report_path is not None else None)
+        try:
+            return run.execute(images=images, calibration=calibration)
+        except MemoryError:
+            raise ModelError(f"{weights}: out of memory while in stage '{run.timer.current or 'setup'}': the "
+                             "model, its input shape or an option asks for more memory than this machine has") from None
+
+
+@contextmanager
+def _scratch_directory():
+    """A private scratch directory with an ASCII path (OpenCV reads its files), removed however the run ends."""
+    base = tempfile.gettempdir()
+    if not base.isascii():
+        base = "/tmp" if os.path.isdir("/tmp") else None
+    try:
+        holder = tempfile.TemporaryDirectory(prefix="caffe-compress-", dir=base)
+    except OSError as exc:
+        raise WriteError(f"scratch directory in {base or tempfile.gettempdir()}: {exc.strerror} "
+                         "(set TMPDIR to a writable directory)") from None
+    with holder as scratch:
+        yield scratch
 
 
 def _output_prefix(output, weights) -> Path:
@@ -342,6 +368,7 @@ class _Run:
     _original_ms: float | None = None
     _original_default_ms: float | None = None
     net: Net | None = None
+    report_path: Path | None = None
     guard: timing.SpeedGuard | None = None
     factorizer: _Factorizer | None = None
 
@@ -355,25 +382,54 @@ class _Run:
             raise UsageError(f"--objective: '{self.objective}' is not one of {', '.join(OBJECTIVES)}")
         prefix = _output_prefix(self.output, self.weights)
         io.check_outputs(prefix, protect=(Path(self.deploy), Path(self.weights)))
+        if self.report_path is not None:
+            io.check_report_path(self.report_path, inputs=(self.deploy, self.weights), outputs=io.output_paths(prefix))
+        swept = io.sweep_leftovers(*io.output_paths(prefix)) + \
+            (io.sweep_temps(self.report_path) if self.report_path is not None else [])
+        for note in swept:
+            log.warning("%s", note)
         net = self.net = self.load()
         ws = planner.Workspace()
         self.factorizer = _Factorizer(net, ws, self.ranks, self.seed, self.timer.timings, self.say)
         self.guard = timing.SpeedGuard(self.objective, self.cv, net, blob_sources(net)[0], net.input_shapes(),
                                        self.say, self.timer.timings)
         wants_plan = self.tradeoff > 0 or bool(self.ranks)
-        inputs = plan_inputs.make_inputs(net, wants_plan=wants_plan, validate_output=self.validate_output,
-                              images=images, responds=lambda feed: self.responds(net, feed),
-                              calibration=calibration, pre=self.preprocessing, probes=self.probes, seed=self.seed)
+        try:
+            inputs = plan_inputs.make_inputs(net, wants_plan=wants_plan, validate_output=self.validate_output,
+                                             images=images, responds=lambda feed: self.responds(net, feed),
+                                             calibration=calibration, pre=self.preprocessing, probes=self.probes,
+                                             seed=self.seed)
+        except plan_inputs.NoResponseError:
+            self.first_non_finite(net)  # overflowing weights are a bad model (3), not a validation failure
+            raise
         specs, reference = self.reference(net, inputs)
         if wants_plan:  # timed now, while little else is held (it loads the whole original into OpenCV)
             self.time_original(net, inputs)
         release_memory()
         candidates, skipped = self.plan(net, inputs, wants_plan, ws)
         release_memory()
-        report = _ClosedLoop(self, net, prefix, candidates, skipped, specs, reference, inputs).execute()
+        report, staged = _ClosedLoop(self, net, prefix, candidates, skipped, specs, reference, inputs).execute()
         self.timer.timings["total"] = time.perf_counter() - start
         self.timer.timings["_peak_rss_mb"] = peak_rss_mb()
-        return replace(report, timings=self.timer.timings)
+        report = replace(report, timings=self.timer.timings)
+        self.publish(report, staged)
+        return report
+
+    def publish(self, report: Report, staged: io.StagedModel | None) -> None:
+        """Commit the staged pair and the JSON report together (or the report alone when nothing was written)."""
+        data = report.json_text().encode() if self.report_path is not None else None
+        if staged is None:
+            if data is not None:
+                io.write_atomically(self.report_path, data)
+            return
+        try:
+            if data is not None:
+                staged.add(self.report_path, data)
+            for note in staged.commit():
+                log.warning("%s", note)
+        except BaseException:
+            staged.discard()
+            raise
 
     # -- files -> load -> net
     def load(self) -> Net:
@@ -391,12 +447,31 @@ class _Run:
             out[name] = (self.forms.get(name, method), rank)
         return out
 
+    def first_non_finite(self, net: Net) -> None:
+        """Raise ModelError naming the first layer whose output overflows on one 0..255 picture, if any."""
+        from .runner import Source
+
+        shapes = plan_inputs.probe_shapes(net, net.input_shapes())
+        rng = np.random.default_rng(0)
+        feed = {k: rng.uniform(0, 255, (1,) + tuple(v[1:])).astype(np.float32) for k, v in shapes.items()}
+        sources = [Source(layer.name, i) for layer in net.layers if layer.type != "Input"
+                   for i in range(len(layer.tops))]
+        values = self.cv.run(net, feed, sources, what=str(self.deploy), error=ModelError)
+        for source in sources:
+            if not np.all(np.isfinite(values[source])):
+                raise ModelError(f"{self.deploy}: layer '{source.layer}' outputs NaN/Inf on an ordinary input "
+                                 "(its weights or activations overflow)")
+
     def responds(self, net: Net, feed: Mapping[str, np.ndarray]) -> bool:
         """Whether some output of the original varies over the samples of ``feed``."""
         _, sources = blob_sources(net)
         if not sources:
             return True  # nothing to compare: reference() says so
         values = self.cv.run(net, feed, sources, what=str(self.deploy), error=ModelError)
+        for source, value in values.items():
+            if not np.all(np.isfinite(value)):
+                raise ModelError(f"{self.deploy}: the original model outputs NaN/Inf in '{source.layer}' on probe "
+                                 "inputs (its weights or activations overflow)")
         for value in values.values():
             v = value.reshape(value.shape[0], -1).astype(np.float64)
             if v.shape[0] > 1 and float(np.max(np.std(v, axis=0))) > 1e-6 * (float(np.max(np.abs(v))) + 1e-12):
@@ -553,7 +628,7 @@ class _Run:
             params_before=net.param_count,
             params_after=new_net.param_count,
             bytes_before=weights_path.stat().st_size,
-            bytes_after=staged.caffemodel.stat().st_size if staged else weights_path.stat().st_size,
+            bytes_after=staged.temp_caffemodel.stat().st_size if staged else weights_path.stat().st_size,
             macs_before=sum(lp.macs_before for lp in plan.layers),
             macs_after=sum(lp.macs_after for lp in plan.layers),
             validation=verdict.agreements,
@@ -591,7 +666,8 @@ class _ClosedLoop:
     def store_fp16(self) -> bool:
         return self.net.stored_fp16 if self.run.fp16 is None else bool(self.run.fp16)
 
-    def execute(self) -> Report:
+    def execute(self) -> tuple[Report, io.StagedModel | None]:
+        """The report and the staged pair that passed (not yet published), or (report, None)."""
         r, state = self.run, self.state
         ladder = search.budget_ladder(r.tradeoff) if self.candidates else [0.0]
         try:
@@ -600,23 +676,22 @@ class _ClosedLoop:
                 self.not_slower()
             if state.best is None and r.force:
                 self.attempt(0.0)  # --force: an unchanged copy when every plan misses
+            if state.best is None:
+                return r._nothing(self.net, state.empty_plan, state.misses, self.inputs, state.rounds), None
+            staged, new_net, plan, verdict = state.best
+            report = r._report(self.net, new_net, plan, verdict, staged, self.inputs, self.store_fp16, state.rounds)
+            if state.latency is not None:
+                threads = timing.default_threads()
+                with r.timer.stage("timing"):
+                    default = r.latency(self.net, new_net, self.inputs, threads=threads)
+                report = replace(report, latency_ms={
+                    "original_1t": state.latency.original_ms, "compressed_1t": state.latency.compressed_ms,
+                    "original_default": default.original_ms, "compressed_default": default.compressed_ms,
+                    "default_threads": threads})
+            return report, staged
         except BaseException:
             state.discard()
             raise
-        if state.best is None:
-            return r._nothing(self.net, state.empty_plan, state.misses, self.inputs, state.rounds)
-        staged, new_net, plan, verdict = state.best
-        staged.commit()
-        report = r._report(self.net, new_net, plan, verdict, staged, self.inputs, self.store_fp16, state.rounds)
-        if state.latency is not None:
-            threads = timing.default_threads()
-            with r.timer.stage("timing"):
-                default = r.latency(self.net, new_net, self.inputs, threads=threads)
-            report = replace(report, latency_ms={
-                "original_1t": state.latency.original_ms, "compressed_1t": state.latency.compressed_ms,
-                "original_default": default.original_ms, "compressed_default": default.compressed_ms,
-                "default_threads": threads})
-        return report
 
     def search(self, ladder: Sequence[float]) -> None:
         """The largest rung whose plan passes: T's own rung, else the lowest (if even that most cautious plan

@@ -7,6 +7,9 @@ where a name is missing. Nets are run from scratch files (ASCII paths the tool o
 """
 from __future__ import annotations
 
+import os
+import shutil
+
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Hashable, Mapping, Sequence
@@ -14,7 +17,7 @@ from typing import Hashable, Mapping, Sequence
 import numpy as np
 
 from . import io, validate
-from .errors import ValidationError
+from .errors import ValidationError, WriteError
 from .net import Layer, Net
 
 RUN_CHUNK = 8  # samples per OpenCV forward pass
@@ -104,11 +107,35 @@ class OpenCVRunner:
 
     def load(self, net: Net, *, what: str, error=ValidationError):
         proto, weights = self.scratch / "m.prototxt", self.scratch / "m.caffemodel"
-        io.write_files(net, proto, weights)
+        try:
+            io.write_files(net, proto, weights)
+        except OSError as exc:  # a full TMPDIR, ulimit -f: the user's environment, not a bug
+            weights.unlink(missing_ok=True)
+            raise WriteError(f"scratch directory {self.scratch}: cannot write: {exc.strerror} "
+                             "(set TMPDIR to a directory with space)") from None
         try:
             return validate.load_opencv_net(proto, weights, what=what, error=error)
         finally:
             weights.unlink(missing_ok=True)
+
+    def load_files(self, files: tuple[Path, Path], *, what: str, error=ValidationError):
+        """OpenCV reads a pair we wrote through ASCII names in the scratch directory (hard links, or copies
+        across file systems): no user file name ever reaches it."""
+        targets = (self.scratch / "staged.prototxt", self.scratch / "staged.caffemodel")
+        for src, dst in zip(files, targets):
+            dst.unlink(missing_ok=True)
+            try:
+                os.link(src, dst)
+            except OSError:
+                try:
+                    shutil.copyfile(src, dst)
+                except OSError as exc:
+                    raise WriteError(f"scratch directory {self.scratch}: cannot write: {exc.strerror}") from None
+        try:
+            return validate.load_opencv_net(*targets, what=what, error=error)
+        finally:
+            for dst in targets:
+                dst.unlink(missing_ok=True)
 
     def run(self, net: Net, inputs: Mapping[str, np.ndarray], sources: Sequence[Hashable], *,
             what: str = "model", error=ValidationError, files: tuple[Path, Path] | None = None) -> dict:
@@ -123,7 +150,7 @@ class OpenCVRunner:
     def _run(self, net, inputs, sources, *, what, error, files, every) -> dict:
         tapped, names = with_taps(net, list(sources), every=every)
         if files is not None and tapped is net:
-            cv_net = validate.load_opencv_net(files[0], files[1], what=what, error=error)
+            cv_net = self.load_files(files, what=what, error=error)
         else:
             cv_net = self.load(tapped, what=what, error=error)
         wanted = list(dict.fromkeys(names[s] for s in sources if not s.is_input))

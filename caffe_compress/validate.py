@@ -5,6 +5,8 @@ a missing or too-new OpenCV (5.x has no Caffe importer) gives one clear error.
 """
 from __future__ import annotations
 
+import os
+
 import logging
 import time
 from dataclasses import dataclass
@@ -101,6 +103,30 @@ def list_images(directory: Path, *, option: str) -> list[Path]:
     return files
 
 
+MAX_IMAGE_BYTES = 64 << 20  # an image file larger than this is refused before it is read
+MAX_IMAGE_PIXELS = 1 << 26  # and a decoded image larger than this (a decompression bomb) too
+
+
+def _decode_image(cv2, path: Path, channels: int, option: str) -> np.ndarray:
+    """Decode an image from bytes read by Python (OpenCV never sees the user's path, whatever its bytes)."""
+    try:
+        if path.stat().st_size > MAX_IMAGE_BYTES:
+            raise UsageError(f"{option}: {path}: image file larger than {MAX_IMAGE_BYTES >> 20} MB")
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as exc:
+        raise UsageError(f"{option}: {path}: cannot read image: {exc.strerror}") from None
+    os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_IMAGE_PIXELS))
+    try:
+        img = cv2.imdecode(data, cv2.IMREAD_COLOR if channels == 3 else cv2.IMREAD_GRAYSCALE)
+    except cv2.error:
+        img = None
+    except MemoryError:
+        raise UsageError(f"{option}: {path}: image too large to decode") from None
+    if img is None:
+        raise UsageError(f"{option}: {path}: cannot decode image (corrupt, unsupported or too large)")
+    return img
+
+
 def image_batch(paths: Sequence[Path], shape: tuple[int, ...], pre: Preprocessing, *, option: str) -> np.ndarray:
     """Read and preprocess images into an (N, C, H, W) float32 batch."""
     cv2 = cv2_module()
@@ -110,9 +136,7 @@ def image_batch(paths: Sequence[Path], shape: tuple[int, ...], pre: Preprocessin
     size = pre.size or (width, height)
     batch = []
     for p in paths:
-        img = cv2.imread(str(p), cv2.IMREAD_COLOR if channels == 3 else cv2.IMREAD_GRAYSCALE)
-        if img is None:
-            raise UsageError(f"{option}: {p}: cannot decode image")
+        img = _decode_image(cv2, Path(p), channels, option)
         if pre.resize:
             img = cv2.resize(img, pre.resize)
             y0 = (img.shape[0] - size[1]) // 2

@@ -145,7 +145,7 @@ def test_bad_prototxt(tmp_path, model, text, message):
     _text_case(tmp_path, model, text, message=message or None)
 
 
-def _blob_case(tmp_path, model, mutate, message, expect=(3,)):
+def _blob_case(tmp_path, model, mutate, message, expect=(3,), patch=lambda data: data):
     deploy, _ = model
     msg = pb.NetParameter()
     for name, blobs in good_weights().items():
@@ -154,7 +154,7 @@ def _blob_case(tmp_path, model, mutate, message, expect=(3,)):
             layer.blobs.append(io.array_to_blob(b))
     mutate(msg)
     bad = tmp_path / "bad.caffemodel"
-    bad.write_bytes(msg.SerializeToString())
+    bad.write_bytes(patch(msg.SerializeToString()))
     run_case(tmp_path, deploy, bad, expect=expect, message=message)
 
 
@@ -174,7 +174,23 @@ def test_negative_and_huge_dims(tmp_path, model):
     def huge(msg):
         del msg.layer[0].blobs[0].shape.dim[:]
         msg.layer[0].blobs[0].shape.dim.extend([2**40, 2**40, 3, 3])
-    _blob_case(tmp_path, model, huge, "needs")
+    _blob_case(tmp_path, model, huge, "impossible dimension")
+
+    def empty_but_huge(msg):  # zero values, but numpy cannot even describe the shape
+        del msg.layer[0].blobs[1].shape.dim[:]
+        del msg.layer[0].blobs[1].data[:]
+        msg.layer[0].blobs[1].shape.dim.extend([0, 2**63 - 1])
+    _blob_case(tmp_path, model, empty_but_huge, "impossible dimension")
+
+    def raw_float(msg):
+        blob = msg.layer[0].blobs[1]
+        values = io.blob_to_array(blob)
+        del blob.data[:]
+        blob.raw_data = values.astype("<f4").tobytes()
+        blob.raw_data_type = pb.FLOAT
+    # raw_data_type 7, a type neither OpenCV nor Caffe knows (protobuf refuses to set it: patch the bytes)
+    _blob_case(tmp_path, model, raw_float, "raw_data without a known raw_data_type",
+               patch=lambda data: data.replace(b"\x50\x01", b"\x50\x07"))
 
     def too_many_axes(msg):
         msg.layer[0].blobs[1].shape.dim.extend([1] * 40)
@@ -222,7 +238,7 @@ def test_output_never_replaces_an_input(tmp_path, model):
     proc = subprocess.run([sys.executable, "-m", "caffe_compress", str(deploy), str(weights), "-o",
                            str(tmp_path / "elsewhere"), "--json", str(deploy)], capture_output=True, text=True,
                           timeout=TIME_LIMIT)
-    assert proc.returncode == 2 and "input file" in proc.stderr
+    assert proc.returncode == 5 and "is an input" in proc.stderr
     assert not (tmp_path / "elsewhere.caffemodel").exists()
     proc = subprocess.run([sys.executable, "-m", "caffe_compress", str(deploy), str(weights), "-o",
                            str(tmp_path / "victim")], capture_output=True, text=True, timeout=TIME_LIMIT)
@@ -239,10 +255,14 @@ def test_output_never_replaces_an_input(tmp_path, model):
     (["--rank", "conv1=0"], "--rank"), (["--rank", "conv1=100000"], "out of range"),
     (["--rank", "ghost=3"], "no layer named 'ghost'"), (["--keep", "ghost"], "no layer named 'ghost'"),
     (["--rank", "relu1=2"], "cannot be decomposed"), (["--probes", "0"], "--probes"),
-    (["--probes", "many"], "invalid int"), (["--json", "/nonexistent-dir/r.json"], "does not exist"),
+    (["--probes", "many"], "invalid int"),
 ])
 def test_bad_options(tmp_path, model, args, message):
     run_case(tmp_path, *model, *args, expect=(2,), message=message)
+
+
+def test_json_in_a_missing_directory_is_refused_before_any_work(tmp_path, model):
+    run_case(tmp_path, *model, "--json", "/nonexistent-dir/r.json", expect=(5,), message="does not exist")
 
 
 def test_channel_mismatch_between_weights_and_input(tmp_path, model):

@@ -17,6 +17,10 @@ from ..errors import ModelError, UsageError, ValidationError
 from ..net import Net
 from . import probe
 
+class NoResponseError(ValidationError):
+    """The original's outputs do not vary over probes in any convention (the pipeline looks for why)."""
+
+
 VALIDATION_PROBES = 128  # class decisions need many inputs for a 98% agreement to mean anything
 VALIDATION_PROBES_DENSE = 32  # fully convolutional (image-to-image) nets: dense outputs, costly passes
 VALIDATION_ELEMENTS = 1 << 24  # values per input over all validation samples (64 MB of float32)
@@ -117,7 +121,7 @@ def _natural_inputs(net: Net, shapes, count: int, seed: int, pre: validate.Prepr
                     chosen = candidate
                     break
             else:
-                raise ValidationError(
+                raise NoResponseError(
                     f"input '{name}': the model's outputs do not vary over natural-image probes in any common "
                     "input convention; pass --calibration DIR or --images DIR (with --mean/--scale)")
         inputs[name] = probe.natural_probes(shape, n, chosen.convention, seed=seed + 17 * i)
