@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench gendernet zoo compat fetch proto clean
+.PHONY: demo test test-slow test-all bench gendernet zoo compat fetch proto clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,15 @@ demo: $(STAMP)
 	$(PY) -m caffe_compress fetch gendernet
 	$(PY) tools/demo.py
 
+# Two workers (the machine has 2 cores); the long GenderNet-sized end-to-end cases are marked slow.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 -m "not slow" tests
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -n 2 -m slow tests
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -n 2 tests
 
 bench: $(STAMP)
 	$(PY) tools/bench.py --json bench.json

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 DEFAULT_TRADEOFF = 0.95
 DEFAULT_PROBES = 8
 OBJECTIVES = ("balanced", "speed", "size")
+WALK_FIRST = 3  # budget rungs walked down one by one before the search jumps to the lowest and bisects
 MAX_SPEED_ROUNDS = 3  # factorizations dropped one at a time while the whole model is slower
 POLISH_CP_ITERATIONS = 30  # extra sweeps for the rank the planner picks
 FORCED_CP_ITERATIONS = 1000  # a rank given with --rank: run to convergence
@@ -649,7 +650,7 @@ class _ClosedLoop:
 
     Every T walks the same fixed ladder (search.budget_ladder), so a larger T starts higher and stops no
     lower; plans already judged are not written again, and at most MAX_ROUNDS distinct plans are (see
-    search(): a miss costs about log2 of the ladder's length in rounds, and two when nothing passes).
+    search(): at most WALK_FIRST + 1 + log2 of the ladder's length rounds, WALK_FIRST + 1 when nothing passes).
     """
 
     run: "_Run"
@@ -694,14 +695,16 @@ class _ClosedLoop:
             raise
 
     def search(self, ladder: Sequence[float]) -> None:
-        """The largest rung whose plan passes: T's own rung, else the lowest (if even that most cautious plan
-        misses, or factors nothing, stop: nothing can be gained), else bisect between them -- a plan that
-        passes at a budget passes at every smaller one, so this finds the rung a walk down would."""
-        first = self.attempt(ladder[0])
-        if first is not False or len(ladder) == 1 or self.run.ranks:
-            return
-        failing, passing = 0, len(ladder) - 1
-        if self.attempt(ladder[passing]) is not True:
+        """The largest rung whose plan passes: walk down WALK_FIRST rungs from T's own (the answer is
+        usually near the top), then try the lowest (if even that most cautious plan misses, or factors
+        nothing, stop: nothing can be gained), then bisect between -- assuming a plan that passes at a
+        budget passes at every smaller one, this finds the rung a walk down would."""
+        for i in range(min(WALK_FIRST, len(ladder))):
+            result = self.attempt(ladder[i])
+            if result is not False or self.run.ranks:
+                return
+        failing, passing = WALK_FIRST - 1, len(ladder) - 1
+        if passing <= failing or self.attempt(ladder[passing]) is not True:
             return
         while passing - failing > 1 and self.state.rounds < search.MAX_ROUNDS:
             middle = (failing + passing) // 2

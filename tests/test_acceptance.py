@@ -24,6 +24,7 @@ def run_cli(*args):
                           text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_gendernet_forced_ranks(tmp_path, gendernet):
     result = run_cli(gendernet.deploy, gendernet.weights, "--rank", "fc6=16", "--rank", "conv2=64",
                      "-o", tmp_path / "g", "--json", tmp_path / "g.json")
@@ -48,6 +49,7 @@ def test_gendernet_forced_ranks(tmp_path, gendernet):
     assert out.shape == (1, 2) and abs(float(out.sum()) - 1.0) < 1e-4
 
 
+@pytest.mark.slow
 def test_agenet_round_trip(tmp_path, gendernet):
     from caffe_compress import zoo
 
@@ -180,6 +182,7 @@ def test_cp_matches_tensorly_quality():
     assert np.linalg.norm(cp_reconstruct(ours) - kernel) / np.linalg.norm(kernel) <= theirs * 1.05
 
 
+@pytest.mark.slow
 def test_fp16_storage(tmp_path):
     import cv2
 

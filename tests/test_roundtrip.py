@@ -93,6 +93,7 @@ def test_lossless_round_trip(tmp_path, text, v1):
     assert "parameters" in result.stdout and "caffemodel" in result.stdout
 
 
+@pytest.mark.slow
 def test_gendernet_round_trip(tmp_path, gendernet):
     result = run_cli(gendernet.deploy, gendernet.weights, "--tradeoff", "0", "-o", tmp_path / "g")
     assert result.returncode == 0, result.stderr

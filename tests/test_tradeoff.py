@@ -57,6 +57,7 @@ def _sizes(deploy, model, tmp_path, extra=()):
     return sizes
 
 
+@pytest.mark.slow
 def test_file_size_is_monotone_in_tradeoff(tmp_path):
     deploy, model = small_model(tmp_path)
     sizes = _sizes(deploy, model, tmp_path)
@@ -65,6 +66,7 @@ def test_file_size_is_monotone_in_tradeoff(tmp_path):
     assert sizes[-1] < sizes[0] / 2  # T = 1 is really smaller
 
 
+@pytest.mark.slow
 def test_gendernet_size_is_monotone(tmp_path, gendernet):
     sizes = _sizes(gendernet.deploy, gendernet.weights, tmp_path, extra=("--no-validate",))
     assert all(a >= b for a, b in zip(sizes, sizes[1:])), sizes
