@@ -566,7 +566,7 @@ class _Run:
             self._original_ms = timing.median_ms(self._load_for_timing, net, feed)
             self._original_default_ms = timing.median_ms(self._load_for_timing, net, feed,
                                                          threads=timing.default_threads(),
-                                                         budget_s=timing.NET_BUDGET_S / 4)
+                                                         budget_s=timing.NET_BUDGET_S / 2)
 
     def latency(self, net: Net, new_net: Net, inputs: plan_inputs.Inputs, *, threads: int = 1) -> timing.Latency:
         """Latency of the original (timed once per run) and the rewritten net on one input of the declared shape."""
@@ -576,7 +576,7 @@ class _Run:
             self.time_original(net, inputs)
         if threads != 1:
             return timing.Latency(self._original_default_ms, timing.median_ms(
-                self._load_for_timing, new_net, feed, threads=threads, budget_s=timing.NET_BUDGET_S / 4))
+                self._load_for_timing, new_net, feed, threads=threads, budget_s=timing.NET_BUDGET_S / 2))
         return timing.Latency(self._original_ms, timing.median_ms(self._load_for_timing, new_net, feed))
 
     def write_and_verify(self, net, new_net, prefix, store_fp16, specs, reference, inputs):
@@ -696,25 +696,23 @@ class _ClosedLoop:
 
     def search(self, ladder: Sequence[float]) -> None:
         """The largest rung whose plan passes: walk down WALK_FIRST rungs from T's own (the answer is
-        usually near the top), then try the lowest (if even that most cautious plan misses, or factors
-        nothing, stop: nothing can be gained), then bisect between -- assuming a plan that passes at a
-        budget passes at every smaller one, this finds the rung a walk down would."""
+        usually near the top), then try the lowest (if even that most cautious plan misses, stop: nothing
+        can be gained), then bisect between -- assuming a plan that passes at a budget passes at every
+        smaller one, this finds the rung a walk down would."""
         for i in range(min(WALK_FIRST, len(ladder))):
             result = self.attempt(ladder[i])
             if result is not False or self.run.ranks:
                 return
         failing, passing = WALK_FIRST - 1, len(ladder) - 1
-        if passing <= failing or self.attempt(ladder[passing]) is not True:
-            return
+        if passing <= failing or self.attempt(ladder[passing]) is False:
+            return  # (None, nothing factored at the lowest budget, says nothing of the rungs above: bisect)
         while passing - failing > 1 and self.state.rounds < search.MAX_ROUNDS:
             middle = (failing + passing) // 2
             result = self.attempt(ladder[middle])
-            if result is None:
-                return
-            if result:
-                passing = middle
-            else:
+            if result is False:
                 failing = middle
+            else:  # passed, or nothing factored (then nothing is below either): look above
+                passing = middle
 
     def attempt(self, budget: float) -> bool | None:
         """True: the plan passed (and is kept staged); False: missed; None: nothing to factor."""
