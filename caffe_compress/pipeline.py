@@ -103,25 +103,23 @@ def _check_layer_options(net: Net, ranks: Mapping[str, int], keep: Sequence[str]
     for name in keep:
         if name not in names:
             raise UsageError(f"--keep: no layer named '{name}' in the model")
-    for name, form in forms.items():
+    def named(option: str, name: str, value) -> tuple[Layer, str, str]:
         if name not in names:
-            raise UsageError(f"--form: no layer named '{name}' in the model")
+            raise UsageError(f"{option}: no layer named '{name}' in the model")
         if name in keep:
-            raise UsageError(f"--form {name}={form}: the layer is also given to --keep")
+            raise UsageError(f"{option} {name}={value}: the layer is also given to --keep")
         layer = net.layer(name)
-        method, reason = planner.describe_layer(layer, keep=False)
+        return (layer, *planner.describe_layer(layer, keep=False))
+
+    for name, form in forms.items():
+        layer, method, reason = named("--form", name, form)
         allowed = planner.layer_forms(layer, method) if method != planner.METHOD_KEEP else ()
         if form not in allowed:
             raise UsageError(f"--form {name}={form}: a {layer.type} layer with weight shape "
                              f"{'x'.join(map(str, layer.blobs[0].shape)) if layer.blobs else '-'} takes "
                              + (", ".join(allowed) if allowed else f"no form ({reason or 'not decomposable'})"))
     for name, rank in ranks.items():
-        if name not in names:
-            raise UsageError(f"--rank: no layer named '{name}' in the model")
-        if name in keep:
-            raise UsageError(f"--rank {name}={rank}: the layer is also given to --keep")
-        layer = net.layer(name)
-        method, reason = planner.describe_layer(layer, keep=False)
+        layer, method, reason = named("--rank", name, rank)
         if method == planner.METHOD_KEEP:
             raise UsageError(f"--rank {name}={rank}: a {layer.type} layer cannot be decomposed"
                              + (f" ({reason})" if reason else ""))

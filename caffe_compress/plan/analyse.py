@@ -408,23 +408,22 @@ def _grid_below_break_even(method: str, shape, groups: int, bias: int, low: int,
     return tuple(r for r in grid if _params_at(method, shape, groups, r * groups, bias) < before)
 
 
+def _errors_at(group_ranks: Sequence[int], forced: int | None, g: int, data: ConvData, approximate) -> dict:
+    """{total rank: (output error, weight error)} for per-group ranks (or the forced total rank);
+    ``approximate(total rank)`` gives the per-group approximate kernels."""
+    if forced is not None:
+        group_ranks = (forced // g,)
+    return {rg * g: data.errors(approximate(rg * g)) for rg in group_ranks}
+
+
 def _pointwise_errors(layer, data: ConvData, ws: Workspace, low: int, bias: int, forced: int | None):
     t, sg = layer.blobs[0].shape[:2]
     g = len(data.kernels)
-    bases = [spectral_basis(k.reshape(k.shape[0], -1)) for k in data.kernels]
-    ws.bases[layer.name] = bases
+    ws.bases[layer.name] = [spectral_basis(k.reshape(k.shape[0], -1)) for k in data.kernels]
     group_ranks = _grid_below_break_even(METHOD_POINTWISE, layer.blobs[0].shape, g, bias, low, min(t // g, sg),
                                          fine=True)
-    if forced is not None:
-        group_ranks = (forced // g,)
-    errs = {}
-    for rg in group_ranks:
-        approx = []
-        for basis, k in zip(bases, data.kernels):
-            f = basis.factors(rg)
-            approx.append((f.second @ f.first).reshape(k.shape))
-        errs[rg * g] = data.errors(approx)
-    return errs
+    return _errors_at(group_ranks, forced, g, data, lambda r: [
+        (f.second @ f.first).reshape(k.shape) for f, k in zip(ws.linear_factors(layer.name, r), data.kernels)])
 
 
 def _cp_errors(layer, data: ConvData, ws: Workspace, low: int, bias: int, forced: int | None, *,
@@ -456,13 +455,8 @@ def _tucker_errors(layer, data: ConvData, ws: Workspace, low: int, bias: int, fo
     g = len(data.kernels)
     group_ranks = _grid_below_break_even(METHOD_TUCKER, layer.blobs[0].shape, g, bias, low, max(t // g, sg),
                                          fine=False)
-    if forced is not None:
-        group_ranks = (forced // g,)
-    errs = {}
-    for rg in group_ranks:
-        facs = ws.tucker_factors(layer.name, data.kernels, rg * g)
-        errs[rg * g] = data.errors([tucker_reconstruct(f) for f in facs])
-    return errs
+    return _errors_at(group_ranks, forced, g, data, lambda r: [
+        tucker_reconstruct(f) for f in ws.tucker_factors(layer.name, data.kernels, r)])
 
 
 def _spatial_errors(layer, data: ConvData, ws: Workspace, low: int, bias: int, forced: int | None):
@@ -471,13 +465,8 @@ def _spatial_errors(layer, data: ConvData, ws: Workspace, low: int, bias: int, f
     ws.spatial[layer.name] = [spatial_basis(k) for k in data.kernels]
     group_ranks = _grid_below_break_even(METHOD_SPATIAL, layer.blobs[0].shape, g, bias, low,
                                          min(sg * kh, t // g * kw), fine=True)
-    if forced is not None:
-        group_ranks = (forced // g,)
-    errs = {}
-    for rg in group_ranks:
-        facs = ws.spatial_factors(layer.name, layer.blobs[0].shape, rg * g)
-        errs[rg * g] = data.errors([spatial_reconstruct(f) for f in facs])
-    return errs
+    return _errors_at(group_ranks, forced, g, data, lambda r: [
+        spatial_reconstruct(f) for f in ws.spatial_factors(layer.name, layer.blobs[0].shape, r)])
 
 
 def analyse_convolution(
