@@ -32,8 +32,10 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(PY) tools/bench.py --json bench.json
 
+FACES ?= ../shared/data/utkface-dev
 gendernet: $(STAMP)
-	$(PY) -m gendernet.reproduce --faces $(or $(FACES),../shared/data/utkface-dev) --rank fc6=8 --fp16 0.95 --calibrated 0.95,0.99
+	@test -d "$(FACES)" || { echo "make gendernet: no face directory at $(FACES); point FACES= at a folder of labelled faces: UTKFace crops named <age>_<gender>_<race>_<date>.jpg (gender 0 = male), Adience fold_*_data.txt with its faces, or male/ and female/ subfolders, e.g. make gendernet FACES=/data/utkface" >&2; exit 2; }
+	$(PY) -m gendernet.reproduce --faces $(FACES) --rank fc6=8 --fp16 0.95 --calibrated 0.95,0.99
 
 zoo: $(STAMP)
 	$(PY) tools/zoo_eval.py
