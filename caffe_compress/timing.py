@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
@@ -37,6 +38,20 @@ class Latency:
         return self.original_ms / self.compressed_ms if self.compressed_ms > 0 else float("inf")
 
 
+@contextmanager
+def _threads(count: int):
+    """OpenCV with ``count`` threads for the block, the previous setting restored after."""
+    from .validate import cv2_module
+
+    cv2 = cv2_module()
+    previous = cv2.getNumThreads()
+    cv2.setNumThreads(int(count))
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(previous)
+
+
 def _forward_once(cv_net, inputs: Mapping[str, np.ndarray]) -> float:
     start = time.perf_counter()
     for name, value in inputs.items():
@@ -48,12 +63,7 @@ def _forward_once(cv_net, inputs: Mapping[str, np.ndarray]) -> float:
 def median_ms(load: Callable[[Net], object], net: Net, inputs: Mapping[str, np.ndarray], *,
               budget_s: float = NET_BUDGET_S / 2, threads: int = 1) -> float:
     """Median latency (ms) of one net, loaded alone (one OpenCV network alive: peak memory)."""
-    from .validate import cv2_module
-
-    cv2 = cv2_module()
-    previous = cv2.getNumThreads()
-    cv2.setNumThreads(int(threads))
-    try:
+    with _threads(threads):
         cv_net = load(net)
         feed = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in inputs.items()}
         _forward_once(cv_net, feed)  # warm-up (allocation, fusion)
@@ -61,20 +71,13 @@ def median_ms(load: Callable[[Net], object], net: Net, inputs: Mapping[str, np.n
         runs = int(np.clip(budget_s / max(times[0], 1e-6), MIN_RUNS, MAX_RUNS))
         times += [_forward_once(cv_net, feed) for _ in range(runs - 1)]
         del cv_net
-    finally:
-        cv2.setNumThreads(previous)
     return 1000.0 * float(np.median(times))
 
 
 def compare(load: Callable[[Net], object], original: Net, compressed: Net, inputs: Mapping[str, np.ndarray], *,
             budget_s: float = NET_BUDGET_S, threads: int = 1) -> Latency:
     """Median latency (ms) of two nets on ``inputs``, alternating runs after a warm-up."""
-    from .validate import cv2_module
-
-    cv2 = cv2_module()
-    previous = cv2.getNumThreads()
-    cv2.setNumThreads(int(threads))
-    try:
+    with _threads(threads):
         nets = [load(original), load(compressed)]
         feed = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in inputs.items()}
         first = [_forward_once(n, feed) for n in nets]  # warm-up (allocation, fusion)
@@ -84,8 +87,6 @@ def compare(load: Callable[[Net], object], original: Net, compressed: Net, input
         for _ in range(runs - 1):
             for i, n in enumerate(nets):
                 times[i].append(_forward_once(n, feed))
-    finally:
-        cv2.setNumThreads(previous)
     return Latency(1000.0 * float(np.median(times[0])), 1000.0 * float(np.median(times[1])))
 
 
@@ -99,12 +100,7 @@ def default_threads() -> int:
 def min_ms(load: Callable[[Net], object], net: Net, inputs: Mapping[str, np.ndarray], *,
            budget_s: float = MICRO_BUDGET_S) -> float:
     """Fastest of a few runs (ms), one thread: a planning micro-benchmark (noise only ever adds time)."""
-    from .validate import cv2_module
-
-    cv2 = cv2_module()
-    previous = cv2.getNumThreads()
-    cv2.setNumThreads(1)
-    try:
+    with _threads(1):
         cv_net = load(net)
         feed = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in inputs.items()}
         _forward_once(cv_net, feed)  # warm-up
@@ -112,8 +108,6 @@ def min_ms(load: Callable[[Net], object], net: Net, inputs: Mapping[str, np.ndar
         runs = int(np.clip(budget_s / max(times[0], 1e-6), MIN_RUNS, 20))
         times += [_forward_once(cv_net, feed) for _ in range(runs - 1)]
         del cv_net
-    finally:
-        cv2.setNumThreads(previous)
     return 1000.0 * min(times)
 
 

@@ -1,17 +1,15 @@
 """Tucker-2 and spatial SVD: exact at their true ranks, in numpy and in OpenCV across the geometries."""
-from collections import Counter
 
 import numpy as np
 import pytest
 
-from caffe_compress import io
 from caffe_compress.decompose import (
     spatial_reconstruct, spatial_svd_conv, tucker2_conv, tucker_ranks, tucker_reconstruct,
 )
 from caffe_compress.errors import UsageError
 from caffe_compress.pipeline import compress
 from nets import max_relative_difference, opencv_outputs, write_model
-from test_geometry import CASES, S, T, _net_text
+from test_geometry import CASES, S, T, _net_text, assert_rewrite_matches
 
 
 def tucker_kernel(t, s, kh, kw, rank, seed=0):
@@ -78,13 +76,7 @@ def test_form_exact_rank_in_opencv(tmp_path, case, form):
     deploy, model = write_model(tmp_path, "geo", _net_text(param, False), {"conv": blobs})
     report = compress(deploy, model, tradeoff=0.0, ranks={"conv": rank}, forms={"conv": form},
                       output=tmp_path / "out")
-    x = {"data": rng.standard_normal((2, S, 19, 17)).astype(np.float32)}
-    a = opencv_outputs(deploy, model, x)[0]
-    b = opencv_outputs(tmp_path / "out.prototxt", tmp_path / "out.caffemodel", x)[0]
-    assert a.shape == b.shape
-    assert max_relative_difference(a, b) <= 1e-4
-    types = Counter(l.type for l in io.load(tmp_path / "out.prototxt", tmp_path / "out.caffemodel").layers)
-    assert types["Convolution"] == conv_layers
+    assert_rewrite_matches(tmp_path, deploy, model, rng, conv_layers=conv_layers)
     conv = next(lp for lp in report.layers if lp.layer == "conv")
     assert conv.method == form and conv.rank == rank and conv.params_after < conv.params_before
 

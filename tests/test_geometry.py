@@ -51,6 +51,17 @@ def _run(*args):
                           capture_output=True, text=True, timeout=300)
 
 
+def assert_rewrite_matches(tmp_path, deploy, model, rng, *, conv_layers: int) -> None:
+    """out.prototxt/out.caffemodel give the original's outputs in OpenCV, with ``conv_layers`` convolutions."""
+    x = {"data": rng.standard_normal((2, S, 19, 17)).astype(np.float32)}
+    a = opencv_outputs(deploy, model, x)[0]
+    b = opencv_outputs(tmp_path / "out.prototxt", tmp_path / "out.caffemodel", x)[0]
+    assert a.shape == b.shape
+    assert max_relative_difference(a, b) <= 1e-4
+    types = Counter(l.type for l in io.load(tmp_path / "out.prototxt", tmp_path / "out.caffemodel").layers)
+    assert types["Convolution"] == conv_layers
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_conv_geometry_exact_rank(tmp_path, case):
     (kh, kw), param, group, rank = CASES[case]
@@ -62,14 +73,7 @@ def test_conv_geometry_exact_rank(tmp_path, case):
     out = tmp_path / "out"
     result = _run(deploy, model, "--rank", f"conv={rank}", "-o", out, "--json", tmp_path / "r.json")
     assert result.returncode == 0, result.stderr
-    x = {"data": rng.standard_normal((2, S, 19, 17)).astype(np.float32)}
-    a = opencv_outputs(deploy, model, x)[0]
-    b = opencv_outputs(tmp_path / "out.prototxt", tmp_path / "out.caffemodel", x)[0]
-    assert a.shape == b.shape
-    assert max_relative_difference(a, b) <= 1e-4
-    types = Counter(l.type for l in io.load(tmp_path / "out.prototxt", tmp_path / "out.caffemodel").layers)
-    expected = 2 if (kh, kw) == (1, 1) else 4
-    assert types["Convolution"] == expected
+    assert_rewrite_matches(tmp_path, deploy, model, rng, conv_layers=2 if (kh, kw) == (1, 1) else 4)
     report = json.loads((tmp_path / "r.json").read_text())
     conv = next(l for l in report["layers"] if l["name"] == "conv")
     assert conv["rank"] == rank and conv["params_after"] < conv["params_before"]
