@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objective", choices=["balanced", "speed", "size"], default="balanced",
                    help="balanced (default): never slower than the original in OpenCV on this machine; "
                         "speed: factored layers must be 1.1x faster; size: no speed checks")
+    p.add_argument("--format", choices=["caffe", "onnx", "both"], default="caffe",
+                   help="caffe (default): PREFIX.prototxt + PREFIX.caffemodel; onnx: PREFIX.onnx for OpenCV 5 / "
+                        "onnxruntime (needs caffe-compress[onnx]); both")
     p.add_argument("--force", action="store_true", help="write the model even when nothing was compressed")
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
@@ -217,7 +220,7 @@ def _run_compress(argv: Sequence[str]) -> int:
         preprocessing=pre, probes=args.probes if args.probes is not None else DEFAULT_PROBES,
         seed=args.seed, fp16=args.fp16, outputs=kinds, min_fidelity=min_fidelity, force=args.force,
         objective=args.objective,
-        progress=progress, report_path=args.json,
+        progress=progress, report_path=args.json, format=args.format,
     )
     from .report import format_table
 

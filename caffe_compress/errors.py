@@ -12,6 +12,7 @@ EXIT_UNREADABLE = 4
 EXIT_CANNOT_WRITE = 5
 EXIT_VALIDATION = 6
 EXIT_FETCH = 7
+EXIT_EXPORT = 8
 EXIT_INTERNAL = 70
 
 
@@ -57,6 +58,13 @@ class ValidationError(CaffeCompressError):
     """The written model failed OpenCV validation."""
 
     exit_code = EXIT_VALIDATION
+
+
+class ExportError(CaffeCompressError):
+    """The ONNX export failed (a layer with no ONNX equivalent, or the ONNX model misses the contract);
+    the Caffe model is still written."""
+
+    exit_code = EXIT_EXPORT
 
 
 class FetchError(CaffeCompressError):

@@ -23,7 +23,7 @@ from google.protobuf.message import DecodeError
 
 from ._proto import caffe_pb2 as pb
 from .errors import ModelError, UnreadableInputError, WriteError
-from .net import OPTIONALLY_WEIGHTED_TYPES, WEIGHTED_TYPES, Layer, Net
+from .net import OPTIONALLY_WEIGHTED_TYPES, WEIGHTED_TYPES, Layer, Net, fp16_storable
 
 log = logging.getLogger(__name__)
 
@@ -610,16 +610,8 @@ def prototxt_bytes(net: Net) -> bytes:
     return text_format.MessageToString(msg).encode("utf-8")
 
 
-FP16_MAX = 65504.0
-# Like OpenCV's shrinkCaffeModel: only convolution and inner-product blobs go to fp16;
-# normalisation statistics and the like stay float32.
-FP16_LAYER_TYPES = frozenset({"Convolution", "Deconvolution", "InnerProduct"})
-
-
 def _stored_as_fp16(layer: Layer, array: np.ndarray, fp16: bool) -> bool:
-    """fp16 for conv/IP blobs whose values all fit (larger magnitudes stay float32)."""
-    return (fp16 and layer.type in FP16_LAYER_TYPES and array.size > 0
-            and float(np.max(np.abs(array))) <= FP16_MAX)
+    return fp16 and fp16_storable(layer.type, array)
 
 
 def caffemodel_chunks(net: Net, *, fp16: bool = False) -> Iterator[bytes | memoryview]:
@@ -695,14 +687,21 @@ class StagedModel:
             raise WriteError(f"{target}: cannot write: {exc.strerror}") from None
         self.extras.append((temp, target))
 
-    def commit(self) -> list[str]:
-        """Rename the temp files into place; returns what was swept or repaired first (one line each)."""
+    def commit(self, *, pair: bool = True) -> list[str]:
+        """Rename the temp files into place; returns what was swept or repaired first (one line each).
+
+        pair=False publishes only the extras (--format onnx): the pair's temps are removed.
+        """
         directory = self.prototxt.parent if str(self.prototxt.parent) else Path(".")
         with directory_lock(directory):
             notes = sweep_leftovers(self.prototxt, self.caffemodel, locked=True)
             try:
-                os.replace(self.temp_caffemodel, self.caffemodel)
-                os.replace(self.temp_prototxt, self.prototxt)
+                if pair:
+                    os.replace(self.temp_caffemodel, self.caffemodel)
+                    os.replace(self.temp_prototxt, self.prototxt)
+                else:
+                    self.temp_prototxt.unlink(missing_ok=True)
+                    self.temp_caffemodel.unlink(missing_ok=True)
                 for temp, target in self.extras:
                     os.replace(temp, target)
             except OSError as exc:

@@ -19,6 +19,17 @@ from .errors import ModelError
 WEIGHTED_TYPES = frozenset(
     {"Convolution", "Deconvolution", "InnerProduct", "BatchNorm", "PReLU", "Embed", "Normalize"}
 )
+FP16_MAX = 65504.0
+# Like OpenCV's shrinkCaffeModel: only convolution and inner-product blobs go to fp16;
+# normalisation statistics and the like stay float32.
+FP16_LAYER_TYPES = frozenset({"Convolution", "Deconvolution", "InnerProduct"})
+
+
+def fp16_storable(layer_type: str, array: np.ndarray) -> bool:
+    """Whether a blob is stored as fp16 when fp16 storage is asked for (conv/IP blobs whose values fit)."""
+    return layer_type in FP16_LAYER_TYPES and array.size > 0 and float(np.max(np.abs(array))) <= FP16_MAX
+
+
 # Scale and Bias carry weights only when they have a single bottom.
 OPTIONALLY_WEIGHTED_TYPES = frozenset({"Scale", "Bias"})
 

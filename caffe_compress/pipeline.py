@@ -19,10 +19,10 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from . import io, rewrite, timing, validate
+from . import export, io, rewrite, timing, validate
 from .runner import OpenCVRunner, blob_sources, compared_blobs
 from .decompose import cp_conv, cp_reconstruct, spatial_reconstruct, tucker_reconstruct
-from .errors import ModelError, RankError, UsageError, ValidationError, WriteError
+from .errors import ExportError, MissingDependencyError, ModelError, RankError, UsageError, ValidationError, WriteError
 from .net import Layer, Net, conv_geometry
 from .plan import analyse as planner, contract, inputs as plan_inputs, search
 from .report import Report
@@ -245,6 +245,7 @@ class _LoopState:
 class _Verdict:
     checks: tuple[contract.Check, ...]
     agreements: tuple[validate.OutputAgreement, ...]
+    outputs: Mapping = field(default_factory=dict, compare=False)  # the judged model's compared outputs
 
     @property
     def passed(self) -> bool:
@@ -280,6 +281,7 @@ def compress(
     objective: str = "balanced",
     progress: ProgressFn | None = None,
     report_path: str | os.PathLike | None = None,
+    format: str = "caffe",
 ) -> Report:
     """Compress a Caffe model; write ``PREFIX.prototxt``/``PREFIX.caffemodel``; return a Report.
 
@@ -301,6 +303,9 @@ def compress(
         OpenCV on this machine), "speed" (a factored layer must be 1.1x faster) or "size" (no speed checks).
     progress : callable receiving one-line progress messages.
     report_path : also write the report as JSON there, published with the pair (checked before any work).
+    format : "caffe" (default), "onnx" (PREFIX.onnx only) or "both"; the ONNX model (extra
+        caffe-compress[onnx]) is judged in onnxruntime by the same contract. An ONNX failure still publishes
+        the Caffe pair and raises ExportError.
     """
     with _scratch_directory() as scratch, np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # overflow in hostile weights: the checks say it once
@@ -309,7 +314,7 @@ def compress(
                    preprocessing=preprocessing or validate.Preprocessing(), probes=probes, seed=seed, fp16=fp16,
                    outputs=dict(outputs or {}), min_fidelity=min_fidelity, force=force, objective=objective,
                    say=progress or (lambda message: None), cv=OpenCVRunner(Path(scratch)),
-                   report_path=Path(report_path) if report_path is not None else None)
+                   report_path=Path(report_path) if report_path is not None else None, format=format)
         try:
             return run.execute(images=images, calibration=calibration)
         except MemoryError:
@@ -370,6 +375,9 @@ class _Run:
     report_path: Path | None = None
     guard: timing.SpeedGuard | None = None
     factorizer: _Factorizer | None = None
+    format: str = "caffe"
+    written_net: Net | None = None  # the net of the staged model that passed
+    written_outputs: Mapping | None = None  # its compared outputs in OpenCV
 
     def execute(self, *, images, calibration) -> Report:
         start = time.perf_counter()
@@ -381,8 +389,10 @@ class _Run:
             raise UsageError(f"--objective: '{self.objective}' is not one of {', '.join(OBJECTIVES)}")
         prefix = _output_prefix(self.output, self.weights)
         io.check_outputs(prefix, protect=(Path(self.deploy), Path(self.weights)))
+        onnx_file = self.check_format(prefix)
         if self.report_path is not None:
-            io.check_report_path(self.report_path, inputs=(self.deploy, self.weights), outputs=io.output_paths(prefix))
+            io.check_report_path(self.report_path, inputs=(self.deploy, self.weights),
+                                 outputs=(*io.output_paths(prefix), *([onnx_file] if onnx_file else [])))
         swept = io.sweep_leftovers(*io.output_paths(prefix)) + \
             (io.sweep_temps(self.report_path) if self.report_path is not None else [])
         for note in swept:
@@ -408,13 +418,63 @@ class _Run:
         candidates, skipped = self.plan(net, inputs, wants_plan, ws)
         release_memory()
         report, staged = _ClosedLoop(self, net, prefix, candidates, skipped, specs, reference, inputs).execute()
+        failure = None
+        if staged is not None and onnx_file is not None:
+            try:
+                report, failure = self.export(report, staged, onnx_file, specs, reference, inputs)
+            except BaseException:
+                staged.discard()
+                raise
         self.timer.timings["total"] = time.perf_counter() - start
         self.timer.timings["_peak_rss_mb"] = peak_rss_mb()
         report = replace(report, timings=self.timer.timings)
-        self.publish(report, staged)
+        pair = self.format != "onnx" or failure is not None
+        if not pair:
+            report = replace(report, output_prototxt="", output_caffemodel="")
+        self.publish(report, staged, pair=pair)
+        if failure is not None:
+            raise ExportError(f"ONNX export: {failure}; the Caffe model was written to {report.output_prototxt}")
         return report
 
-    def publish(self, report: Report, staged: io.StagedModel | None) -> None:
+    def check_format(self, prefix: Path) -> Path | None:
+        """The ONNX output path (checked before any work), or None for --format caffe."""
+        if self.format not in export.FORMATS:
+            raise UsageError(f"--format: '{self.format}' is not one of {', '.join(export.FORMATS)}")
+        if self.format == "caffe":
+            return None
+        from . import export_onnx
+
+        export_onnx.onnx_module()
+        if self.validate_output:
+            import importlib.util
+
+            if importlib.util.find_spec("onnxruntime") is None:
+                raise MissingDependencyError("--format onnx: cannot import onnxruntime (it validates the ONNX "
+                                             "model); install caffe-compress[onnx] or pass --no-validate") from None
+        path = export.onnx_path(prefix)
+        io.check_report_path(path, inputs=(self.deploy, self.weights), outputs=io.output_paths(prefix),
+                             option="--format onnx")
+        return path
+
+    def export(self, report: Report, staged: io.StagedModel, path: Path, specs, reference, inputs):
+        """(report, None) with the ONNX model staged beside the pair, or (report, why it failed)."""
+        self.say("exporting ONNX")
+        judge = (lambda values: self.judge(specs, reference, values, inputs)) if self.validate_output else None
+        try:
+            with self.timer.stage("export"):
+                exported = export.export_and_judge(
+                    self.net, self.written_net, self.cv, inputs.validation if self.validate_output else None,
+                    fp16=report.storage == "float16", judge=judge, caffe_outputs=self.written_outputs,
+                    enforce=not (self.ranks and self.tradeoff == 0))
+                staged.add(path, exported.data)
+        except (ExportError, ValidationError) as exc:
+            return report, str(exc)
+        verdict = exported.verdict
+        return replace(report, output_onnx=str(path), onnx_bytes=len(exported.data), onnx_parity=exported.parity,
+                       onnx_validation=verdict.agreements if verdict else (),
+                       onnx_contract=verdict.checks if verdict else ()), None
+
+    def publish(self, report: Report, staged: io.StagedModel | None, *, pair: bool = True) -> None:
         """Commit the staged pair and the JSON report together (or the report alone when nothing was written)."""
         data = report.json_text().encode() if self.report_path is not None else None
         if staged is None:
@@ -424,7 +484,7 @@ class _Run:
         try:
             if data is not None:
                 staged.add(self.report_path, data)
-            for note in staged.commit():
+            for note in staged.commit(pair=pair):
                 log.warning("%s", note)
         except BaseException:
             staged.discard()
@@ -591,17 +651,22 @@ class _Run:
                 values = self.cv.run(new_net, inputs.validation, sources, what=what,
                                      files=(staged.temp_prototxt, staged.temp_caffemodel))
                 compressed = {name: values[s] for name, s in zip(compared_blobs(net), sources)}
-                agreements = tuple(validate.compare_outputs(reference, compressed))
-                judged_at = DEFAULT_TRADEOFF if (self.ranks and self.tradeoff == 0) else self.tradeoff
-                margin = contract.SYNTHETIC_MARGIN if inputs.synthetic else 1.0
-                checks = tuple(contract.check_all(specs, reference, compressed, judged_at,
-                                                  min_fidelity=self.min_fidelity, margin=margin))
-            if not checks:
-                raise ValidationError(f"{self.deploy}: validation compared no output")
-            return _Verdict(checks, agreements), staged
+                verdict = replace(self.judge(specs, reference, compressed, inputs), outputs=compressed)
+            return verdict, staged
         except BaseException:
             staged.discard()
             raise
+
+    def judge(self, specs, reference, compressed: Mapping[str, np.ndarray], inputs) -> "_Verdict":
+        """The fidelity verdict of ``compressed`` outputs against the original's ``reference``."""
+        agreements = tuple(validate.compare_outputs(reference, compressed))
+        judged_at = DEFAULT_TRADEOFF if (self.ranks and self.tradeoff == 0) else self.tradeoff
+        margin = contract.SYNTHETIC_MARGIN if inputs.synthetic else 1.0
+        checks = tuple(contract.check_all(specs, reference, compressed, judged_at,
+                                          min_fidelity=self.min_fidelity, margin=margin))
+        if not checks:
+            raise ValidationError(f"{self.deploy}: validation compared no output")
+        return _Verdict(checks, agreements)
 
     def _nothing(self, net, plan, misses, inputs, rounds) -> Report:
         if plan is None:
@@ -678,6 +743,7 @@ class _ClosedLoop:
             if state.best is None:
                 return r._nothing(self.net, state.empty_plan, state.misses, self.inputs, state.rounds), None
             staged, new_net, plan, verdict = state.best
+            r.written_net, r.written_outputs = new_net, verdict.outputs
             report = r._report(self.net, new_net, plan, verdict, staged, self.inputs, self.store_fp16, state.rounds)
             if state.latency is not None:
                 threads = timing.default_threads()

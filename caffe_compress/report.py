@@ -39,10 +39,15 @@ class Report:
     rounds: int = 0  # closed-loop rounds (plans written and measured)
     note: str = ""  # why nothing was written, when nothing was
     latency_ms: dict = field(default_factory=dict)  # measured OpenCV latency, original/compressed, 1 thread
+    output_onnx: str = ""  # the ONNX file written (--format onnx|both)
+    onnx_bytes: int = 0
+    onnx_validation: tuple[OutputAgreement, ...] = ()  # the ONNX model in onnxruntime vs the original
+    onnx_contract: tuple[Check, ...] = ()
+    onnx_parity: float | None = None  # max |onnxruntime - OpenCV (Caffe)| / max |OpenCV|, over outputs
 
     @property
     def written(self) -> bool:
-        return bool(self.output_caffemodel)
+        return bool(self.output_caffemodel or self.output_onnx)
 
     @property
     def ratio(self) -> float:
@@ -105,6 +110,14 @@ class Report:
                     for c in self.contract
                 ],
             },
+            "onnx": {
+                "path": self.output_onnx,
+                "bytes": self.onnx_bytes,
+                "runtime": "onnxruntime" if self.onnx_contract else None,
+                "contract_passed": all(c.passed for c in self.onnx_contract) if self.onnx_contract else None,
+                "max_relative_difference_to_caffe": self.onnx_parity,
+                "outputs": [asdict(v) for v in self.onnx_validation],
+            } if self.output_onnx else None,
             "note": self.note,
             "latency_ms": self.latency_ms,
             "timings_s": {k: v for k, v in self.timings.items() if not k.startswith("_")},
@@ -204,8 +217,16 @@ def format_table(report: Report) -> str:
         lines.append(f"closed loop: {report.rounds} plans measured to find the largest budget that meets the contract")
     timing = ", ".join(f"{k} {v:.2f}s" for k, v in report.timings.items() if not k.startswith("_") and "/" not in k)
     lines.append(f"time: {timing}; peak memory {report.timings.get('_peak_rss_mb', 0):.0f} MB")
+    if report.onnx_parity is not None:
+        verdict = ("meets the contract" if all(c.passed for c in report.onnx_contract) else
+                   "contract not enforced (--rank at T = 0)")
+        lines.append(f"ONNX in onnxruntime: within {report.onnx_parity:.1e} of the Caffe model in OpenCV "
+                     f"(largest difference / largest value); against the original: {verdict}")
     if report.written:
-        lines.append(f"wrote {report.output_prototxt} and {report.output_caffemodel}")
+        files = [f for f in (report.output_prototxt, report.output_caffemodel) if f]
+        if report.output_onnx:
+            files.append(f"{report.output_onnx} ({_mb(report.onnx_bytes)})")
+        lines.append("wrote " + " and ".join(files))
     else:
         lines.append(f"{report.note}; nothing written")
     return "\n".join(lines)

@@ -81,9 +81,9 @@ def test_form_exact_rank_in_opencv(tmp_path, case, form):
     assert conv.method == form and conv.rank == rank and conv.params_after < conv.params_before
 
 
-def test_every_form_chained_in_one_network(tmp_path):
-    """Three k x k layers, one per form, strided/dilated/padded, factored together at their true ranks."""
-    rng = np.random.default_rng(12)
+def form_chain_model(tmp_path, rng):
+    """Three k x k layers of true rank 2, one per form (strided/dilated/padded/grouped): (deploy, model,
+    ranks, forms, input shape)."""
     specs = [("a", "cp", "kernel_size: 3 stride: 2 pad_h: 1 pad_w: 2"),
              ("b", "tucker2", "kernel_h: 5 kernel_w: 3 dilation: 2 pad: 3 group: 2"),
              ("c", "spatial-svd", "kernel_size: 3 stride_h: 1 stride_w: 2 pad: 1")]
@@ -104,7 +104,14 @@ def test_every_form_chained_in_one_network(tmp_path):
             + "\n".join(layers) + "\n")
     deploy, model = write_model(tmp_path, "chain", text, weights)
     ranks = {"a": 2, "b": 4, "c": 2}  # b: rank 2 per group, 2 groups
-    compress(deploy, model, tradeoff=0.0, ranks=ranks, forms={n: f for n, f, _ in specs}, output=tmp_path / "o")
+    return deploy, model, ranks, {n: f for n, f, _ in specs}, (1, S, 41, 37)
+
+
+def test_every_form_chained_in_one_network(tmp_path):
+    """Three k x k layers, one per form, strided/dilated/padded, factored together at their true ranks."""
+    rng = np.random.default_rng(12)
+    deploy, model, ranks, forms, _ = form_chain_model(tmp_path, rng)
+    compress(deploy, model, tradeoff=0.0, ranks=ranks, forms=forms, output=tmp_path / "o")
     x = {"data": rng.standard_normal((1, S, 41, 37)).astype(np.float32)}
     a = opencv_outputs(deploy, model, x)[0]
     b = opencv_outputs(tmp_path / "o.prototxt", tmp_path / "o.caffemodel", x)[0]
