@@ -450,7 +450,7 @@ class _Run:
 
             if importlib.util.find_spec("onnxruntime") is None:
                 raise MissingDependencyError("--format onnx: cannot import onnxruntime (it validates the ONNX "
-                                             "model); install caffe-compress[onnx] or pass --no-validate") from None
+                                             "model); install caffe-compress[onnx] or pass --no-validate")
         path = export.onnx_path(prefix)
         io.check_report_path(path, inputs=(self.deploy, self.weights), outputs=io.output_paths(prefix),
                              option="--format onnx")
