@@ -17,6 +17,8 @@ setup(
         "protobuf>=4.21,<8",
         # OpenCV 5 removed cv2.dnn.readNetFromCaffe: the whole tool depends on it.
         "opencv-python-headless>=4.5.5,<5",
+        # the CLI's progress display in a terminal
+        "rich>=13",
     ],
     extras_require={
         # TensorLy is only the tests' independent oracle for CP quality.

@@ -11,6 +11,7 @@ from typing import Sequence
 
 from . import __version__
 from .errors import EXIT_INTERNAL, EXIT_OK, CaffeCompressError, UsageError
+from .progress import Progress
 
 PROG = "caffe-compress"
 
@@ -85,11 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-validate", action="store_true", help="skip the OpenCV comparison")
     p.add_argument("--images", metavar="DIR", help="validate on images from DIR instead of random probes")
     p.add_argument("--calibration", metavar="DIR", help="choose ranks from activations of images in DIR")
-    p.add_argument("--mean", metavar="B,G,R", help="per-channel mean subtracted from images (default 0)")
-    p.add_argument("--scale", metavar="S", help="multiply images by S after the mean (default 1)")
-    p.add_argument("--size", metavar="WxH", help="network input size for images (default: the net's)")
-    p.add_argument("--resize", metavar="WxH", help="resize images to WxH, then centre-crop to --size")
-    p.add_argument("--swap-rb", action="store_true", help="swap red and blue (images are read as BGR)")
+    _label_options(p, required=False)
+    _preprocessing_options(p)
     p.add_argument("--probes", type=int, default=None, metavar="N", help="natural-image probe inputs for planning (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed for probes and CP (default 0)")
     storage = p.add_mutually_exclusive_group()
@@ -107,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["caffe", "onnx", "both"], default="caffe",
                    help="caffe (default): PREFIX.prototxt + PREFIX.caffemodel; onnx: PREFIX.onnx for OpenCV 5 / "
                         "onnxruntime (needs caffe-compress[onnx]); both")
+    p.add_argument("--plan-only", action="store_true",
+                   help="show (and with --json write) the plan -- layers, forms, ranks, size, predicted speed, "
+                        "fidelity -- without writing any model")
+    p.add_argument("--retime", action="store_true",
+                   help="measure every OpenCV timing again (default: reuse this machine's timing cache)")
     p.add_argument("--force", action="store_true", help="write the model even when nothing was compressed")
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
@@ -114,6 +117,71 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     return p
+
+
+def _preprocessing_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mean", metavar="B,G,R", help="per-channel mean subtracted from images (default 0)")
+    p.add_argument("--scale", metavar="S", help="multiply images by S after the mean (default 1)")
+    p.add_argument("--size", metavar="WxH", help="network input size for images (default: the net's)")
+    p.add_argument("--resize", metavar="WxH", help="resize images to WxH, then centre-crop to --size")
+    p.add_argument("--swap-rb", action="store_true", help="swap red and blue (images are read as BGR)")
+
+
+def _label_options(p: argparse.ArgumentParser, *, required: bool) -> None:
+    p.add_argument("--labels", metavar="SPEC", required=required,
+                   help="labels of the --images: folder (a sub-folder per class), csv:FILE (rows image,label) or "
+                        "regex:PATTERN (the label is the pattern's first group in each file name)"
+                        + ("" if required else "; the report then gives both models' top-1 accuracy"))
+    p.add_argument("--classes", metavar="A,B,...", help="class names in the network's output order (for named "
+                                                        "labels; default: labels are output indices)")
+
+
+def _preprocessing(args):
+    from .validate import Preprocessing
+
+    return Preprocessing(
+        size=_size(args.size, "--size") if args.size else None,
+        resize=_size(args.resize, "--resize") if args.resize else None,
+        mean=_floats(args.mean, "--mean") if args.mean else (0.0, 0.0, 0.0),
+        scale=_floats(args.scale, "--scale")[0] if args.scale else 1.0,
+        swap_rb=args.swap_rb,
+    )
+
+
+def build_evaluate_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=f"{PROG} evaluate", description="Top-1 accuracy of a Caffe classifier (in OpenCV 4.x) on "
+                                                      "labelled images.")
+    p.add_argument("deploy", help="deploy prototxt")
+    p.add_argument("weights", help="caffemodel")
+    p.add_argument("--images", metavar="DIR", required=True, help="the images (searched recursively)")
+    _label_options(p, required=True)
+    _preprocessing_options(p)
+    p.add_argument("--output", metavar="BLOB", help="the output to score (default: the net's only output)")
+    p.add_argument("--json", metavar="FILE", help="also write the result as JSON")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--debug", action="store_true")
+    return p
+
+
+def _run_evaluate(argv: Sequence[str]) -> int:
+    import json
+
+    from . import evaluate, io
+
+    args = build_evaluate_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
+    labelled = evaluate.read_labels(Path(args.images), args.labels, classes=classes)
+    if args.json:
+        io.check_report_path(args.json, inputs=(args.deploy, args.weights), outputs=())
+    result = evaluate.accuracy_of_files(Path(args.deploy), Path(args.weights), labelled, _preprocessing(args),
+                                        output=args.output)
+    print(result.line(f"{args.weights}: "))
+    if args.json:
+        data = {"deploy": args.deploy, "weights": args.weights, "images": args.images, "labels": args.labels,
+                "output": result.output, "count": result.images, "top1_accuracy": result.top1}
+        io.write_atomically(Path(args.json), (json.dumps(data, indent=2) + "\n").encode())
+    return EXIT_OK
 
 
 def build_fetch_parser() -> argparse.ArgumentParser:
@@ -165,15 +233,132 @@ def _run_fetch(argv: Sequence[str]) -> int:
     return EXIT_OK
 
 
+class _CurrentStderr:
+    """Whatever sys.stderr is now (rich swaps it while a progress display is live)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format=f"{PROG}: %(message)s", stream=sys.stderr)
+                        format=f"{PROG}: %(message)s", stream=_CurrentStderr())
+
+
+def _progress_display(*, quiet: bool, verbose: bool):
+    """-q: nothing; a terminal: a rich progress display; otherwise timestamped lines (logs, make, CI)."""
+    if quiet:
+        return Progress()
+    if sys.stderr.isatty():
+        try:
+            return _RichProgress(verbose=verbose)
+        except ImportError:  # rich is a dependency; a broken install still gets plain lines
+            pass
+    return _LineProgress(verbose=verbose)
+
+
+class _LineProgress(Progress):
+    """Timestamped lines on stderr for logs, make and CI: one as each stage ends (with its duration), and
+    while a stage runs, a line about its current item every LINE_EVERY_S seconds (every item with -v). A
+    run that fails in its first stage (most user errors) prints only its error line."""
+
+    LINE_EVERY_S = 10.0
+
+    def __init__(self, *, verbose: bool) -> None:
+        import time
+
+        self.clock, self.verbose = time.monotonic, verbose
+        self.started = self.clock()
+        self.name, self.total, self.count, self.stage_start, self.last = "", None, 0, self.started, 0.0
+
+    def _line(self, text: str) -> None:
+        import time
+
+        try:
+            print(f"{time.strftime('%H:%M:%S')} {PROG}: {text}", file=sys.stderr, flush=True)
+        except (OSError, ValueError):
+            pass
+
+    def _end_stage(self) -> None:
+        if self.name:
+            count = f" ({min(self.count, self.total)}/{self.total})" if self.total else ""
+            self._line(f"{self.name}{count}: {self.clock() - self.stage_start:.1f} s; "
+                       f"{self.clock() - self.started:.0f} s elapsed")
+
+    def stage(self, name: str, total: int | None = None) -> None:
+        self._end_stage()
+        self.name, self.total, self.count = name, total, 0
+        self.stage_start = self.last = self.clock()
+
+    def item(self, detail: str) -> None:
+        self.count += 1
+        now = self.clock()
+        if not self.verbose and now - self.last < self.LINE_EVERY_S:
+            return
+        self.last = now
+        where = f" {min(self.count, self.total)}/{self.total}" if self.total else ""
+        eta = ""
+        if self.total and 1 < self.count <= self.total:
+            per = (now - self.stage_start) / (self.count - 1)
+            eta = f", about {per * (self.total - self.count + 1):.0f} s left in this stage"
+        self._line(f"{self.name}{where}: {detail}; {now - self.started:.0f} s elapsed{eta}")
+
+    def close(self, *, failed: bool = False) -> None:
+        if not failed:
+            self._end_stage()
+            self._line(f"done in {self.clock() - self.started:.1f} s")
+
+
+class _RichProgress(Progress):
+    """rich's live display: the stage, a bar with n/N, elapsed time and an estimate of the time left."""
+
+    def __init__(self, *, verbose: bool) -> None:
+        from rich.console import Console
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+
+        self.console = Console(stderr=True)
+        self.verbose = verbose
+        self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("elapsed"), TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
+                            TextColumn("[dim]{task.fields[detail]}"), console=self.console)
+        self.task = None
+        self.bar.start()
+
+    def _finish(self) -> None:
+        if self.task is not None:
+            task = self.bar.tasks[-1]
+            self.bar.update(self.task, total=task.total or max(task.completed, 1),
+                            completed=task.total or max(task.completed, 1), detail="")
+
+    def stage(self, name: str, total: int | None = None) -> None:
+        self._finish()
+        self.task = self.bar.add_task(name, total=total, detail="")
+
+    def item(self, detail: str) -> None:
+        if self.task is None:
+            self.stage("working")
+        task = self.bar.tasks[-1]
+        if task.total is None:  # no count to show: the item's name only
+            self.bar.update(self.task, detail=detail)
+        else:  # the item begins: the ones before it are done
+            completed = task.completed + (1 if task.fields.get("detail") else 0)
+            self.bar.update(self.task, completed=min(completed, task.total - 1 if task.total else 0), detail=detail)
+        if self.verbose:
+            self.console.log(detail)
+
+    def close(self, *, failed: bool = False) -> None:
+        if not failed:
+            self._finish()
+        self.bar.stop()
 
 
 def _run_compress(argv: Sequence[str]) -> int:
     from .pipeline import DEFAULT_PROBES, DEFAULT_TRADEOFF, compress
     from .plan import check_tradeoff
-    from .validate import Preprocessing
 
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
@@ -186,13 +371,7 @@ def _run_compress(argv: Sequence[str]) -> int:
     # --rank alone factors just those layers; with --tradeoff the planner also handles the rest.
     default = 0.0 if ranks else DEFAULT_TRADEOFF
     tradeoff = check_tradeoff(args.tradeoff) if args.tradeoff is not None else default
-    pre = Preprocessing(
-        size=_size(args.size, "--size") if args.size else None,
-        resize=_size(args.resize, "--resize") if args.resize else None,
-        mean=_floats(args.mean, "--mean") if args.mean else (0.0, 0.0, 0.0),
-        scale=_floats(args.scale, "--scale")[0] if args.scale else 1.0,
-        swap_rb=args.swap_rb,
-    )
+    pre = _preprocessing(args)
     forms: dict[str, str] = {}
     for text in args.forms:
         name, sep, form = text.rpartition("=")
@@ -208,11 +387,7 @@ def _run_compress(argv: Sequence[str]) -> int:
             raise UsageError(f"--kind: '{text}' is not NAME=KIND")
         kinds[name] = kind
     min_fidelity = check_tradeoff(args.min_fidelity, option="--min-fidelity") if args.min_fidelity is not None else None
-    show_progress = not args.quiet and sys.stderr.isatty()
-
-    def progress(message: str) -> None:
-        if show_progress:
-            print(f"{PROG}: {message} ...", file=sys.stderr)
+    progress = _progress_display(quiet=args.quiet, verbose=args.verbose)
 
     report = compress(
         args.deploy, args.weights, tradeoff=tradeoff, output=args.output, ranks=ranks, forms=forms, keep=args.keep,
@@ -220,7 +395,8 @@ def _run_compress(argv: Sequence[str]) -> int:
         preprocessing=pre, probes=args.probes if args.probes is not None else DEFAULT_PROBES,
         seed=args.seed, fp16=args.fp16, outputs=kinds, min_fidelity=min_fidelity, force=args.force,
         objective=args.objective,
-        progress=progress, report_path=args.json, format=args.format,
+        progress=progress, report_path=args.json, format=args.format, plan_only=args.plan_only, retime=args.retime,
+        labels=args.labels, classes=[c.strip() for c in args.classes.split(",")] if args.classes else None,
     )
     from .report import format_table
 
@@ -256,6 +432,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if argv and argv[0] == "fetch":
             return _run_fetch(argv[1:])
+        if argv and argv[0] == "evaluate":
+            return _run_evaluate(argv[1:])
+        if argv and argv[0] == "plan":  # caffe-compress plan DEPLOY WEIGHTS ... = --plan-only
+            return _run_compress([*argv[1:], "--plan-only"])
         return _run_compress(argv)
     except CaffeCompressError as exc:
         if debug:

@@ -39,7 +39,7 @@ def onnx_module():
         import onnx  # noqa: PLC0415 - optional extra, imported where needed
     except ImportError:
         raise MissingDependencyError("--format onnx: cannot import onnx; install caffe-compress[onnx] "
-                                     "(pip install 'onnx>=1.14' 'onnxruntime>=1.16')") from None
+                                     "(pip install 'onnx>=1.16' 'onnxruntime>=1.17')") from None
     return onnx
 
 

@@ -25,6 +25,7 @@ from .decompose import cp_conv, cp_reconstruct, spatial_reconstruct, tucker_reco
 from .errors import ExportError, MissingDependencyError, ModelError, RankError, UsageError, ValidationError, WriteError
 from .net import Layer, Net, conv_geometry
 from .plan import analyse as planner, contract, inputs as plan_inputs, search
+from .progress import Progress, as_progress
 from .report import Report
 
 log = logging.getLogger(__name__)
@@ -279,9 +280,14 @@ def compress(
     min_fidelity: float | None = None,
     force: bool = False,
     objective: str = "balanced",
-    progress: ProgressFn | None = None,
+    progress: "Progress | ProgressFn | None" = None,
     report_path: str | os.PathLike | None = None,
     format: str = "caffe",
+    plan_only: bool = False,
+    retime: bool = False,
+    labels: str | None = None,
+    classes: Sequence[str] | None = None,
+    metric: Callable[[Mapping[str, np.ndarray]], float] | None = None,
 ) -> Report:
     """Compress a Caffe model; write ``PREFIX.prototxt``/``PREFIX.caffemodel``; return a Report.
 
@@ -301,11 +307,21 @@ def compress(
     force : write the model even when nothing was compressed at T > 0.
     objective : "balanced" (default: no factored layer and no written model slower than the original in
         OpenCV on this machine), "speed" (a factored layer must be 1.1x faster) or "size" (no speed checks).
-    progress : callable receiving one-line progress messages.
+    progress : a progress.Progress (phases with item counts), or a callable receiving one-line messages.
     report_path : also write the report as JSON there, published with the pair (checked before any work).
     format : "caffe" (default), "onnx" (PREFIX.onnx only) or "both"; the ONNX model (extra
         caffe-compress[onnx]) is judged in onnxruntime by the same contract. An ONNX failure still publishes
         the Caffe pair and raises ExportError.
+    plan_only : run the same search (each plan is written and validated in a scratch directory) and report
+        it -- layers, forms, ranks, the file size it gives, layer and model times, the fidelity verdict --
+        without writing any model (``report_path`` still gets the JSON). Timings are kept in the timing
+        cache, so the real run that follows makes the same choices.
+    retime : measure every timing again instead of reusing the timing cache of earlier runs on this machine.
+    labels : with ``images``, how to read their labels (evaluate.read_labels: folder, csv:FILE, regex:PATTERN);
+        the report gives the top-1 accuracy of both models on all the labelled images. classes : class
+        names in output order, for named labels.
+    metric : called with {output blob: (N, ...) array} of the original and of the compressed model on the
+        validation inputs (``images`` in sorted file order, or the probes); both values are reported.
     """
     with _scratch_directory() as scratch, np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # overflow in hostile weights: the checks say it once
@@ -313,8 +329,9 @@ def compress(
                    ranks=dict(ranks or {}), forms=dict(forms or {}), keep=tuple(keep), validate_output=validate_output,
                    preprocessing=preprocessing or validate.Preprocessing(), probes=probes, seed=seed, fp16=fp16,
                    outputs=dict(outputs or {}), min_fidelity=min_fidelity, force=force, objective=objective,
-                   say=progress or (lambda message: None), cv=OpenCVRunner(Path(scratch)),
-                   report_path=Path(report_path) if report_path is not None else None, format=format)
+                   progress=as_progress(progress), cv=OpenCVRunner(Path(scratch)),
+                   report_path=Path(report_path) if report_path is not None else None, format=format,
+                   plan_only=plan_only, retime=retime, labels=labels, classes=tuple(classes or ()), metric=metric)
         try:
             return run.execute(images=images, calibration=calibration)
         except MemoryError:
@@ -366,7 +383,7 @@ class _Run:
     min_fidelity: float | None
     force: bool
     objective: str
-    say: ProgressFn
+    progress: Progress
     cv: OpenCVRunner
     timer: _Timer = field(default_factory=_Timer)
     _original_ms: float | None = None
@@ -376,10 +393,30 @@ class _Run:
     guard: timing.SpeedGuard | None = None
     factorizer: _Factorizer | None = None
     format: str = "caffe"
+    plan_only: bool = False
+    retime: bool = False
+    labels: str | None = None
+    classes: tuple[str, ...] = ()
+    metric: Callable | None = None
+    labelled: object = None  # evaluate.Labelled, read before any work
     written_net: Net | None = None  # the net of the staged model that passed
     written_outputs: Mapping | None = None  # its compared outputs in OpenCV
 
+    def say(self, detail: str) -> None:
+        self.progress.item(detail)
+
     def execute(self, *, images, calibration) -> Report:
+        failed = True
+        try:
+            report = self._execute(images=images, calibration=calibration)
+            failed = False
+            return report
+        finally:
+            if self.guard is not None and self.guard.disk is not None:
+                self.guard.disk.save()
+            self.progress.close(failed=failed)
+
+    def _execute(self, *, images, calibration) -> Report:
         start = time.perf_counter()
         if not 1 <= self.probes <= MAX_PROBES:
             raise UsageError(f"--probes: {self.probes} must be between 1 and {MAX_PROBES}")
@@ -387,13 +424,19 @@ class _Run:
             planner.check_tradeoff(self.min_fidelity, option="--min-fidelity")
         if self.objective not in OBJECTIVES:
             raise UsageError(f"--objective: '{self.objective}' is not one of {', '.join(OBJECTIVES)}")
-        prefix = _output_prefix(self.output, self.weights)
+        if self.labels is not None:
+            from . import evaluate
+
+            if images is None:
+                raise UsageError("--labels: needs --images DIR (the labelled images)")
+            self.labelled = evaluate.read_labels(Path(images), self.labels, classes=self.classes or None)
+        prefix = self.cv.scratch / "plan" if self.plan_only else _output_prefix(self.output, self.weights)
         io.check_outputs(prefix, protect=(Path(self.deploy), Path(self.weights)))
-        onnx_file = self.check_format(prefix)
+        onnx_file = None if self.plan_only else self.check_format(prefix)
         if self.report_path is not None:
             io.check_report_path(self.report_path, inputs=(self.deploy, self.weights),
                                  outputs=(*io.output_paths(prefix), *([onnx_file] if onnx_file else [])))
-        swept = io.sweep_leftovers(*io.output_paths(prefix)) + \
+        swept = (io.sweep_leftovers(*io.output_paths(prefix)) if not self.plan_only else []) + \
             (io.sweep_temps(self.report_path) if self.report_path is not None else [])
         for note in swept:
             log.warning("%s", note)
@@ -401,8 +444,9 @@ class _Run:
         ws = planner.Workspace()
         self.factorizer = _Factorizer(net, ws, self.ranks, self.seed, self.timer.timings, self.say)
         self.guard = timing.SpeedGuard(self.objective, self.cv, net, blob_sources(net)[0], net.input_shapes(),
-                                       self.say, self.timer.timings)
+                                       self.say, self.timer.timings, disk=timing.DiskCache.default(reuse=not self.retime))
         wants_plan = self.tradeoff > 0 or bool(self.ranks)
+        self.progress.stage("probing the original model in OpenCV")
         try:
             inputs = plan_inputs.make_inputs(net, wants_plan=wants_plan, validate_output=self.validate_output,
                                              images=images, responds=lambda feed: self.responds(net, feed),
@@ -418,6 +462,10 @@ class _Run:
         candidates, skipped = self.plan(net, inputs, wants_plan, ws)
         release_memory()
         report, staged = _ClosedLoop(self, net, prefix, candidates, skipped, specs, reference, inputs).execute()
+        if staged is not None:
+            report = self.user_measures(report, staged, reference)
+        if self.plan_only:
+            return self.plan_report(report, staged, start)
         failure = None
         if staged is not None and onnx_file is not None:
             try:
@@ -427,13 +475,63 @@ class _Run:
                 raise
         self.timer.timings["total"] = time.perf_counter() - start
         self.timer.timings["_peak_rss_mb"] = peak_rss_mb()
-        report = replace(report, timings=self.timer.timings)
+        report = replace(report, timings=self.timer.timings, timing_cache=self.cache_use())
         pair = self.format != "onnx" or failure is not None
         if not pair:
             report = replace(report, output_prototxt="", output_caffemodel="")
         self.publish(report, staged, pair=pair)
         if failure is not None:
             raise ExportError(f"ONNX export: {failure}; the Caffe model was written to {report.output_prototxt}")
+        return report
+
+    def user_measures(self, report: Report, staged: io.StagedModel, reference: Mapping[str, np.ndarray]) -> Report:
+        """The user's own measures of both models: accuracy on labelled images, the metric callable."""
+        try:
+            return self._user_measures(report, staged, reference)
+        except BaseException:
+            staged.discard()
+            raise
+
+    def _user_measures(self, report: Report, staged: io.StagedModel, reference) -> Report:
+        if self.labelled is not None:
+            from . import evaluate
+
+            self.progress.stage("top-1 accuracy of both models on the labelled images", 2)
+            self.say("original")
+            before = evaluate.accuracy_of_files(Path(self.deploy), Path(self.weights), self.labelled,
+                                                self.preprocessing)
+            self.say("compressed")
+            after = evaluate.accuracy_of_files(staged.temp_prototxt, staged.temp_caffemodel, self.labelled,
+                                               self.preprocessing, output=before.output)
+            report = replace(report, accuracy={"original": before.top1, "compressed": after.top1,
+                                               "images": before.images, "output": before.output,
+                                               "labels": self.labels})
+        if self.metric is not None and reference and self.written_outputs:
+            values = {}
+            for which, outputs in (("original", reference), ("compressed", self.written_outputs)):
+                try:
+                    values[which] = float(self.metric(dict(outputs)))
+                except Exception as exc:  # noqa: BLE001 - the user's code: one line naming it
+                    raise UsageError(f"metric: {type(exc).__name__}: {exc} (on the {which} model's outputs)") from None
+            report = replace(report, metric={**values, "inputs": report.validation_inputs})
+        return report
+
+    def cache_use(self) -> dict:
+        disk = self.guard.disk if self.guard is not None else None
+        if disk is None or disk.path is None:
+            return {}
+        return {"path": str(disk.path), "reused": disk.hits, "measured": disk.stored}
+
+    def plan_report(self, report: Report, staged: io.StagedModel | None, start: float) -> Report:
+        """--plan-only: the report of the plan (its scratch files removed), and its JSON when asked."""
+        if staged is not None:
+            staged.discard()
+        self.timer.timings["total"] = time.perf_counter() - start
+        self.timer.timings["_peak_rss_mb"] = peak_rss_mb()
+        report = replace(report, output_prototxt="", output_caffemodel="", plan_only=True,
+                         timings=self.timer.timings, timing_cache=self.cache_use())
+        if self.report_path is not None:
+            io.write_atomically(self.report_path, report.json_text().encode())
         return report
 
     def check_format(self, prefix: Path) -> Path | None:
@@ -458,7 +556,7 @@ class _Run:
 
     def export(self, report: Report, staged: io.StagedModel, path: Path, specs, reference, inputs):
         """(report, None) with the ONNX model staged beside the pair, or (report, why it failed)."""
-        self.say("exporting ONNX")
+        self.progress.stage("exporting ONNX and checking it in onnxruntime")
         judge = (lambda values: self.judge(specs, reference, values, inputs)) if self.validate_output else None
         try:
             with self.timer.stage("export"):
@@ -492,7 +590,7 @@ class _Run:
 
     # -- files -> load -> net
     def load(self) -> Net:
-        self.say("loading model")
+        self.progress.stage("loading the model")
         with self.timer.stage("load"):
             net = io.load(self.deploy, self.weights)
         _check_layer_options(net, self.ranks, self.keep, self.forms)
@@ -579,22 +677,28 @@ class _Run:
             return self.cv.run(model, feed, sources, what=f"{self.deploy} (probing)", error=ModelError)
 
         with self.timer.stage("probe"):
-            self.say("probing the original model in OpenCV")
+            self.say("recording layer inputs")
             sources = {layer.name: first_input[layer.name] for layer, _ in decomposable}
             layer_inputs, reference = search.collect_inputs(run, net, inputs.planning, sources, out_sources,
                                                             seed=self.seed)
+        self.progress.stage("analysing layers", len(decomposable))
         with self.timer.stage("analyse"):
             candidates, more = search.analyse_layers(decomposable, layer_inputs, ranks=self.ranks, forms=self.forms, ws=ws,
                                                      seed=self.seed, timings=self.timer.timings, say=self.say)
             skipped.update(more)
         release_memory()
+        skip = set(self.ranks) if self.tradeoff not in (0.0, 1.0) else {c.layer for c in candidates}
+        totals = planner.totals_of(candidates)
+        measured = {c.layer for c in candidates if c.layer not in skip and not search.negligible(c, totals)}
+        self.progress.stage("measuring each layer's effect on the outputs", len(measured))
         with self.timer.stage("sensitivity"):
-            skip = set(self.ranks) if self.tradeoff not in (0.0, 1.0) else {c.layer for c in candidates}
             candidates = search.measure_gains(
                 lambda model, feed, srcs: self.cv.run(model, feed, srcs, what="sensitivity trial"),
                 net, candidates, inputs=inputs.planning, reference=reference, layer_inputs=layer_inputs,
                 compared_blobs=compared_blobs(net), skip=skip, ws=ws, say=self.say)
         if self.objective != "size":
+            self.progress.stage("timing layers and factored forms in OpenCV",
+                                sum(not search.negligible(c, totals) for c in candidates))
             with self.timer.stage("timing"):
                 candidates = search.measure_times(
                     candidates, say=self.say,
@@ -621,10 +725,24 @@ class _Run:
         with self.timer.stage("timing"):
             self.say("timing the original model")
             feed = self._latency_feed(net, inputs)
-            self._original_ms = timing.median_ms(self._load_for_timing, net, feed)
-            self._original_default_ms = timing.median_ms(self._load_for_timing, net, feed,
-                                                         threads=timing.default_threads(),
-                                                         budget_s=timing.NET_BUDGET_S / 2)
+            self._original_ms = self.net_ms(net, feed)
+            self._original_default_ms = self.net_ms(net, feed, threads=timing.default_threads(),
+                                                    budget_s=timing.NET_BUDGET_S / 2)
+
+    def net_ms(self, model: Net, feed: Mapping[str, np.ndarray], *, threads: int = 1,
+               budget_s: float = timing.NET_BUDGET_S / 2) -> float:
+        """A whole net's median latency, measured once per structure on this machine (the timing cache): the
+        real run after --plan-only, or a rerun, makes the same speed decisions."""
+        key = timing.DiskCache.key("net", timing.signature(model.layers),
+                                   {k: list(v.shape) for k, v in feed.items()}, threads)
+        disk = self.guard.disk if self.guard is not None else None
+        cached = disk.get(key) if disk else None
+        if cached is not None:
+            return cached
+        value = timing.median_ms(self._load_for_timing, model, feed, threads=threads, budget_s=budget_s)
+        if disk:
+            disk.put(key, value)
+        return value
 
     def latency(self, net: Net, new_net: Net, inputs: plan_inputs.Inputs, *, threads: int = 1) -> timing.Latency:
         """Latency of the original (timed once per run) and the rewritten net on one input of the declared shape."""
@@ -633,9 +751,8 @@ class _Run:
         if self._original_ms is None:
             self.time_original(net, inputs)
         if threads != 1:
-            return timing.Latency(self._original_default_ms, timing.median_ms(
-                self._load_for_timing, new_net, feed, threads=threads, budget_s=timing.NET_BUDGET_S / 2))
-        return timing.Latency(self._original_ms, timing.median_ms(self._load_for_timing, new_net, feed))
+            return timing.Latency(self._original_default_ms, self.net_ms(new_net, feed, threads=threads))
+        return timing.Latency(self._original_ms, self.net_ms(new_net, feed))
 
     def write_and_verify(self, net, new_net, prefix, store_fp16, specs, reference, inputs):
         self.say("writing the model")
@@ -763,6 +880,7 @@ class _ClosedLoop:
         usually near the top), then try the lowest (if even that most cautious plan misses, stop: nothing
         can be gained), then bisect between -- assuming a plan that passes at a budget passes at every
         smaller one, this finds the rung a walk down would."""
+        self.run.progress.stage("searching the plan: write, validate in OpenCV")
         for i in range(min(WALK_FIRST, len(ladder))):
             result = self.attempt(ladder[i])
             if result is not False or self.run.ranks:
@@ -786,6 +904,7 @@ class _ClosedLoop:
             return built
         key, chosen, new_net, plan = built
         r, state = self.run, self.state
+        r.say(f"round {state.rounds + 1}: {len(chosen)} layers factored (budget {budget:.3g})")
         verdict, staged = r.write_and_verify(self.net, new_net, self.prefix, self.store_fp16, self.specs,
                                              self.reference, self.inputs)
         state.rounds += 1
@@ -851,6 +970,7 @@ class _ClosedLoop:
     def not_slower(self) -> None:
         """Drop the slowest factorizations until the whole model is not slower (bounded)."""
         r, state = self.run, self.state
+        r.progress.stage("timing the written model against the original")
         for _ in range(MAX_SPEED_ROUNDS):
             staged, new_net, plan, verdict = state.best
             with r.timer.stage("timing"):

@@ -43,6 +43,10 @@ class Report:
     onnx_bytes: int = 0
     onnx_validation: tuple[OutputAgreement, ...] = ()  # the ONNX model in onnxruntime vs the original
     onnx_contract: tuple[Check, ...] = ()
+    accuracy: dict = field(default_factory=dict)  # --labels: top-1 of both models on the labelled images
+    metric: dict = field(default_factory=dict)  # compress(metric=fn): fn on both models' validation outputs
+    timing_cache: dict = field(default_factory=dict)  # path, timings reused from earlier runs, measured now
+    plan_only: bool = False  # --plan-only: the plan was validated in scratch files, nothing was written
     onnx_parity: float | None = None  # max |onnxruntime - OpenCV (Caffe)| / max |OpenCV|, over outputs
 
     @property
@@ -52,6 +56,14 @@ class Report:
     @property
     def ratio(self) -> float:
         return self.bytes_before / self.bytes_after if self.bytes_after else float("inf")
+
+    def predicted_layer_ms(self) -> dict | None:
+        """The factored layers' summed 1-thread times alone, measured before and predicted after, or None."""
+        timed = [lp for lp in self.layers if lp.rank and lp.time_before and lp.time_after]
+        if not timed:
+            return None
+        return {"before": sum(lp.time_before for lp in timed), "after": sum(lp.time_after for lp in timed),
+                "layers": len(timed)}
 
     def to_json(self) -> dict:
         return {
@@ -119,7 +131,12 @@ class Report:
                 "outputs": [asdict(v) for v in self.onnx_validation],
             } if self.output_onnx else None,
             "note": self.note,
+            "plan_only": self.plan_only,
+            "accuracy": self.accuracy or None,
+            "metric": self.metric or None,
+            "predicted_factored_layers_ms": self.predicted_layer_ms(),
             "latency_ms": self.latency_ms,
+            "timing_cache": self.timing_cache or None,
             "timings_s": {k: v for k, v in self.timings.items() if not k.startswith("_")},
             "peak_rss_mb": self.timings.get("_peak_rss_mb"),
         }
@@ -206,6 +223,16 @@ def format_table(report: Report) -> str:
         )
     if not report.validation and report.written:
         lines.append("validation: skipped (--no-validate)")
+    if report.accuracy:
+        acc = report.accuracy
+        agree = next((f", top-1 agreement {100 * v.top1_agreement:.1f}% on the validation images"
+                      for v in report.validation if v.name == acc["output"]), "")
+        lines.append(f"top-1 accuracy on {acc['images']} labelled images (output '{acc['output']}'): original "
+                     f"{100 * acc['original']:.2f}% -> compressed {100 * acc['compressed']:.2f}% "
+                     f"({100 * (acc['compressed'] - acc['original']):+.2f} points){agree}")
+    if report.metric:
+        lines.append(f"metric on the validation inputs: original {report.metric['original']:.6g} -> compressed "
+                     f"{report.metric['compressed']:.6g}")
     if report.latency_ms:
         a, b = report.latency_ms["original_1t"], report.latency_ms["compressed_1t"]
         line = f"measured OpenCV latency, 1 thread: {a:.1f} ms -> {b:.1f} ms ({a / b:.2f}x)"
@@ -213,6 +240,10 @@ def format_table(report: Report) -> str:
             c, d = report.latency_ms["original_default"], report.latency_ms["compressed_default"]
             line += f"; {report.latency_ms['default_threads']} threads: {c:.1f} ms -> {d:.1f} ms ({c / d:.2f}x)"
         lines.append(line)
+    if report.timing_cache.get("reused"):
+        lines.append(f"timings: {report.timing_cache['reused']} reused from earlier runs on this machine "
+                     f"({report.timing_cache['path']}), {report.timing_cache['measured']} measured now "
+                     "(--retime measures all again)")
     if report.rounds > 1:
         lines.append(f"closed loop: {report.rounds} plans measured to find the largest budget that meets the contract")
     timing = ", ".join(f"{k} {v:.2f}s" for k, v in report.timings.items() if not k.startswith("_") and "/" not in k)
@@ -222,6 +253,18 @@ def format_table(report: Report) -> str:
                    "contract not enforced (--rank at T = 0)")
         lines.append(f"ONNX in onnxruntime: within {report.onnx_parity:.1e} of the Caffe model in OpenCV "
                      f"(largest difference / largest value); against the original: {verdict}")
+    if report.plan_only and report.note:
+        lines.append(f"plan only: {report.note}; nothing written")
+        return "\n".join(lines)
+    if report.plan_only:
+        predicted = report.predicted_layer_ms()
+        speed = (f"; the {predicted['layers']} factored layers, timed alone: {predicted['before']:.1f} ms -> "
+                 f"{predicted['after']:.1f} ms predicted ({predicted['before'] / predicted['after']:.2f}x)"
+                 if predicted else "")
+        lines.append(f"plan only: this plan gives a {_mb(report.bytes_after)} caffemodel ({report.ratio:.2f}x smaller)"
+                     f"{speed}; " + ("its fidelity verdict on the validation inputs is above; "
+                                     if report.contract else "") + "nothing written")
+        return "\n".join(lines)
     if report.written:
         files = [f for f in (report.output_prototxt, report.output_caffemodel) if f]
         if report.output_onnx:

@@ -7,7 +7,10 @@ to a time budget so that a slow model does not make the compression slow.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -16,6 +19,8 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from .net import Layer, Net
+
+log = logging.getLogger(__name__)
 
 MIN_RUNS, MAX_RUNS = 3, 15
 TIMING_SIDE = 128  # layers are timed on maps at most this high and wide
@@ -136,6 +141,79 @@ def layer_net(layers: Sequence[Layer], bottom: str, shape: tuple[int, ...]) -> N
     return Net("timing", (data, *layers))
 
 
+TIMING_CACHE_ENV = "CAFFE_COMPRESS_TIMING_CACHE"  # a directory, or "off"
+MAX_CACHED = 50_000  # timings kept in the file (the oldest go first)
+
+
+class DiskCache:
+    """Layer micro-benchmarks kept between runs on this machine, keyed by the layers' structure and input
+    shape, in one JSON file per (OpenCV version, CPU, core count): a rerun, or --plan-only then the real run,
+    plans from the same timings (so the same plan) and skips the measuring. ``$CAFFE_COMPRESS_TIMING_CACHE``
+    names another directory, or ``off``. Unreadable or unwritable files are ignored (timings are then
+    measured again)."""
+
+    def __init__(self, path: "os.PathLike | None", *, reuse: bool = True) -> None:
+        self.path = path
+        self.data: dict[str, float] = {}
+        self.dirty = False
+        self.reuse = reuse  # False (--retime): measure everything again, and store the new values
+        self.hits = self.stored = 0
+        if path is not None:
+            try:
+                with open(path, encoding="utf-8") as fh:
+                    loaded = json.load(fh)
+                self.data = {str(k): float(v) for k, v in loaded.items()} if isinstance(loaded, dict) else {}
+            except (OSError, ValueError, TypeError, AttributeError):
+                self.data = {}
+
+    @classmethod
+    def default(cls, *, reuse: bool = True) -> "DiskCache":
+        from pathlib import Path
+
+        setting = os.environ.get(TIMING_CACHE_ENV, "")
+        if setting.lower() in ("off", "0", "no", "none"):
+            return cls(None)
+        from .validate import cpu_model, cv2_module
+        from .zoo import cache_dir
+
+        machine = f"{cv2_module().__version__}|{cpu_model()}|{os.cpu_count()}"
+        tag = hashlib.sha1(machine.encode()).hexdigest()[:12]
+        return cls((Path(setting) if setting else cache_dir()) / f"timings-{tag}.json", reuse=reuse)
+
+    @staticmethod
+    def key(*parts) -> str:
+        return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+    def get(self, key: str) -> float | None:
+        value = self.data.get(key) if self.reuse else None
+        self.hits += value is not None
+        return value
+
+    def put(self, key: str, value: float) -> None:
+        self.data.pop(key, None)  # re-inserted last: the newest entries are the ones kept
+        self.data[key] = float(value)
+        self.dirty = True
+        self.stored += 1
+
+    def save(self) -> None:
+        if self.path is None or not self.dirty:
+            return
+        items = list(self.data.items())[-MAX_CACHED:]
+        temp = f"{self.path}.{os.getpid()}.tmp"
+        try:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            with open(temp, "w", encoding="utf-8") as fh:
+                json.dump(dict(items), fh)
+            os.replace(temp, self.path)
+            self.dirty = False
+        except OSError as exc:
+            log.info("timing cache %s not written: %s", self.path, exc.strerror)
+            try:
+                os.unlink(temp)
+            except OSError:
+                pass
+
+
 @dataclass
 class SpeedGuard:
     """Measured speed: a factorization that runs slower than its layer is dropped (objective balanced/speed).
@@ -154,6 +232,7 @@ class SpeedGuard:
     layer_shapes: dict = field(default_factory=dict)
     speedups: dict = field(default_factory=dict)  # (layer, (method, rank)) -> original / factored time
     micro: dict = field(default_factory=dict)  # (signature, input shape) -> ms
+    disk: DiskCache | None = None  # timings from earlier runs on this machine (DiskCache.default())
 
     def layer_ms(self, name: str, layers: Sequence[Layer]) -> float:
         """Micro-benchmark of ``layers`` (the original layer ``name`` or its replacement) at its input shape."""
@@ -161,10 +240,17 @@ class SpeedGuard:
         bottom = self.net.layer(name).bottoms[0]
         key = (signature(layers), shape)
         if key not in self.micro:
+            stored = DiskCache.key("micro", *key)
+            cached = self.disk.get(stored) if self.disk else None
+            if cached is not None:
+                self.micro[key] = cached
+                return cached
             start = time.perf_counter()
             self.micro[key] = min_ms(lambda model: self.cv.load(model, what=f"timing of {name}"),
                                      layer_net(layers, bottom, shape),
                                      {bottom: np.random.default_rng(0).standard_normal(shape).astype(np.float32)})
+            if self.disk:
+                self.disk.put(stored, self.micro[key])
             self.timings["timing"] = self.timings.get("timing", 0.0) + time.perf_counter() - start
         return self.micro[key]
 
@@ -193,19 +279,27 @@ class SpeedGuard:
     def speedup(self, new_net: Net, name: str, choice: tuple) -> float:
         key = (name, choice)
         if key not in self.speedups:
-            start = time.perf_counter()
             shape = self._input_shape(name)
             layer = self.net.layer(name)
+            replacement = replacement_layers(new_net, name)
+            stored = DiskCache.key("pair", signature((layer,)), signature(replacement), shape)
+            cached = self.disk.get(stored) if self.disk else None
+            if cached is not None:
+                self.speedups[key] = cached
+                return cached
+            start = time.perf_counter()
             bottom = layer.bottoms[0]
             self.say(f"timing {name}")
             load = lambda model: self.cv.load(model, what=f"timing of {name}")  # noqa: E731
-            nets = (layer_net((layer,), bottom, shape), layer_net(replacement_layers(new_net, name), bottom, shape))
+            nets = (layer_net((layer,), bottom, shape), layer_net(replacement, bottom, shape))
             feed = {bottom: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
             if sum(b.nbytes for b in layer.blobs) > BIG_LAYER_BYTES:  # one big net alive at a time (memory)
                 latency = Latency(*(median_ms(load, n, feed, budget_s=LAYER_BUDGET_S / 2) for n in nets))
             else:
                 latency = compare(load, *nets, feed, budget_s=LAYER_BUDGET_S)
             self.speedups[key] = latency.speedup
+            if self.disk:
+                self.disk.put(stored, latency.speedup)
             self.timings["timing"] = self.timings.get("timing", 0.0) + time.perf_counter() - start
         return self.speedups[key]
 

@@ -22,12 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from caffe_compress import Preprocessing, compress, zoo
-from caffe_compress.validate import cpu_model, cv2_module, median_latency_ms
+from caffe_compress import Preprocessing, compress, evaluate, zoo
+from caffe_compress.validate import cpu_model, cv2_module, image_batch, median_latency_ms
 
 MEAN = (78.4263377603, 87.7689143744, 114.895847746)
 TRADEOFFS = (0.0, 0.5, 0.8, 0.9, 0.95, 0.99, 1.0)
-CLASS_DIRS = {"male": 0, "m": 0, "0": 0, "female": 1, "f": 1, "1": 1}
+GENDER_CLASSES = ("male", "female")  # GenderNet's output order
+UTK_GENDER = r"regex:^\d+_([01])_"  # UTKFace names: <age>_<gender>_<race>_<date>.jpg, gender 0 = male
 UTK = re.compile(r"^(\d+)_([01])_")
 
 
@@ -73,10 +74,10 @@ def load_faces(directory: Path, task: str = "gender") -> list[tuple[Path, int]]:
                 if path.is_file():
                     items.append((path, label))
         return items
-    subdirs = [d for d in directory.iterdir() if d.is_dir() and d.name.lower() in CLASS_DIRS]
-    if subdirs and task == "gender":
-        return [(p, CLASS_DIRS[d.name.lower()]) for d in sorted(subdirs) for p in sorted(d.iterdir())
-                if p.suffix.lower() in (".jpg", ".jpeg", ".png")]
+    if task == "gender":  # the same label reading as `caffe-compress evaluate --labels`
+        folders = any(d.is_dir() and d.name.lower() in GENDER_CLASSES for d in directory.iterdir())
+        labelled = evaluate.read_labels(directory, "folder" if folders else UTK_GENDER, classes=GENDER_CLASSES)
+        return list(zip(labelled.paths, labelled.labels.tolist()))
     items = []
     for p in sorted(directory.iterdir()):
         m = UTK.match(p.name)
@@ -86,28 +87,13 @@ def load_faces(directory: Path, task: str = "gender") -> list[tuple[Path, int]]:
 
 
 def preprocess(paths: list[Path]) -> np.ndarray:
-    cv2 = cv2_module()
-    out = np.empty((len(paths), 3, 227, 227), dtype=np.float32)
-    for i, p in enumerate(paths):
-        img = cv2.imread(str(p), cv2.IMREAD_COLOR)
-        if img is None:
-            raise SystemExit(f"reproduce: cannot read image {p}")
-        img = cv2.resize(img, (256, 256))[14:241, 14:241]
-        out[i] = cv2.dnn.blobFromImage(img, 1.0, (227, 227), MEAN, swapRB=False, crop=False)[0]
-    return out
+    """The faces as one (N, 3, 227, 227) batch: resize 256, centre crop 227, mean (as `evaluate` does)."""
+    return image_batch(paths, (1, 3, 227, 227), GENDERNET_PRE, option="--faces")
 
 
-def predict(deploy: Path, weights: Path, batch: np.ndarray, *, threads: int | None = None) -> np.ndarray:
-    cv2 = cv2_module()
-    if threads is not None:
-        cv2.setNumThreads(threads)
-    net = cv2.dnn.readNetFromCaffe(str(deploy), str(weights))
-    probs = []
-    for start in range(0, len(batch), 50):
-        net.setInput(batch[start : start + 50])
-        out = net.forward()
-        probs.append(out.reshape(out.shape[0], -1).copy())
-    return np.concatenate(probs)
+def predict(deploy: Path, weights: Path, batch: np.ndarray) -> np.ndarray:
+    """(N, classes) outputs in OpenCV 4.x, through the same code as `caffe-compress evaluate`."""
+    return evaluate.run_batches(evaluate.files_runner(deploy, weights), batch)
 
 
 def latency_ms(deploy: Path, weights: Path, sample: np.ndarray, *, threads: int, runs: int = 20) -> float:
@@ -133,7 +119,7 @@ def run(faces_dir: Path, out_dir: Path, tradeoffs=TRADEOFFS, *, model_name: str 
     ref_probs = predict(model.deploy, model.weights, batch)
     rows = [{
         "tradeoff": None, "label": "original", "bytes": model.weights.stat().st_size,
-        "accuracy": float(np.mean(ref_probs.argmax(1) == labels)), "agreement": 1.0,
+        "accuracy": evaluate.top1(ref_probs, labels), "agreement": 1.0,
         "latency_1t_ms": latency_ms(model.deploy, model.weights, batch, threads=1),
         "latency_default_ms": latency_ms(model.deploy, model.weights, batch, threads=default_threads),
         "compress_s": 0.0,
@@ -149,7 +135,7 @@ def run(faces_dir: Path, out_dir: Path, tradeoffs=TRADEOFFS, *, model_name: str 
             probs = predict(deploy, weights, batch)
             rows.append({
                 "tradeoff": t if fp16 is None else None, "label": label, "bytes": weights.stat().st_size,
-                "accuracy": float(np.mean(probs.argmax(1) == labels)),
+                "accuracy": evaluate.top1(probs, labels),
                 "agreement": float(np.mean(probs.argmax(1) == ref_probs.argmax(1))),
                 "latency_1t_ms": latency_ms(deploy, weights, batch, threads=1),
                 "latency_default_ms": latency_ms(deploy, weights, batch, threads=default_threads),
@@ -181,7 +167,7 @@ def calibrated_rows(model, faces, batch, labels, ref_probs, tradeoffs, count: in
     chosen[::step] = True
     chosen[np.flatnonzero(chosen)[count:]] = False
     held = ~chosen
-    reference = float(np.mean(ref_probs[held].argmax(1) == labels[held]))
+    reference = evaluate.top1(ref_probs[held], labels[held])
     rows = [{"tradeoff": None, "label": f"original, on the {int(held.sum())} faces not used for calibration",
              "bytes": model.weights.stat().st_size, "accuracy": reference, "reference_accuracy": reference,
              "agreement": 1.0, "latency_1t_ms": float("nan"), "latency_default_ms": float("nan"), "compress_s": 0.0}]
@@ -198,7 +184,7 @@ def calibrated_rows(model, faces, batch, labels, ref_probs, tradeoffs, count: in
             probs = predict(deploy, weights, batch[held])
             rows.append({
                 "tradeoff": None, "label": f"T={t:g} --calibration ({count} faces)", "bytes": weights.stat().st_size,
-                "accuracy": float(np.mean(probs.argmax(1) == labels[held])), "reference_accuracy": reference,
+                "accuracy": evaluate.top1(probs, labels[held]), "reference_accuracy": reference,
                 "agreement": float(np.mean(probs.argmax(1) == ref_probs[held].argmax(1))),
                 "latency_1t_ms": latency_ms(deploy, weights, batch, threads=1),
                 "latency_default_ms": latency_ms(deploy, weights, batch, threads=cv2_module().getNumThreads()),

@@ -57,3 +57,13 @@ def opencv_outputs(deploy: Path, weights: Path, inputs: dict[str, np.ndarray], o
 
 def max_relative_difference(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(a))), 1e-30))
+
+
+PROGRESS_LINE = __import__("re").compile(r"^\d\d:\d\d:\d\d caffe-compress: ")
+
+
+def message_lines(stderr: str | bytes) -> list[str]:
+    """stderr without the timestamped progress lines (stderr is not a terminal in tests): what must be
+    exactly one line when a run fails."""
+    text = stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr
+    return [line for line in text.strip().splitlines() if not PROGRESS_LINE.match(line)]

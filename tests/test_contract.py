@@ -11,7 +11,7 @@ import pytest
 from caffe_compress import io, pipeline, runner
 from caffe_compress.net import Layer, Net
 from caffe_compress.plan import contract, probe, search
-from nets import cp_kernel, low_rank_matrix, max_relative_difference, opencv_outputs, write_model
+from nets import cp_kernel, low_rank_matrix, max_relative_difference, message_lines, opencv_outputs, write_model
 
 
 def run_cli(*args):
@@ -134,7 +134,7 @@ def test_forced_ranks_that_break_the_contract_exit_6(tmp_path):
     deploy, model = embedder(tmp_path)
     result = run_cli(deploy, model, "--rank", "fc=1", "--tradeoff", "0.5", "-o", tmp_path / "o")
     assert result.returncode == 6, result.stderr
-    assert "contract" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert "contract" in result.stderr and len(message_lines(result.stderr)) == 1
     assert not (tmp_path / "o.caffemodel").exists()
 
 

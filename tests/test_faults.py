@@ -16,7 +16,7 @@ import pytest
 
 from caffe_compress import io
 from caffe_compress.net import Layer, Net
-from nets import write_model
+from nets import message_lines, write_model
 from test_hostile import GOOD, TIME_LIMIT, _digest, good_weights, run_case
 
 
@@ -31,7 +31,7 @@ def _cli(*args, env=None, **kw):
 
 
 def _one_error_line(proc) -> str:
-    lines = proc.stderr.decode(errors="replace").strip().splitlines()
+    lines = message_lines(proc.stderr)
     assert len(lines) == 1 and lines[0].startswith("caffe-compress: error: "), proc.stderr
     assert b"Traceback" not in proc.stderr
     return lines[0]
@@ -166,7 +166,7 @@ def test_signals_clean_up(tmp_path, sig, code, delay):
     if proc.returncode == 0:  # finished before the signal: nothing to check but the usual
         return
     assert proc.returncode == code, err
-    assert len(err.decode().strip().splitlines()) == 1 and b"Traceback" not in err, err
+    assert len(message_lines(err)) == 1 and b"Traceback" not in err, err
     assert os.listdir(out) == [] and os.listdir(scratch) == []
     assert _digest([deploy, model]) == before
 

@@ -18,7 +18,7 @@ import pytest
 
 from caffe_compress import io
 from caffe_compress._proto import caffe_pb2 as pb
-from nets import write_model
+from nets import message_lines, write_model
 
 MEMORY_LIMIT = 3 * 1024**3  # address space, bytes
 TIME_LIMIT = 60  # seconds; the contract is 30 s on the reference machine
@@ -67,7 +67,7 @@ def run_case(tmp_path: Path, deploy, weights, *extra, expect=(3,), message=None)
         assert (out_dir / "res.caffemodel").is_file()
         return proc
     assert proc.returncode in expect, (proc.returncode, proc.stderr)
-    lines = proc.stderr.strip().splitlines()
+    lines = message_lines(proc.stderr)
     assert len(lines) == 1 and lines[0].startswith("caffe-compress: error: "), proc.stderr
     if message:
         assert message in proc.stderr, proc.stderr
