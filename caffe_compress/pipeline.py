@@ -387,7 +387,6 @@ class _Run:
     cv: OpenCVRunner
     timer: _Timer = field(default_factory=_Timer)
     _original_ms: float | None = None
-    _original_default_ms: float | None = None
     net: Net | None = None
     report_path: Path | None = None
     guard: timing.SpeedGuard | None = None
@@ -399,6 +398,8 @@ class _Run:
     classes: tuple[str, ...] = ()
     metric: Callable | None = None
     labelled: object = None  # evaluate.Labelled, read before any work
+    validation_order: np.ndarray | None = None  # the order validation rounds run the inputs in
+    reference_in_order: dict | None = None  # the original's outputs in that order
     written_net: Net | None = None  # the net of the staged model that passed
     written_outputs: Mapping | None = None  # its compared outputs in OpenCV
 
@@ -456,6 +457,7 @@ class _Run:
             self.first_non_finite(net)  # overflowing weights are a bad model (3), not a validation failure
             raise
         specs, reference = self.reference(net, inputs)
+        self.decisive_first(specs, reference)
         if wants_plan:  # timed now, while little else is held (it loads the whole original into OpenCV)
             self.time_original(net, inputs)
         release_memory()
@@ -483,6 +485,26 @@ class _Run:
         if failure is not None:
             raise ExportError(f"ONNX export: {failure}; the Caffe model was written to {report.output_prototxt}")
         return report
+
+    def decisive_first(self, specs, reference: dict) -> None:
+        """The order validation rounds run their inputs in, so that a missing round ends soonest
+        (contract.decisive_order), and the original's outputs in that order (the inputs are not copied)."""
+        order = contract.decisive_order(specs, reference) if reference else None
+        self.validation_order = order
+        self.reference_in_order = reference if order is None else \
+            {k: v[order] if v.shape[0] == len(order) else v for k, v in reference.items()}
+
+    def in_input_order(self, values: Mapping[str, np.ndarray]) -> dict:
+        """Outputs computed in validation_order, put back in the inputs' own order."""
+        order = self.validation_order
+        out = {}
+        for k, v in values.items():
+            if order is not None and v.shape[0] == len(order):
+                w = np.empty_like(v)
+                w[order] = v
+                v = w
+            out[k] = v
+        return out
 
     def user_measures(self, report: Report, staged: io.StagedModel, reference: Mapping[str, np.ndarray]) -> Report:
         """The user's own measures of both models: accuracy on labelled images, the metric callable."""
@@ -721,13 +743,11 @@ class _Run:
         return self.cv.load(model, what="timing")
 
     def time_original(self, net: Net, inputs: plan_inputs.Inputs) -> None:
-        """The original's latency, 1 thread and default threads (medians; one network alive at a time)."""
+        """The original's 1-thread latency (median; one network alive at a time)."""
         with self.timer.stage("timing"):
             self.say("timing the original model")
             feed = self._latency_feed(net, inputs)
             self._original_ms = self.net_ms(net, feed)
-            self._original_default_ms = self.net_ms(net, feed, threads=timing.default_threads(),
-                                                    budget_s=timing.NET_BUDGET_S / 2)
 
     def net_ms(self, model: Net, feed: Mapping[str, np.ndarray], *, threads: int = 1,
                budget_s: float = timing.NET_BUDGET_S / 2) -> float:
@@ -751,7 +771,7 @@ class _Run:
         if self._original_ms is None:
             self.time_original(net, inputs)
         if threads != 1:
-            return timing.Latency(self._original_default_ms, self.net_ms(new_net, feed, threads=threads))
+            return timing.Latency(self.net_ms(net, feed, threads=threads), self.net_ms(new_net, feed, threads=threads))
         return timing.Latency(self._original_ms, self.net_ms(new_net, feed))
 
     def write_and_verify(self, net, new_net, prefix, store_fp16, specs, reference, inputs):
@@ -764,10 +784,24 @@ class _Run:
             self.say("validating with OpenCV")
             with self.timer.stage("validate"):
                 _, sources = blob_sources(new_net)
+                names = compared_blobs(net)
                 what = f"compressed model {staged.prototxt}"
+                lost: list = []
+
+                def stop(partial, count) -> bool:  # a miss already certain: the round ends early
+                    lost.extend(contract.certain_misses(specs, self.reference_in_order,
+                                                        {n: partial[s] for n, s in zip(names, sources)}, count,
+                                                        total=total, **self.judging(inputs)))
+                    return bool(lost)
+
+                enforced = not (self.ranks and self.tradeoff == 0)  # forced ranks at T = 0: measured in full
+                total = next(iter(inputs.validation.values())).shape[0]
                 values = self.cv.run(new_net, inputs.validation, sources, what=what,
-                                     files=(staged.temp_prototxt, staged.temp_caffemodel))
-                compressed = {name: values[s] for name, s in zip(compared_blobs(net), sources)}
+                                     files=(staged.temp_prototxt, staged.temp_caffemodel),
+                                     stop=stop if enforced else None, order=self.validation_order)
+                if lost:
+                    return _Verdict(tuple(lost), ()), staged
+                compressed = self.in_input_order({name: values[s] for name, s in zip(names, sources)})
                 verdict = replace(self.judge(specs, reference, compressed, inputs), outputs=compressed)
             return verdict, staged
         except BaseException:
@@ -777,13 +811,16 @@ class _Run:
     def judge(self, specs, reference, compressed: Mapping[str, np.ndarray], inputs) -> "_Verdict":
         """The fidelity verdict of ``compressed`` outputs against the original's ``reference``."""
         agreements = tuple(validate.compare_outputs(reference, compressed))
-        judged_at = DEFAULT_TRADEOFF if (self.ranks and self.tradeoff == 0) else self.tradeoff
-        margin = contract.SYNTHETIC_MARGIN if inputs.synthetic else 1.0
-        checks = tuple(contract.check_all(specs, reference, compressed, judged_at,
-                                          min_fidelity=self.min_fidelity, margin=margin))
+        checks = tuple(contract.check_all(specs, reference, compressed, **self.judging(inputs)))
         if not checks:
             raise ValidationError(f"{self.deploy}: validation compared no output")
         return _Verdict(checks, agreements)
+
+    def judging(self, inputs) -> dict:
+        """The trade-off the contract is judged at, and its options."""
+        return {"tradeoff": DEFAULT_TRADEOFF if (self.ranks and self.tradeoff == 0) else self.tradeoff,
+                "min_fidelity": self.min_fidelity,
+                "margin": contract.SYNTHETIC_MARGIN if inputs.synthetic else 1.0}
 
     def _nothing(self, net, plan, misses, inputs, rounds) -> Report:
         if plan is None:
@@ -862,7 +899,7 @@ class _ClosedLoop:
             staged, new_net, plan, verdict = state.best
             r.written_net, r.written_outputs = new_net, verdict.outputs
             report = r._report(self.net, new_net, plan, verdict, staged, self.inputs, self.store_fp16, state.rounds)
-            if state.latency is not None:
+            if state.latency is not None and not r.plan_only:  # (reported only: --plan-only skips it)
                 threads = timing.default_threads()
                 with r.timer.stage("timing"):
                     default = r.latency(self.net, new_net, self.inputs, threads=threads)

@@ -12,7 +12,7 @@ import shutil
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Hashable, Mapping, Sequence
+from typing import Callable, Hashable, Mapping, Sequence
 
 import numpy as np
 
@@ -138,16 +138,24 @@ class OpenCVRunner:
                 dst.unlink(missing_ok=True)
 
     def run(self, net: Net, inputs: Mapping[str, np.ndarray], sources: Sequence[Hashable], *,
-            what: str = "model", error=ValidationError, files: tuple[Path, Path] | None = None) -> dict:
-        """{source: array} of ``sources`` for ``inputs``; ``files``: run these (the staged pair) instead."""
+            what: str = "model", error=ValidationError, files: tuple[Path, Path] | None = None,
+            stop: Callable[[dict, int], bool] | None = None, order: np.ndarray | None = None) -> dict:
+        """{source: array} of ``sources`` for ``inputs``; ``files``: run these (the staged pair) instead.
+
+        stop : called after each chunk with the values so far and their sample count; True ends the run
+            there (the values then cover only the first samples).
+        order : run the samples in this order (the values come back in it); the inputs are not copied.
+        """
         try:
-            return self._run(net, inputs, sources, what=what, error=error, files=files, every=False)
+            return self._run(net, inputs, sources, what=what, error=error, files=files, every=False, stop=stop,
+                             order=order)
         except error:
             # OpenCV cannot return some layer outputs by name (a convolution whose output it writes
             # straight into a Concat's buffer): copy every asked-for blob with a layer of its own.
-            return self._run(net, inputs, sources, what=what, error=error, files=None, every=True)
+            return self._run(net, inputs, sources, what=what, error=error, files=None, every=True, stop=stop,
+                             order=order)
 
-    def _run(self, net, inputs, sources, *, what, error, files, every) -> dict:
+    def _run(self, net, inputs, sources, *, what, error, files, every, stop=None, order=None) -> dict:
         tapped, names = with_taps(net, list(sources), every=every)
         if files is not None and tapped is net:
             cv_net = self.load_files(files, what=what, error=error)
@@ -158,12 +166,22 @@ class OpenCVRunner:
         count = next(iter(inputs.values())).shape[0] if inputs else 0
         for start in range(0, count, RUN_CHUNK) if wanted else ():
             # in chunks: OpenCV keeps every intermediate blob of a batch alive (peak memory)
-            part = validate.forward(cv_net, {k: v[start:start + RUN_CHUNK] for k, v in inputs.items()}, wanted,
-                                    what=what, error=error)
+            rows = slice(start, start + RUN_CHUNK) if order is None else order[start:start + RUN_CHUNK]
+            part = validate.forward(cv_net, {k: v[rows] for k, v in inputs.items()}, wanted, what=what, error=error)
             for k, v in part.items():
                 values.setdefault(k, []).append(v)
-        values = {k: np.concatenate(v, axis=0) for k, v in values.items()}
+            done = min(start + RUN_CHUNK, count)
+            if stop is not None and done < count and stop(self._gather(inputs, sources, names, values, done,
+                                                                       order), done):
+                break
         del cv_net
-        return {s: (np.asarray(inputs[s.layer], dtype=np.float32) if s.is_input else values[names[s]]) for s in sources}
+        return self._gather(inputs, sources, names, values, None, order)
+
+    @staticmethod
+    def _gather(inputs, sources, names, parts, done, order) -> dict:
+        joined = {k: np.concatenate(v, axis=0) if len(v) > 1 else v[0] for k, v in parts.items()}
+        rows = slice(None, done) if order is None else order[:done]
+        return {s: (np.asarray(inputs[s.layer][rows], dtype=np.float32) if s.is_input else joined[names[s]])
+                for s in sources}
 
 

@@ -379,3 +379,70 @@ def check_all(specs: Sequence[OutputSpec], original: Mapping[str, np.ndarray], c
         checks.extend(check_output(spec, original[spec.name], compressed[spec.name], tradeoff,
                                    outputs=original, specs=by_name, min_fidelity=min_fidelity, margin=margin))
     return checks
+
+
+def certain_misses(specs: Sequence[OutputSpec], original: Mapping[str, np.ndarray],
+                   partial: Mapping[str, np.ndarray], count: int, tradeoff: float, *, total: int,
+                   min_fidelity: float | None = None, margin: float = 1.0) -> list[Check]:
+    """Checks the compressed model has already lost on the first ``count`` validation inputs, whatever the
+    others give: the metric's best possible value is past its target. ``original`` holds all inputs'
+    outputs, ``partial`` the compressed model's first ``count``. Outputs judged by detection positives
+    (scores, paired boxes) are never decided early, nor outputs that are not one row per input (SSD
+    priors); ``total`` is the number of inputs. A validation round that misses stops here, early."""
+    t = targets(tradeoff, min_fidelity=min_fidelity, margin=margin)
+    lost: list[Check] = []
+    for spec in specs:
+        a_all = original[spec.name].astype(np.float64)
+        n_all = a_all.shape[0] if a_all.ndim > 1 else 1
+        if n_all != total or partial[spec.name].shape[0] != count:
+            continue
+        a, b = a_all[:count], partial[spec.name].astype(np.float64)
+        seen = f"after {count} of {n_all} inputs"
+        if spec.kind == "class" and t["class"] is not None:
+            pa = _probabilities(a_all.reshape(n_all, -1))
+            top = pa.max(axis=1)
+            confident = top >= CONFIDENT
+            if confident.sum() < MIN_CONFIDENT:
+                confident = top >= np.median(top)
+            changed = pa[:count].argmax(axis=1) != _probabilities(b.reshape(count, -1)).argmax(axis=1)
+            best = 1.0 - int(np.sum(confident[:count] & changed)) / max(int(confident.sum()), 1)
+            check = Check(spec.name, spec.kind, f"top-1 agreement where confident, at best ({seen})", best,
+                          t["class"], True)
+        elif spec.kind == "embedding" and t["cosine"] is not None:
+            va, vb = a.reshape(count, -1), b.reshape(count, -1)
+            denom = np.linalg.norm(va, axis=1) * np.linalg.norm(vb, axis=1)
+            cos = np.where(denom > 0, np.sum(va * vb, axis=1) / np.where(denom > 0, denom, 1.0), 1.0)
+            check = Check(spec.name, spec.kind, f"smallest cosine similarity ({seen})", float(cos.min()),
+                          t["cosine"], True)
+        elif spec.kind == "image" and t["psnr"] is not None:
+            peak = float(a_all.max() - a_all.min()) or 1.0
+            mse_floor = float(np.sum((a - b) ** 2)) / a_all.size  # the rest can only add error
+            best = math.inf if mse_floor == 0 else 10.0 * math.log10(peak * peak / mse_floor)
+            check = Check(spec.name, spec.kind, f"PSNR vs the original, at best ({seen})", best, t["psnr"], True)
+        elif (spec.kind == "dense" or (spec.kind == "boxes" and not (spec.pair and spec.pair in original))) \
+                and t["relative"] is not None:
+            ref = float(np.sum(a_all * a_all))
+            floor = math.sqrt(float(np.sum((a - b) ** 2)) / ref) if ref > 0 else 0.0
+            check = Check(spec.name, spec.kind, f"relative error, at least ({seen})", floor, t["relative"], False)
+        else:
+            continue
+        if not check.passed:
+            lost.append(check)
+    return lost
+
+
+def decisive_order(specs: Sequence[OutputSpec], original: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """An order of the validation inputs that decides a missing round soonest, or None: for a class
+    output, the counted (confident) inputs the original is least sure of first -- where a compressed
+    model flips its answer first -- and the uncounted ones last. The verdict does not depend on the order."""
+    for spec in specs:
+        if spec.kind != "class":
+            continue
+        a = original[spec.name].astype(np.float64)
+        n = a.shape[0] if a.ndim > 1 else 1
+        top = _probabilities(a.reshape(n, -1)).max(axis=1)
+        counted = top >= CONFIDENT
+        if counted.sum() < MIN_CONFIDENT:
+            counted = top >= np.median(top)
+        return np.argsort(np.where(counted, top, 2.0 + top), kind="stable")
+    return None

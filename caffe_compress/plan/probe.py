@@ -78,10 +78,8 @@ def dead_leaves(count: int, channels: int, height: int, width: int, *, seed: int
 def _dead_leaves_picture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     size = max(h, w)
     r_min, r_max = max(1.0, size / 60.0), size / 1.5
-    img = np.empty((3, h, w))
-    img[:] = _natural_colour(rng)[:, None, None]
-    yy, xx = np.mgrid[0:h, 0:w]
-    # back to front: later discs occlude earlier ones
+    background = _natural_colour(rng)
+    discs = []  # back to front: later discs occlude earlier ones
     for _ in range(400):
         u = rng.random()
         # radius density ~ r^-3 between r_min and r_max (scale invariance)
@@ -89,19 +87,55 @@ def _dead_leaves_picture(rng: np.random.Generator, h: int, w: int) -> np.ndarray
         cy, cx = rng.uniform(-r, h + r), rng.uniform(-r, w + r)
         y0, y1 = max(int(cy - r), 0), min(int(cy + r) + 1, h)
         x0, x1 = max(int(cx - r), 0), min(int(cx + r) + 1, w)
-        if y0 >= y1 or x0 >= x1:
-            continue
-        sy, sx = yy[y0:y1, x0:x1], xx[y0:y1, x0:x1]
-        inside = (sy - cy) ** 2 + (sx - cx) ** 2 <= r * r
-        if not inside.any():
+        if y0 >= y1 or x0 >= x1 or not _covers_a_pixel(cy, cx, r, y0, y1, x0, x1):
             continue
         colour = _natural_colour(rng)
-        shade = 1.0 + 0.3 * ((sy - cy) * rng.normal() + (sx - cx) * rng.normal()) / max(r, 1.0) / 2
-        region = img[:, y0:y1, x0:x1]
-        region[:, inside] = (colour[:, None, None] * shade[None])[:, inside]
+        tilt_y = rng.normal()
+        discs.append((y0, y1, x0, x1, cy, cx, r, colour, tilt_y, rng.normal()))
+    img = np.empty((3, h, w))
+    img[:] = background[:, None, None]
+    if discs:
+        _paint(img, discs)
     img += rng.normal(0.0, 3.0, size=(1, h, w))  # fine texture, shared by the channels (luminance)
     img = _blur(img)
     return np.clip(img, 0.0, 255.0)
+
+
+def _covers_a_pixel(cy: float, cx: float, r: float, y0: int, y1: int, x0: int, x1: int) -> bool:
+    """Whether a pixel centre of the box lies in the disc: the box's nearest lattice point to the centre
+    (per axis, the integer in range nearest the centre coordinate) is the one to test."""
+    def nearest_square(c: float, lo: int, hi: int) -> float:
+        below = min(max(math.floor(c), lo), hi - 1)
+        above = min(max(math.floor(c) + 1, lo), hi - 1)
+        return min((below - c) * (below - c), (above - c) * (above - c))  # as numpy's (k - c) ** 2
+    return bool(nearest_square(cy, y0, y1) + nearest_square(cx, x0, x1) <= r * r)
+
+
+def _paint(img: np.ndarray, discs: list) -> None:
+    """Paint the discs in order (the last one covering a pixel wins), all at once: every disc's box
+    pixels are listed, the ones inside kept, and each pixel takes the last disc that covers it."""
+    _, h, w = img.shape
+    y0, y1, x0, x1 = (np.array([d[i] for d in discs], dtype=np.int64) for i in range(4))
+    cy, cx, r = (np.array([d[i] for d in discs], dtype=np.float64) for i in (4, 5, 6))
+    colour = np.array([d[7] for d in discs])
+    tilt_y, tilt_x = (np.array([d[i] for d in discs], dtype=np.float64) for i in (8, 9))
+    widths = x1 - x0
+    areas = (y1 - y0) * widths
+    disc = np.repeat(np.arange(len(discs)), areas)
+    local = np.arange(int(areas.sum())) - np.repeat(np.cumsum(areas) - areas, areas)
+    yy = y0[disc] + local // widths[disc]
+    xx = x0[disc] + local % widths[disc]
+    inside = (yy - cy[disc]) ** 2 + (xx - cx[disc]) ** 2 <= (r * r)[disc]
+    pixel, disc = (yy * w + xx)[inside], disc[inside]
+    order = np.argsort(pixel, kind="stable")  # within a pixel, discs stay in painting order
+    pixel, disc = pixel[order], disc[order]
+    last = np.ones(len(pixel), dtype=bool)
+    last[:-1] = pixel[1:] != pixel[:-1]
+    pixel, k = pixel[last], disc[last]
+    py, px = pixel // w, pixel % w
+    shade = 1.0 + 0.3 * ((py - cy[k]) * tilt_y[k] + (px - cx[k]) * tilt_x[k]) / np.maximum(r[k], 1.0) / 2
+    flat = img.reshape(3, -1)
+    flat[:, pixel] = colour[k].T * shade[None]
 
 
 def _resize(img: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -112,8 +146,9 @@ def _resize(img: np.ndarray, height: int, width: int) -> np.ndarray:
     y0, x0 = np.floor(yi).astype(int), np.floor(xi).astype(int)
     y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
     fy, fx = (yi - y0)[None, :, None], (xi - x0)[None, None, :]
-    top = img[:, y0][:, :, x0] * (1 - fx) + img[:, y0][:, :, x1] * fx
-    bottom = img[:, y1][:, :, x0] * (1 - fx) + img[:, y1][:, :, x1] * fx
+    upper, lower = img[:, y0], img[:, y1]
+    top = upper[:, :, x0] * (1 - fx) + upper[:, :, x1] * fx
+    bottom = lower[:, :, x0] * (1 - fx) + lower[:, :, x1] * fx
     return top * (1 - fy) + bottom * fy
 
 
@@ -121,7 +156,7 @@ def _natural_colour(rng: np.random.Generator) -> np.ndarray:
     """A BGR colour: mostly unsaturated, correlated channels, luminance spread over the range."""
     lum = rng.beta(2.0, 2.0) * 255.0
     tint = rng.normal(0.0, 0.25, size=3)
-    return np.clip(lum * (1.0 + tint), 0.0, 255.0)
+    return np.minimum(np.maximum(lum * (1.0 + tint), 0.0), 255.0)  # np.clip's values, without its overhead
 
 
 def _blur(img: np.ndarray) -> np.ndarray:

@@ -1,0 +1,78 @@
+"""A validation round ends as soon as its miss is certain, and only then; the timing cache."""
+import json
+
+import numpy as np
+import pytest
+
+from caffe_compress import timing
+from caffe_compress.plan import contract
+
+
+def spec(kind, name="y"):
+    return contract.OutputSpec(name, kind)
+
+
+def softmax(z):
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("kind", ["class", "embedding", "image", "dense"])
+def test_a_certain_miss_is_one_the_full_check_also_misses(kind):
+    """On many random prefixes: certain_misses never fires for a model the full check passes, and every
+    miss it reports is a miss of the full check (it is a bound, not an estimate)."""
+    rng = np.random.default_rng(0)
+    n = 64
+    fired = 0
+    for trial in range(60):
+        if kind == "class":
+            a = softmax(rng.normal(0, 4, (n, 5)))
+            b = softmax(np.log(a) + rng.normal(0, 1.5 * (trial % 4), (n, 5)))
+        elif kind == "embedding":
+            a = rng.normal(size=(n, 128))
+            b = a + rng.normal(0, 0.05 * (trial % 5), (n, 128))
+        else:
+            a = rng.normal(size=(n, 1, 8, 8))
+            b = a + rng.normal(0, 0.04 * (trial % 6), a.shape)
+        full = contract.check_all([spec(kind)], {"y": a}, {"y": b}, 0.95)
+        for count in (8, 24, 56):
+            lost = contract.certain_misses([spec(kind)], {"y": a}, {"y": b[:count]}, count, 0.95, total=n)
+            if lost:
+                fired += 1
+                assert not all(c.passed for c in full), (trial, count, lost)
+    assert fired > 0  # the bound does fire on the models that miss
+
+
+def test_outputs_not_per_input_are_never_decided_early():
+    a = np.ones((2, 2, 12), np.float32)  # SSD priors: one row per chunk, not per input
+    lost = contract.certain_misses([spec("dense")], {"y": a}, {"y": np.zeros((16, 2, 12))}, 16, 0.95, total=16)
+    assert lost == []
+
+
+def test_decisive_order_puts_the_least_sure_counted_inputs_first():
+    p = np.array([[0.95, 0.05], [0.6, 0.4], [0.99, 0.01], [0.91, 0.09]] * 4)
+    order = contract.decisive_order([spec("class")], {"y": p})
+    tops = p.max(axis=1)[order]
+    counted = tops >= contract.CONFIDENT
+    assert counted[:12].all() and not counted[12:].any()  # counted first, the rest last
+    assert np.all(np.diff(tops[:12]) >= 0)  # least sure first
+
+
+def test_timing_cache_survives_bad_files_and_retime(tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text("{not json")
+    cache = timing.DiskCache(path)
+    assert cache.get("k") is None  # a corrupt file is ignored
+    cache.put("k", 1.5)
+    cache.save()
+    assert json.loads(path.read_text()) == {"k": 1.5}
+    assert timing.DiskCache(path).get("k") == 1.5
+    fresh = timing.DiskCache(path, reuse=False)  # --retime: measured again, and stored
+    assert fresh.get("k") is None
+    fresh.put("k", 2.0)
+    fresh.save()
+    assert timing.DiskCache(path).get("k") == 2.0
+    (tmp_path / "ro").mkdir(mode=0o500)
+    unwritable = timing.DiskCache(tmp_path / "ro" / "sub" / "t.json")
+    unwritable.put("k", 1.0)
+    unwritable.save()  # ignored, no exception
