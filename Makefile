@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-all bench gendernet zoo compat fetch proto clean
+.PHONY: demo test test-slow test-all bench gendernet zoo onnx-zoo compat fetch proto clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,12 @@ gendernet: $(STAMP)
 zoo: $(STAMP)
 	$(PY) tools/zoo_eval.py
 
+# --format onnx on GenderNet and the dev zoo; OpenCV 5 (in its own venv: it cannot sit beside OpenCV 4)
+# loads each ONNX file too.
+onnx-zoo: $(STAMP)
+	test -x .venv-cv5/bin/python || { $(PYTHON) -m venv .venv-cv5 && .venv-cv5/bin/python -m pip --disable-pip-version-check -q install 'opencv-python-headless>=5,<6' onnxruntime numpy; }
+	$(PY) tools/onnx_zoo.py --opencv5 .venv-cv5/bin/python
+
 # The suite against the oldest and the newest dependencies setup.py allows.
 COMPAT_OLD := numpy==1.26.4 protobuf==4.21.12 opencv-python-headless==4.5.5.64
 compat:
@@ -56,4 +62,4 @@ proto: $(STAMP)
 	$(PY) tools/gen_proto.py
 
 clean:
-	rm -rf $(VENV) .venv-compat-old .venv-compat-new out bench.json
+	rm -rf $(VENV) .venv-compat-old .venv-compat-new .venv-cv5 out bench.json

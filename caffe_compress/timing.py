@@ -158,6 +158,7 @@ class DiskCache:
         self.dirty = False
         self.reuse = reuse  # False (--retime): measure everything again, and store the new values
         self.hits = self.stored = 0
+        self.measured_now: set[str] = set()  # keys measured in this run (reused within it even with --retime)
         if path is not None:
             try:
                 with open(path, encoding="utf-8") as fh:
@@ -185,6 +186,8 @@ class DiskCache:
         return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
     def get(self, key: str) -> float | None:
+        if key in self.measured_now:
+            return self.data[key]
         value = self.data.get(key) if self.reuse else None
         self.hits += value is not None
         return value
@@ -192,6 +195,7 @@ class DiskCache:
     def put(self, key: str, value: float) -> None:
         self.data.pop(key, None)  # re-inserted last: the newest entries are the ones kept
         self.data[key] = float(value)
+        self.measured_now.add(key)
         self.dirty = True
         self.stored += 1
 

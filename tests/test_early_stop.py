@@ -76,3 +76,12 @@ def test_timing_cache_survives_bad_files_and_retime(tmp_path):
     unwritable = timing.DiskCache(tmp_path / "ro" / "sub" / "t.json")
     unwritable.put("k", 1.0)
     unwritable.save()  # ignored, no exception
+
+
+def test_identical_outputs_pass_every_kind_and_are_never_a_certain_miss():
+    """An unchanged copy (--force) of an image-to-image net has PSNR = inf: a pass, not a miss."""
+    rng = np.random.default_rng(1)
+    for kind, shape in (("image", (8, 1, 6, 6)), ("class", (8, 4)), ("embedding", (8, 64)), ("dense", (8, 5))):
+        a = rng.uniform(0.01, 1, shape)
+        assert all(c.passed for c in contract.check_all([spec(kind)], {"y": a}, {"y": a.copy()}, 0.95)), kind
+        assert contract.certain_misses([spec(kind)], {"y": a}, {"y": a[:4].copy()}, 4, 0.95, total=8) == []

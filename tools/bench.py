@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -69,13 +70,17 @@ def compress_in_child(deploy: Path, weights: Path, tradeoff: float, prefix: Path
     report_path = prefix.with_suffix(".json")
     cmd = [sys.executable, "-m", "caffe_compress", str(deploy), str(weights), "--tradeoff", str(tradeoff),
            "-o", str(prefix), "--json", str(report_path), "-q", *map(str, extra)]
+    # a fresh timing cache per run: every compression is measured cold, as a first run on a device is
+    cache = tempfile.mkdtemp(prefix="bench-timings-")
+    env = {**os.environ, "CAFFE_COMPRESS_TIMING_CACHE": cache}
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     stderr = proc.stderr.read().decode() if proc.stderr else ""
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"bench: compression failed: {stderr.strip()}")
+    shutil.rmtree(cache, ignore_errors=True)
     report = json.loads(report_path.read_text())
     # The child's own VmHWM (from its report): wait4's ru_maxrss would also count
     # this parent's memory at fork time.
