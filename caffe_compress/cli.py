@@ -315,12 +315,12 @@ class _LineProgress(Progress):
 class _RichProgress(Progress):
     """rich's live display: the stage, a bar with n/N, elapsed time and an estimate of the time left."""
 
-    def __init__(self, *, verbose: bool) -> None:
+    def __init__(self, *, verbose: bool, console=None) -> None:
         from rich.console import Console
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
                                    TimeElapsedColumn, TimeRemainingColumn)
 
-        self.console = Console(stderr=True)
+        self.console = console or Console(stderr=True)
         self.verbose = verbose
         self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("elapsed"), TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),

@@ -168,3 +168,24 @@ def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path):
     assert quiet.returncode == 0 and quiet.stderr == ""
     verbose = run_cli(deploy, model, "-t", "0.99", "-o", tmp_path / "v", "-v")
     assert any("analysing layers 1/2: analysing fc1" in line for line in verbose.stderr.splitlines()), verbose.stderr
+
+
+def test_terminal_display_shows_stages_counts_and_items():
+    """The rich display (what a terminal gets), drawn into a recording console."""
+    import io
+
+    from rich.console import Console
+
+    from caffe_compress.cli import _RichProgress
+
+    console = Console(file=io.StringIO(), force_terminal=True, width=150, record=True)
+    display = _RichProgress(verbose=True, console=console)
+    display.stage("analysing layers", 3)
+    for name in ("conv1", "conv2", "fc6"):
+        display.item(f"analysing {name}")
+    display.stage("searching the plan")
+    display.item("round 1")
+    display.close()
+    text = console.export_text()
+    assert "analysing layers" in text and "3/3" in text and "searching the plan" in text
+    assert "analysing fc6" in text and "round 1" in text  # -v: one line per item
