@@ -23,12 +23,12 @@ setup(
     extras_require={
         # TensorLy is only the tests' independent oracle for CP quality.
         # ONNX output (--format onnx|both): onnx builds and checks the graph, onnxruntime validates it.
-        "onnx": ["onnx>=1.16", "onnxruntime>=1.17"],
+        "onnx": ["onnx>=1.16", "onnxruntime>=1.19"],
         "test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6", "grpcio-tools>=1.60", "tensorly>=0.8",
-                 "onnx>=1.16", "onnxruntime>=1.17"],
+                 "onnx>=1.16", "onnxruntime>=1.19"],
         "plot": ["matplotlib>=3.5"],
         "dev": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6", "matplotlib>=3.5", "grpcio-tools>=1.60", "tensorly>=0.8",
-                "onnx>=1.16", "onnxruntime>=1.17"],
+                "onnx>=1.16", "onnxruntime>=1.19"],
     },
     entry_points={"console_scripts": ["caffe-compress=caffe_compress.cli:main"]},
 )

@@ -39,7 +39,7 @@ def onnx_module():
         import onnx  # noqa: PLC0415 - optional extra, imported where needed
     except ImportError:
         raise MissingDependencyError("--format onnx: cannot import onnx; install caffe-compress[onnx] "
-                                     "(pip install 'onnx>=1.16' 'onnxruntime>=1.17')") from None
+                                     "(pip install 'onnx>=1.16' 'onnxruntime>=1.19')") from None
     return onnx
 
 
@@ -390,13 +390,23 @@ def _pooling(b: _Builder, layer: Layer) -> None:
         b.define(layer, "MaxPool", [x], kernel_shape=list(kernel), strides=list(stride),
                  pads=[pad[0], pad[1], pad[0] + extra[0], pad[1] + extra[1]])
         return
-    # Caffe averages over the window clipped to the padded input (pad counted, overhang not): zero-pad
-    # explicitly, then let ONNX exclude only the overhang.
-    if any(pad):
-        pads = b.ints(layer.name + "_pads", [0, 0, pad[0], pad[1], 0, 0, pad[0], pad[1]])
-        x = b.node("Pad", [x, pads], layer.name + "_padded")
-    b.define(layer, "AveragePool", [x], kernel_shape=list(kernel), strides=list(stride),
-             pads=[0, 0, extra[0], extra[1]], count_include_pad=0)
+    # Caffe divides by the window clipped to the padded input: the pad counts, the overhang does not.
+    if not any(pad):  # only overhang: ONNX excludes it
+        b.define(layer, "AveragePool", [x], kernel_shape=list(kernel), strides=list(stride),
+                 pads=[0, 0, extra[0], extra[1]], count_include_pad=0)
+        return
+    pads = [pad[0], pad[1], pad[0] + extra[0], pad[1] + extra[1]]
+    if not any(extra):  # only pad: ONNX counts it
+        b.define(layer, "AveragePool", [x], kernel_shape=list(kernel), strides=list(stride), pads=pads,
+                 count_include_pad=1)
+        return
+    # both: average over the whole window, then rescale each position to Caffe's divisor (static sizes)
+    y = b.node("AveragePool", [x], layer.name + "_avg", kernel_shape=list(kernel), strides=list(stride),
+               pads=pads, count_include_pad=1)
+    sizes = [np.array([min(o * s_ - p + k, n + p) - (o * s_ - p) for o in range(count)], dtype=np.float64)
+             for count, s_, k, n, p in zip(out, stride, kernel, shape[2:], pad)]
+    factor = (kernel[0] * kernel[1]) / np.outer(sizes[0], sizes[1])
+    b.define(layer, "Mul", [y, b.const(layer.name + "_divisor", factor.astype(np.float32)[None, None])])
 
 
 def _pool_pair(p: Mapping, what: str, default: int) -> tuple[int, int]:
