@@ -441,7 +441,8 @@ class _Run:
             io.check_report_path(self.report_path, inputs=(self.deploy, self.weights),
                                  outputs=(*io.output_paths(prefix), *([onnx_file] if onnx_file else [])))
         swept = (io.sweep_leftovers(*io.output_paths(prefix)) if not self.plan_only else []) + \
-            (io.sweep_temps(self.report_path) if self.report_path is not None else [])
+            (io.sweep_temps(self.report_path) if self.report_path is not None else []) + \
+            (io.sweep_temps(onnx_file) if onnx_file is not None else [])
         for note in swept:
             log.warning("%s", note)
         net = self.net = self.load()

@@ -149,3 +149,15 @@ def test_missing_onnx_package_is_one_line_before_any_work(tmp_path, monkeypatch,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "caffe-compress[onnx]" in err[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ops.caffemodel", "ops.prototxt"]
+
+
+def test_a_dead_runs_onnx_temp_is_swept(tmp_path):
+    deploy, model = write_model(tmp_path, "ops", OPS, ops_weights())
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / ".o.onnx.4194000-deadbeef.tmp"  # a run with that pid is gone
+    stale.write_bytes(b"half an onnx file")
+    result = run_cli(deploy, model, "--rank", "fc=2", "-o", out / "o", "--format", "onnx")
+    assert result.returncode == 0, result.stderr
+    assert not stale.exists() and "removed a temp file" in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["o.onnx"]
