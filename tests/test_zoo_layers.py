@@ -191,3 +191,19 @@ def test_one_input_channel_convolution_is_dense_not_depthwise(tmp_path):
                       (np.zeros((32, 1, 3, 3), np.float32), np.zeros(32, np.float32)))
     method, reason = describe_layer(depthwise, keep=False)
     assert method == "keep" and "depthwise" in reason
+
+
+def test_ssd_calibrated_on_more_images_than_one_run_holds(tmp_path):
+    """Sensitivity trials run 4 of the planning inputs; the SSD priors (one row per OpenCV run, not per
+    input) then differ in row count from the full planning run's, and are skipped (a crash before)."""
+    import cv2
+
+    deploy, model = write_model(tmp_path, "yu", MULTI_SIZE_SSD, multi_size_weights())
+    images = tmp_path / "calib"
+    images.mkdir()
+    rng = np.random.default_rng(4)
+    for i in range(24):  # planned in three runs of 8
+        cv2.imwrite(str(images / f"{i:02d}.png"), rng.uniform(0, 255, (64, 64, 3)).astype(np.uint8))
+    result = run_cli(deploy, model, "--tradeoff", "0.99", "--calibration", images, "-o", tmp_path / "c",
+                     "--force")
+    assert result.returncode == 0, result.stderr
