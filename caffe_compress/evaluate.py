@@ -100,22 +100,36 @@ def run_batches(run: Callable[[np.ndarray], np.ndarray], batch: np.ndarray) -> n
     return np.concatenate([v.reshape(v.shape[0], -1) for v in out], axis=0)
 
 
-def files_runner(deploy: Path, weights: Path) -> Callable[[np.ndarray], np.ndarray]:
-    """A batch -> net output function for a Caffe pair (its single input, its only output), in OpenCV 4.x."""
+@dataclass(frozen=True)
+class Classifier:
+    """A Caffe classifier loaded in OpenCV 4.x: ``run`` maps an (n, C, H, W) batch to its scored output."""
+
+    run: Callable[[np.ndarray], np.ndarray]
+    input_shape: tuple[int, ...]
+    output: str
+
+
+def classifier(deploy: Path, weights: Path, *, output: str | None = None) -> Classifier:
+    """The pair in OpenCV (read from bytes: no user file name reaches it), scoring ``output`` (default: the
+    net's only output); a single-input model."""
     from . import io
 
     net = io.load(deploy, weights)
     shapes = net.input_shapes()
+    if len(shapes) != 1:
+        raise UsageError(f"{deploy}: evaluate needs a single-input model, this one has {len(shapes)}")
+    (name, shape), = shapes.items()
     outputs = net.output_names()
-    if len(shapes) != 1 or len(outputs) != 1:
-        raise UsageError(f"{deploy}: needs one input and one output (it has {len(shapes)} and {len(outputs)})")
-    producer = [layer.name for layer in net.layers if outputs[0] in layer.tops][-1]
-    try:  # OpenCV reads bytes: no user file name reaches it
+    chosen = output or (outputs[0] if len(outputs) == 1 else None)
+    if chosen is None or chosen not in outputs:
+        raise UsageError(f"--output: name one of the outputs {', '.join(outputs)}")
+    producer = [layer.name for layer in net.layers if chosen in layer.tops][-1]
+    try:
         proto, model = Path(deploy).read_bytes(), Path(weights).read_bytes()
     except OSError as exc:
         raise UsageError(f"{exc.filename}: cannot read: {exc.strerror}") from None
     cv_net = validate.load_opencv_net(proto, model, what=str(deploy), error=UsageError)
-    return opencv_runner(cv_net, next(iter(shapes)), producer)
+    return Classifier(opencv_runner(cv_net, name, producer), tuple(shape), chosen)
 
 
 def predict(run: Callable[[np.ndarray], np.ndarray], paths: Sequence[Path], shape: tuple[int, ...],
@@ -157,22 +171,6 @@ class Accuracy:
 def accuracy_of_files(deploy: Path, weights: Path, labelled: Labelled, pre: validate.Preprocessing, *,
                       output: str | None = None) -> Accuracy:
     """Top-1 accuracy of a Caffe model (read by OpenCV 4.x) on labelled images."""
-    from . import io
-
-    net = io.load(deploy, weights)
-    shapes = net.input_shapes()
-    if len(shapes) != 1:
-        raise UsageError(f"{deploy}: evaluate needs a single-input model, this one has {len(shapes)}")
-    (name, shape), = shapes.items()
-    outputs = net.output_names()
-    chosen = output or (outputs[0] if len(outputs) == 1 else None)
-    if chosen is None or chosen not in outputs:
-        raise UsageError(f"--output: name one of the outputs {', '.join(outputs)}")
-    producer = [layer.name for layer in net.layers if chosen in layer.tops][-1]
-    try:  # OpenCV reads bytes: no user file name reaches it
-        proto, model = Path(deploy).read_bytes(), Path(weights).read_bytes()
-    except OSError as exc:
-        raise UsageError(f"{exc.filename}: cannot read: {exc.strerror}") from None
-    cv_net = validate.load_opencv_net(proto, model, what=str(deploy), error=UsageError)
-    scores = predict(opencv_runner(cv_net, name, producer), labelled.paths, shape, pre)
-    return Accuracy(top1(scores, labelled.labels), len(labelled.paths), chosen, labelled.source)
+    model = classifier(deploy, weights, output=output)
+    scores = predict(model.run, labelled.paths, model.input_shape, pre)
+    return Accuracy(top1(scores, labelled.labels), len(labelled.paths), model.output, labelled.source)

@@ -68,11 +68,13 @@ def export_and_judge(original: Net, new_net: Net, cv: OpenCVRunner, validation: 
     """
     sample = {k: v[:1] for k, v in validation.items()} if validation else _zeros(new_net)
     shapes = export_shapes(new_net, cv, sample)
-    data = export_onnx.to_onnx(new_net, shapes, fp16=fp16)
     if not validation:
-        return Exported(data, None)
+        return Exported(export_onnx.to_onnx(new_net, shapes, fp16=fp16), None)
     compared = compared_blobs(original)
-    checked = export_onnx.to_onnx(new_net, shapes, fp16=fp16, extra_outputs=compared)
+    model = export_onnx.build_onnx(new_net, shapes, fp16=fp16, extra_outputs=compared)  # built once
+    checked = model.SerializeToString()
+    export_onnx.net_outputs_only(model, new_net)
+    data = model.SerializeToString()
     batch_fixed = any(layer.type == "DetectionOutput" for layer in new_net.layers)
     constant = _constant_blobs(new_net, export_onnx.constant_sources(new_net))
     varying = [b for b in compared if b not in constant or not caffe_outputs]

@@ -21,6 +21,7 @@ import logging
 import numpy as np
 
 from .errors import ExportError, MissingDependencyError
+from .export_detection import detection_output
 from .net import Layer, Net, conv_geometry, fp16_storable, inner_product_geometry
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,17 @@ def dynamic_size(net: Net) -> bool:
 
 
 def to_onnx(net: Net, shapes: Shapes, *, fp16: bool = False, extra_outputs: Sequence[str] = ()) -> bytes:
-    """The serialized ONNX model of ``net``; graph outputs are the net outputs (then ``extra_outputs``).
+    """The serialized ONNX model of ``net``; graph outputs are the net outputs (then ``extra_outputs``)."""
+    return build_onnx(net, shapes, fp16=fp16, extra_outputs=extra_outputs).SerializeToString()
+
+
+def net_outputs_only(model, net: Net) -> None:
+    """Drop the ``extra_outputs`` of a model from build_onnx (they follow the net outputs), in place."""
+    del model.graph.output[len(net.output_names()):]
+
+
+def build_onnx(net: Net, shapes: Shapes, *, fp16: bool = False, extra_outputs: Sequence[str] = ()):
+    """The checked onnx.ModelProto of ``net``; graph outputs are the net outputs, then ``extra_outputs``.
 
     fp16 : store the weights as float16 initializers (Cast to float32 in the graph): half the file.
     """
@@ -95,7 +106,7 @@ def to_onnx(net: Net, shapes: Shapes, *, fp16: bool = False, extra_outputs: Sequ
         onnx.checker.check_model(model, full_check=True)
     except Exception as exc:  # noqa: BLE001 - onnx raises several types; one line names the problem
         raise ExportError(f"the exported graph fails onnx.checker: {str(exc).splitlines()[0]}") from None
-    return model.SerializeToString()
+    return model
 
 
 class _Builder:
@@ -575,16 +586,8 @@ _CONVERTERS: dict[str, Callable[[_Builder, Layer], None]] = {
     "Pooling": _pooling, "LRN": _lrn, "Softmax": _softmax, "Concat": _concat, "Slice": _slice, "Eltwise": _eltwise,
     "BatchNorm": _batch_norm, "Scale": _scale_bias, "Bias": _scale_bias, "Flatten": _reshape_to_top,
     "Reshape": _reshape_to_top, "Permute": _permute, "Normalize": _normalize, "Crop": _crop, "PriorBox": _constant,
+    "DetectionOutput": detection_output,
 }
-
-
-def _register_detection_output() -> None:
-    from .export_detection import detection_output
-
-    _CONVERTERS["DetectionOutput"] = detection_output
-
-
-_register_detection_output()
 
 
 def onnxruntime_session(model: bytes, *, threads: int = 0):

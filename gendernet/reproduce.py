@@ -93,7 +93,7 @@ def preprocess(paths: list[Path]) -> np.ndarray:
 
 def predict(deploy: Path, weights: Path, batch: np.ndarray) -> np.ndarray:
     """(N, classes) outputs in OpenCV 4.x, through the same code as `caffe-compress evaluate`."""
-    return evaluate.run_batches(evaluate.files_runner(deploy, weights), batch)
+    return evaluate.run_batches(evaluate.classifier(deploy, weights).run, batch)
 
 
 def latency_ms(deploy: Path, weights: Path, sample: np.ndarray, *, threads: int, runs: int = 20) -> float:

@@ -32,6 +32,16 @@ def write_model(tmp: Path, stem: str, prototxt: str, weights: dict[str, list[np.
     return deploy, model
 
 
+def gaussian_weights(seed: int, scale: float = 0.3):
+    """r(*shape, scale=...) -> float32 N(0, scale^2) arrays, drawn in call order from one seeded stream."""
+    rng = np.random.default_rng(seed)
+
+    def r(*shape, scale: float = scale) -> np.ndarray:
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    return r
+
+
 def cp_kernel(t: int, s: int, kh: int, kw: int, rank: int, seed: int = 0) -> np.ndarray:
     """A (t, s, kh, kw) kernel of exact CP rank ``rank``."""
     rng = np.random.default_rng(seed)

@@ -2,6 +2,8 @@
 get wrong (pooling windows that overhang, padded averages, crops with offsets, in-place chains)."""
 import numpy as np
 
+from nets import gaussian_weights
+
 OPS = """
 name: "ops"
 layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 24 dim: 22 } } }
@@ -39,11 +41,7 @@ layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }
 
 
 def ops_weights():
-    rng = np.random.default_rng(11)
-
-    def r(*shape, scale=0.3):
-        return (rng.standard_normal(shape) * scale).astype(np.float32)
-
+    r = gaussian_weights(11)
     return {
         "conv1": [r(8, 3, 3, 3), r(8)],
         "affine": [r(8), r(8)],

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from nets import max_relative_difference, opencv_outputs, write_model
+from nets import gaussian_weights, max_relative_difference, opencv_outputs, write_model
 
 RICH = """
 name: "rich"
@@ -50,11 +50,7 @@ layer { name: "loss" type: "SoftmaxWithLoss" bottom: "fc" bottom: "label" top: "
 
 
 def rich_weights():
-    rng = np.random.default_rng(3)
-
-    def r(*shape, scale=0.3):
-        return (rng.standard_normal(shape) * scale).astype(np.float32)
-
+    r = gaussian_weights(3)
     return {
         "conv1": [r(16, 3, 3, 3), r(16)],
         "bn1": [r(16), np.abs(r(16)) + 0.5, np.ones(1, np.float32)],

@@ -293,12 +293,9 @@ def check_output(spec: OutputSpec, original: np.ndarray, compressed: np.ndarray,
         pa = _probabilities(a.reshape(n, -1))
         pb = _probabilities(b.reshape(n, -1))
         old, new = pa.argmax(axis=1), pb.argmax(axis=1)
-        top = pa.max(axis=1)
-        confident = top >= CONFIDENT
-        what = f"top-1 agreement where confident ({int(confident.sum())} of {n})"
-        if confident.sum() < MIN_CONFIDENT:
-            confident = top >= np.median(top)
-            what = f"top-1 agreement on the more confident half ({int(confident.sum())} of {n})"
+        confident, fallback = _counted(pa)
+        what = (f"top-1 agreement on the more confident half ({int(confident.sum())} of {n})" if fallback else
+                f"top-1 agreement where confident ({int(confident.sum())} of {n})")
         agreement = float(np.mean(old[confident] == new[confident]))
         return [Check(spec.name, spec.kind, what, agreement, t["class"], True)]
     if spec.kind == "scores":
@@ -335,9 +332,7 @@ def check_output(spec: OutputSpec, original: np.ndarray, compressed: np.ndarray,
         what = f"relative error at {int(rows.sum())} {'positive' if count >= MIN_POSITIVES else 'strongest'} positions"
         return [Check(spec.name, spec.kind, what, _relative(ya, yb), t["relative"], False)]
     if spec.kind == "embedding":
-        va, vb = a.reshape(n, -1), b.reshape(n, -1)
-        denom = np.linalg.norm(va, axis=1) * np.linalg.norm(vb, axis=1)
-        cos = np.where(denom > 0, np.sum(va * vb, axis=1) / np.where(denom > 0, denom, 1.0), 1.0)
+        cos = _cosines(a.reshape(n, -1), b.reshape(n, -1))
         return [Check(spec.name, spec.kind, "smallest cosine similarity", float(cos.min()), t["cosine"], True)]
     if spec.kind == "image":
         peak = float(a.max() - a.min()) or 1.0
@@ -345,6 +340,22 @@ def check_output(spec: OutputSpec, original: np.ndarray, compressed: np.ndarray,
         psnr = math.inf if mse == 0 else 10.0 * math.log10(peak * peak / mse)
         return [Check(spec.name, spec.kind, "PSNR vs the original (dB)", psnr, t["psnr"], True)]
     return [Check(spec.name, spec.kind, "relative error", _relative(a, b), t["relative"], False)]
+
+
+def _counted(p: np.ndarray) -> tuple[np.ndarray, bool]:
+    """The inputs a class agreement counts: those the original is confident on, or (too few of those) its
+    more confident half; and whether it fell back to the half. p : (N, classes) probabilities."""
+    top = p.max(axis=1)
+    confident = top >= CONFIDENT
+    if confident.sum() < MIN_CONFIDENT:
+        return top >= np.median(top), True
+    return confident, False
+
+
+def _cosines(va: np.ndarray, vb: np.ndarray) -> np.ndarray:
+    """Per-row cosine similarity (1 where a row is zero)."""
+    denom = np.linalg.norm(va, axis=1) * np.linalg.norm(vb, axis=1)
+    return np.where(denom > 0, np.sum(va * vb, axis=1) / np.where(denom > 0, denom, 1.0), 1.0)
 
 
 def _positions_view(y: np.ndarray, positions: int) -> np.ndarray:
@@ -401,18 +412,13 @@ def certain_misses(specs: Sequence[OutputSpec], original: Mapping[str, np.ndarra
         seen = f"after {count} of {n_all} inputs"
         if spec.kind == "class" and t["class"] is not None:
             pa = _probabilities(a_all.reshape(n_all, -1))
-            top = pa.max(axis=1)
-            confident = top >= CONFIDENT
-            if confident.sum() < MIN_CONFIDENT:
-                confident = top >= np.median(top)
+            confident, _ = _counted(pa)
             changed = pa[:count].argmax(axis=1) != _probabilities(b.reshape(count, -1)).argmax(axis=1)
             best = 1.0 - int(np.sum(confident[:count] & changed)) / max(int(confident.sum()), 1)
             check = Check(spec.name, spec.kind, f"top-1 agreement where confident, at best ({seen})", best,
                           t["class"], True)
         elif spec.kind == "embedding" and t["cosine"] is not None:
-            va, vb = a.reshape(count, -1), b.reshape(count, -1)
-            denom = np.linalg.norm(va, axis=1) * np.linalg.norm(vb, axis=1)
-            cos = np.where(denom > 0, np.sum(va * vb, axis=1) / np.where(denom > 0, denom, 1.0), 1.0)
+            cos = _cosines(a.reshape(count, -1), b.reshape(count, -1))
             check = Check(spec.name, spec.kind, f"smallest cosine similarity ({seen})", float(cos.min()),
                           t["cosine"], True)
         elif spec.kind == "image" and t["psnr"] is not None:
@@ -441,9 +447,8 @@ def decisive_order(specs: Sequence[OutputSpec], original: Mapping[str, np.ndarra
             continue
         a = original[spec.name].astype(np.float64)
         n = a.shape[0] if a.ndim > 1 else 1
-        top = _probabilities(a.reshape(n, -1)).max(axis=1)
-        counted = top >= CONFIDENT
-        if counted.sum() < MIN_CONFIDENT:
-            counted = top >= np.median(top)
+        p = _probabilities(a.reshape(n, -1))
+        top = p.max(axis=1)
+        counted, _ = _counted(p)
         return np.argsort(np.where(counted, top, 2.0 + top), kind="stable")
     return None
