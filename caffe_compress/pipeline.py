@@ -452,6 +452,7 @@ class _Run:
                                        self.say, self.timer.timings, disk=timing.DiskCache.default(reuse=not self.retime))
         wants_plan = self.tradeoff > 0 or bool(self.ranks)
         self.progress.stage("probing the original model in OpenCV")
+        self.cv.keep(net)  # loaded once while it is probed, run on the validation and planning inputs
         try:
             inputs = plan_inputs.make_inputs(net, wants_plan=wants_plan, validate_output=self.validate_output,
                                              images=images, responds=lambda feed: self.responds(net, feed),
@@ -466,6 +467,7 @@ class _Run:
             self.time_original(net, inputs)
         release_memory()
         candidates, skipped = self.plan(net, inputs, wants_plan, ws)
+        self.cv.forget()
         release_memory()
         report, staged = _ClosedLoop(self, net, prefix, candidates, skipped, specs, reference, inputs).execute()
         if staged is not None:
@@ -707,6 +709,8 @@ class _Run:
             sources = {layer.name: first_input[layer.name] for layer, _ in decomposable}
             layer_inputs, reference = search.collect_inputs(run, net, inputs.planning, sources, out_sources,
                                                             seed=self.seed)
+            self.cv.forget()
+            release_memory()
         self.progress.stage("analysing layers", len(decomposable))
         with self.timer.stage("analyse"):
             candidates, more = search.analyse_layers(decomposable, layer_inputs, ranks=self.ranks, forms=self.forms, ws=ws,
@@ -719,7 +723,7 @@ class _Run:
         self.progress.stage("measuring each layer's effect on the outputs", len(measured))
         with self.timer.stage("sensitivity"):
             candidates = search.measure_gains(
-                lambda model, feed, srcs: self.cv.run(model, feed, srcs, what="sensitivity trial"),
+                self.trial_run,
                 net, candidates, inputs=inputs.planning, reference=reference, layer_inputs=layer_inputs,
                 compared_blobs=compared_blobs(net), skip=skip, ws=ws, say=self.say)
         if self.objective != "size":
@@ -731,6 +735,12 @@ class _Run:
                     original_ms=lambda name: self.guard.layer_ms(name, (net.layer(name),)),
                     factored_ms=lambda c, r: self.guard.layer_ms(c.layer, self.factorizer.draft(c.layer, c.method, r)))
         return candidates, skipped
+
+    def trial_run(self, model: Net, feed, sources) -> dict:
+        """One sensitivity trial in OpenCV: each loads a whole model, so the heap the previous one freed is
+        handed back first (the run's peak memory is set here otherwise)."""
+        release_memory()
+        return self.cv.run(model, feed, sources, what="sensitivity trial")
 
     @staticmethod
     def _latency_feed(net: Net, inputs: plan_inputs.Inputs) -> dict:
@@ -744,7 +754,7 @@ class _Run:
         return feed
 
     def _load_for_timing(self, model: Net):
-        return self.cv.load(model, what="timing")
+        return self.cv.load_kept(model, what="timing")
 
     def time_original(self, net: Net, inputs: plan_inputs.Inputs) -> None:
         """The original's latency, 1 thread and default threads (medians; one network alive at a time)."""

@@ -104,6 +104,26 @@ class OpenCVRunner:
 
     def __init__(self, scratch: Path) -> None:
         self.scratch = scratch
+        self._keep: Net | None = None  # the net whose OpenCV network stays loaded between runs
+        self._kept = None
+
+    def keep(self, net: Net) -> None:
+        """Keep ``net`` loaded once it has run (the original, run several times while the inputs are
+        probed), until :meth:`forget`: each load writes and parses the whole model again."""
+        self.forget()
+        self._keep = net
+
+    def forget(self) -> None:
+        self._keep = self._kept = None
+
+    def load_kept(self, net: Net, *, what: str, error=ValidationError):
+        """The kept network when ``net`` is the one to keep (loaded on first use), else a fresh load."""
+        if self._kept is not None and net is self._keep:
+            return self._kept
+        cv_net = self.load(net, what=what, error=error)
+        if net is self._keep:
+            self._kept = cv_net
+        return cv_net
 
     def load(self, net: Net, *, what: str, error=ValidationError):
         proto, weights = self.scratch / "m.prototxt", self.scratch / "m.caffemodel"
@@ -160,7 +180,7 @@ class OpenCVRunner:
         if files is not None and tapped is net:
             cv_net = self.load_files(files, what=what, error=error)
         else:
-            cv_net = self.load(tapped, what=what, error=error)
+            cv_net = self.load_kept(tapped, what=what, error=error)
         wanted = list(dict.fromkeys(names[s] for s in sources if not s.is_input))
         values: dict = {}
         count = next(iter(inputs.values())).shape[0] if inputs else 0

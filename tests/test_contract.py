@@ -342,7 +342,20 @@ def test_a_convention_that_leaves_the_outputs_constant_is_not_believed():
         seen.append(float(np.abs(x).max()))
         return len(seen) > 1
 
-    made, label = plan_inputs._natural_inputs(net, {"data": (1, 3, 32, 32)}, 4, 0, validate.Preprocessing(), responds)
+    shapes = {"data": (1, 3, 32, 32)}
+    chosen = plan_inputs.choose_conventions(net, shapes, 0, validate.Preprocessing(), responds)
+    made, label = plan_inputs._natural_inputs(shapes, 4, 0, chosen)
     assert first.name not in label.split()[1] and "fallback" in label
+    # every convention tried saw the same pictures (drawn once)
+    assert len(seen) == 2 and made["data"].shape == (4, 3, 32, 32)
     with pytest.raises(ValidationError, match="do not vary"):
-        plan_inputs._natural_inputs(net, {"data": (1, 3, 32, 32)}, 4, 0, validate.Preprocessing(), lambda feed: False)
+        plan_inputs.choose_conventions(net, shapes, 0, validate.Preprocessing(), lambda feed: False)
+
+
+def test_probe_pictures_are_drawn_once_per_seed_and_extend_their_stream():
+    source = probe.PictureSource()
+    few = source.pictures((1, 3, 24, 24), 3, 5)
+    more = source.pictures((1, 3, 24, 24), 6, 5)
+    fresh = probe.PictureSource().pictures((1, 3, 24, 24), 6, 5)
+    assert np.array_equal(few, more[:3]) and np.array_equal(more, fresh)
+    assert not np.array_equal(more, probe.PictureSource().pictures((1, 3, 24, 24), 6, 6))

@@ -85,3 +85,30 @@ def test_identical_outputs_pass_every_kind_and_are_never_a_certain_miss():
         a = rng.uniform(0.01, 1, shape)
         assert all(c.passed for c in contract.check_all([spec(kind)], {"y": a}, {"y": a.copy()}, 0.95)), kind
         assert contract.certain_misses([spec(kind)], {"y": a}, {"y": a[:4].copy()}, 4, 0.95, total=8) == []
+
+
+def test_the_kept_network_is_loaded_once_until_forgotten(tmp_path, monkeypatch):
+    """The original, run on the response, validation and planning probes, is parsed by OpenCV once."""
+    from caffe_compress import runner, validate
+    from caffe_compress.net import Layer, Net
+
+    w = np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32)
+    net = Net("k", (Layer("data", "Input", (), ("data",), {"input_param": {"shape": [{"dim": [1, 3, 8, 8]}]}}),
+                    Layer("conv", "Convolution", ("data",), ("conv",),
+                          {"convolution_param": {"num_output": 4, "kernel_size": [3], "bias_term": False}}, (w,))))
+    loads = []
+    real = validate.load_opencv_net
+    monkeypatch.setattr(validate, "load_opencv_net", lambda *a, **k: loads.append(1) or real(*a, **k))
+    cv = runner.OpenCVRunner(tmp_path)
+    feed = {"data": np.random.default_rng(1).standard_normal((3, 3, 8, 8)).astype(np.float32)}
+    src = [runner.Source("conv")]
+    cv.keep(net)
+    first = cv.run(net, feed, src)[src[0]]
+    for _ in range(3):
+        assert np.array_equal(cv.run(net, feed, src)[src[0]], first)
+    assert len(loads) == 1
+    other = Net("k", net.layers)  # equal, but not the kept object: loaded on its own
+    cv.run(other, feed, src)
+    assert len(loads) == 2
+    cv.forget()
+    assert np.array_equal(cv.run(net, feed, src)[src[0]], first) and len(loads) == 3

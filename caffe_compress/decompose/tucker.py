@@ -47,8 +47,20 @@ def tucker_reconstruct(f: TuckerFactors) -> np.ndarray:
     return np.einsum("ta,abij,bs->tsij", u_out, f.core.astype(np.float64), u_in, optimize=True).astype(np.float32)
 
 
-def tucker2_conv(kernel: np.ndarray, rank: int, *, sweeps: int = HOOI_SWEEPS) -> TuckerFactors:
-    """Tucker-2 of ``kernel`` (T, S, kh, kw) at ``rank`` (see tucker_ranks), float64 inside, deterministic."""
+def hosvd_bases(kernel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every leading vector of the two channel modes, (T, T) and (S, S), largest first: the HOSVD start of
+    any rank is their first columns, so a rank grid computes them once."""
+    t, s = kernel.shape[:2]
+    x = np.asarray(kernel, dtype=np.float64)
+    x_t = x.reshape(t, -1)
+    x_s = x.transpose(1, 0, 2, 3).reshape(s, -1)
+    return _leading(x_t @ x_t.T, t), _leading(x_s @ x_s.T, s)
+
+
+def tucker2_conv(kernel: np.ndarray, rank: int, *, sweeps: int = HOOI_SWEEPS,
+                 bases: tuple[np.ndarray, np.ndarray] | None = None) -> TuckerFactors:
+    """Tucker-2 of ``kernel`` (T, S, kh, kw) at ``rank`` (see tucker_ranks), float64 inside, deterministic.
+    ``bases``: the kernel's hosvd_bases, when several ranks are cut from them."""
     if kernel.ndim != 4:
         raise ValueError(f"kernel must be 4-D (T, S, kh, kw), got shape {kernel.shape}")
     t, s, kh, kw = kernel.shape
@@ -57,10 +69,8 @@ def tucker2_conv(kernel: np.ndarray, rank: int, *, sweeps: int = HOOI_SWEEPS) ->
     r_in, r_out = tucker_ranks(rank, t, s)
     x = np.asarray(kernel, dtype=np.float64)
     norm = float(np.linalg.norm(x))
-    x_t = x.reshape(t, -1)  # (T, S*kh*kw)
-    x_s = x.transpose(1, 0, 2, 3).reshape(s, -1)  # (S, T*kh*kw)
-    u_out = _leading(x_t @ x_t.T, r_out)
-    u_in = _leading(x_s @ x_s.T, r_in)
+    full_out, full_in = bases if bases is not None else hosvd_bases(x)
+    u_out, u_in = full_out[:, :r_out], full_in[:, :r_in]
     for _ in range(sweeps):  # HOOI: each side's subspace given the other's projection
         y = np.einsum("tsij,ta->asij", x, u_out, optimize=True).reshape(r_out, s, kh * kw)
         y_s = y.transpose(1, 0, 2).reshape(s, -1)

@@ -35,7 +35,7 @@ from ..decompose import (
     ConvFactors, LinearFactors, SpatialFactors, SpectralBasis, TuckerFactors, cp_conv, cp_reconstruct, spatial_basis,
     spatial_factors, spatial_reconstruct, spectral_basis, tucker2_conv, tucker_ranks, tucker_reconstruct,
 )
-from ..decompose.tucker import HOOI_SWEEPS
+from ..decompose.tucker import HOOI_SWEEPS, hosvd_bases
 from ..errors import UsageError
 from ..net import Layer, Net, conv_geometry, inner_product_geometry
 from ..rewrite import conv_group_kernels, inner_product_matrix
@@ -173,6 +173,7 @@ class Workspace:
     bases: dict[str, list[SpectralBasis]] = field(default_factory=dict)  # svd / svd-1x1, per group
     cp: dict[str, dict[int, list[ConvFactors]]] = field(default_factory=dict)
     tucker: dict[str, dict[tuple, list[TuckerFactors]]] = field(default_factory=dict)
+    hosvd: dict[str, list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)  # per group
     spatial: dict[str, list[SpectralBasis]] = field(default_factory=dict)  # per group
 
     def linear_factors(self, name: str, rank_total: int) -> list[LinearFactors]:
@@ -191,7 +192,11 @@ class Workspace:
         key = (rank_total, polish)
         if key not in store:
             sweeps = HOOI_SWEEPS if polish else 0
-            store[key] = [tucker2_conv(k, rank_total // len(kernels), sweeps=sweeps) for k in kernels]
+            if name not in self.hosvd:
+                self.hosvd[name] = [hosvd_bases(k) for k in kernels]
+            bases = self.hosvd[name]
+            store[key] = [tucker2_conv(k, rank_total // len(kernels), sweeps=sweeps, bases=b)
+                          for k, b in zip(kernels, bases)]
         return store[key]
 
 

@@ -103,28 +103,41 @@ def _given_convention(pre: validate.Preprocessing) -> probe.Convention | None:
     return probe.Convention("given", tuple(pre.mean), (pre.scale,), f"(x - {pre.mean}) * {pre.scale:g}")
 
 
-def _natural_inputs(net: Net, shapes, count: int, seed: int, pre: validate.Preprocessing,
-                    responds: Callable | None = None) -> tuple[dict, str]:
-    """Probes per input. ``responds(feed) -> bool`` says whether the net's outputs vary over a small
-    batch: a convention under which they do not is not the one the net was trained with."""
-    inputs, used = {}, []
-    for i, (name, shape) in enumerate(shapes.items()):
-        elements = int(np.prod(shape[1:])) if len(shape) > 1 else 1
-        n = max(1, min(count, MAX_PROBE_ELEMENTS // max(elements, 1)))
+def choose_conventions(net: Net, shapes, seed: int, pre: validate.Preprocessing, responds: Callable | None = None,
+                       source: probe.PictureSource | None = None) -> dict[str, probe.InferredConvention]:
+    """The input convention of each input, decided once for planning and validation probes alike.
+
+    ``responds(feed) -> bool`` says whether the net's outputs vary over a small batch (the first
+    RESPONSE_PROBES planning probes): a convention under which they do not is not the one the net was
+    trained with."""
+    chosen = {}
+    for name, shape in shapes.items():
         given = _given_convention(pre)
         candidates = [probe.InferredConvention(given, "--mean/--scale")] if given else \
             probe.ranked_conventions(net, name, shape, seed=seed)
-        chosen = candidates[0]
+        chosen[name] = candidates[0]
         if responds is not None and len(shapes) == 1:
             for candidate in candidates:
-                if responds({name: probe.natural_probes(shape, RESPONSE_PROBES, candidate.convention, seed=seed)[:]}):
-                    chosen = candidate
+                feed = probe.natural_probes(shape, RESPONSE_PROBES, candidate.convention, seed=seed, source=source)
+                if responds({name: feed[:]}):
+                    chosen[name] = candidate
                     break
             else:
                 raise NoResponseError(
                     f"input '{name}': the model's outputs do not vary over natural-image probes in any common "
                     "input convention; pass --calibration DIR or --images DIR (with --mean/--scale)")
-        inputs[name] = probe.natural_probes(shape, n, chosen.convention, seed=seed + 17 * i)
+    return chosen
+
+
+def _natural_inputs(shapes, count: int, seed: int, conventions: Mapping[str, probe.InferredConvention],
+                    source: probe.PictureSource | None = None) -> tuple[dict, str]:
+    """``count`` probes per input (fewer for a large input) in its convention."""
+    inputs, used = {}, []
+    for i, (name, shape) in enumerate(shapes.items()):
+        elements = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+        n = max(1, min(count, MAX_PROBE_ELEMENTS // max(elements, 1)))
+        chosen = conventions[name]
+        inputs[name] = probe.natural_probes(shape, n, chosen.convention, seed=seed + 17 * i, source=source)
         used.append(f"{name}: {chosen.convention.name} {chosen.convention.description} ({chosen.evidence})")
     return inputs, "; ".join(used)
 
@@ -136,6 +149,14 @@ def make_inputs(net: Net, *, wants_plan: bool, validate_output: bool, images, ca
     small = probe_shapes(net, shapes)
     validation: dict[str, np.ndarray] = {}
     label, convention = "none", ""
+    source = probe.PictureSource()
+    conventions: dict = {}
+
+    def probes_of(count: int, probe_seed: int) -> tuple[dict, str]:
+        if not conventions:  # decided once, on the first planning probes, when probes are needed at all
+            conventions.update(choose_conventions(net, small, seed, pre, responds, source))
+        return _natural_inputs(small, count, probe_seed, conventions, source)
+
     if validate_output:  # read --images first: a bad option fails before any real work
         if images is not None:
             validation, label = _image_inputs(shapes, Path(images), pre, "--images")
@@ -143,7 +164,7 @@ def make_inputs(net: Net, *, wants_plan: bool, validate_output: bool, images, ca
             elements = max(int(np.prod(s[1:])) for s in small.values())
             most = VALIDATION_PROBES_DENSE if small != shapes else VALIDATION_PROBES
             count = max(probes, min(most, VALIDATION_ELEMENTS // max(elements, 1)))
-            validation, convention = _natural_inputs(net, small, count, seed + 1000, pre, responds)
+            validation, convention = probes_of(count, seed + 1000)
             label = f"natural-image probes ({next(iter(validation.values())).shape[0]})"
     planning = None
     if wants_plan and calibration is not None:
@@ -160,7 +181,7 @@ def make_inputs(net: Net, *, wants_plan: bool, validate_output: bool, images, ca
             planning, _ = _image_inputs(shapes, Path(calibration), pre, "--calibration", files=files,
                                         crop=small)
     elif wants_plan:
-        planning, convention = _natural_inputs(net, small, probes, seed, pre, responds)
+        planning, convention = probes_of(probes, seed)
     return Inputs(planning, validation, label, convention)
 
 

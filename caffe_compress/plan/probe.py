@@ -91,11 +91,13 @@ def _dead_leaves_picture(rng: np.random.Generator, h: int, w: int) -> np.ndarray
             continue
         colour = _natural_colour(rng)
         tilt_y = rng.normal()
-        discs.append((y0, y1, x0, x1, cy, cx, r, colour, tilt_y, rng.normal()))
+        discs.append((y0, y1, x0, x1, cy, cx, r, *colour, tilt_y, rng.normal()))
     img = np.empty((3, h, w))
     img[:] = background[:, None, None]
     if discs:
-        _paint(img, discs)
+        table = np.array(discs)  # one row per disc: box, centre, radius, colour (3), tilts
+        box = table[:, :4].astype(np.int64)
+        _paint(img, *box.T, *table[:, 4:7].T, table[:, 7:10], *table[:, 10:12].T)
     img += rng.normal(0.0, 3.0, size=(1, h, w))  # fine texture, shared by the channels (luminance)
     img = _blur(img)
     return np.clip(img, 0.0, 255.0)
@@ -111,27 +113,21 @@ def _covers_a_pixel(cy: float, cx: float, r: float, y0: int, y1: int, x0: int, x
     return bool(nearest_square(cy, y0, y1) + nearest_square(cx, x0, x1) <= r * r)
 
 
-def _paint(img: np.ndarray, discs: list) -> None:
+def _paint(img: np.ndarray, y0, y1, x0, x1, cy, cx, r, colour, tilt_y, tilt_x) -> None:
     """Paint the discs in order (the last one covering a pixel wins), all at once: every disc's box
-    pixels are listed, the ones inside kept, and each pixel takes the last disc that covers it."""
+    pixels are listed, the ones inside kept, and each pixel takes the last (largest-index) disc covering it."""
     _, h, w = img.shape
-    y0, y1, x0, x1 = (np.array([d[i] for d in discs], dtype=np.int64) for i in range(4))
-    cy, cx, r = (np.array([d[i] for d in discs], dtype=np.float64) for i in (4, 5, 6))
-    colour = np.array([d[7] for d in discs])
-    tilt_y, tilt_x = (np.array([d[i] for d in discs], dtype=np.float64) for i in (8, 9))
     widths = x1 - x0
     areas = (y1 - y0) * widths
-    disc = np.repeat(np.arange(len(discs)), areas)
+    disc = np.repeat(np.arange(len(areas)), areas)
     local = np.arange(int(areas.sum())) - np.repeat(np.cumsum(areas) - areas, areas)
     yy = y0[disc] + local // widths[disc]
     xx = x0[disc] + local % widths[disc]
     inside = (yy - cy[disc]) ** 2 + (xx - cx[disc]) ** 2 <= (r * r)[disc]
-    pixel, disc = (yy * w + xx)[inside], disc[inside]
-    order = np.argsort(pixel, kind="stable")  # within a pixel, discs stay in painting order
-    pixel, disc = pixel[order], disc[order]
-    last = np.ones(len(pixel), dtype=bool)
-    last[:-1] = pixel[1:] != pixel[:-1]
-    pixel, k = pixel[last], disc[last]
+    top = np.full(h * w, -1, dtype=np.int64)
+    np.maximum.at(top, (yy * w + xx)[inside], disc[inside])  # the last disc painted over each pixel
+    pixel = np.flatnonzero(top >= 0)
+    k = top[pixel]
     py, px = pixel // w, pixel % w
     shade = 1.0 + 0.3 * ((py - cy[k]) * tilt_y[k] + (px - cx[k]) * tilt_x[k]) / np.maximum(r[k], 1.0) / 2
     flat = img.reshape(3, -1)
@@ -139,17 +135,22 @@ def _paint(img: np.ndarray, discs: list) -> None:
 
 
 def _resize(img: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bilinear resize of a (C, h, w) picture to (C, height, width)."""
+    """Bilinear resize (corners aligned) of a (C, h, w) picture to (C, height, width): two small matrix products."""
     _, h, w = img.shape
-    yi = np.linspace(0, h - 1, height)
-    xi = np.linspace(0, w - 1, width)
-    y0, x0 = np.floor(yi).astype(int), np.floor(xi).astype(int)
-    y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
-    fy, fx = (yi - y0)[None, :, None], (xi - x0)[None, None, :]
-    upper, lower = img[:, y0], img[:, y1]
-    top = upper[:, :, x0] * (1 - fx) + upper[:, :, x1] * fx
-    bottom = lower[:, :, x0] * (1 - fx) + lower[:, :, x1] * fx
-    return top * (1 - fy) + bottom * fy
+    return _interpolation(h, height) @ img @ _interpolation(w, width).T
+
+
+def _interpolation(n: int, size: int) -> np.ndarray:
+    """(size, n) linear interpolation weights from n samples to size samples, ends aligned."""
+    at = np.linspace(0, n - 1, size)
+    below = np.floor(at).astype(np.int64)
+    above = np.minimum(below + 1, n - 1)
+    frac = at - below
+    matrix = np.zeros((size, n))
+    rows = np.arange(size)
+    matrix[rows, below] += 1 - frac
+    matrix[rows, above] += frac
+    return matrix
 
 
 def _natural_colour(rng: np.random.Generator) -> np.ndarray:
@@ -300,15 +301,28 @@ class Pictures:
         return self[:] if dtype is None else self[:].astype(dtype)
 
 
-def natural_probes(shape: Sequence[int], count: int, convention: Convention, *, seed: int):
+class PictureSource:
+    """Probe pictures drawn once per (shape, seed): a later request reuses the pictures already drawn for
+    that seed and continues its stream for more (so the 8 probes that test a convention are the first 8
+    planning probes, and every convention tried sees the same pictures)."""
+
+    def __init__(self) -> None:
+        self._drawn: dict[tuple, tuple[np.random.Generator, list[np.ndarray]]] = {}
+
+    def pictures(self, dims: tuple[int, ...], count: int, seed: int) -> np.ndarray:
+        """(count, C, H, W) uint8 pictures."""
+        rng, drawn = self._drawn.setdefault((dims, seed), (np.random.default_rng(seed), []))
+        while len(drawn) < count:
+            pic = dead_leaves(1, dims[1], dims[2], dims[3], seed=int(rng.integers(1 << 31)))[0]
+            drawn.append(np.clip(np.rint(pic), 0, 255).astype(np.uint8))
+        return np.stack(drawn[:count])
+
+
+def natural_probes(shape: Sequence[int], count: int, convention: Convention, *, seed: int,
+                   source: PictureSource | None = None):
     """(count, C, H, W) natural-image-like inputs in ``convention`` (as :class:`Pictures`);
     a non-image input gets N(0, 1) values (an ndarray)."""
     dims = tuple(int(d) for d in shape)
     if len(dims) != 4 or min(dims[2:]) < 4:
         return np.random.default_rng(seed).standard_normal((count,) + dims[1:]).astype(np.float32)
-    pictures = np.empty((count,) + dims[1:], dtype=np.uint8)
-    rng = np.random.default_rng(seed)
-    for i in range(count):
-        pic = dead_leaves(1, dims[1], dims[2], dims[3], seed=int(rng.integers(1 << 31)))[0]
-        pictures[i] = np.clip(np.rint(pic), 0, 255).astype(np.uint8)
-    return Pictures(pictures, convention)
+    return Pictures((source or PictureSource()).pictures(dims, count, seed), convention)
