@@ -359,3 +359,15 @@ def test_probe_pictures_are_drawn_once_per_seed_and_extend_their_stream():
     fresh = probe.PictureSource().pictures((1, 3, 24, 24), 6, 5)
     assert np.array_equal(few, more[:3]) and np.array_equal(more, fresh)
     assert not np.array_equal(more, probe.PictureSource().pictures((1, 3, 24, 24), 6, 6))
+
+
+def test_near_zero_first_layer_biases_give_the_default_under_every_probe_draw():
+    """Biases ~10x below a trained net's under the most favourable convention are no evidence: the
+    inferred convention must not depend on which pictures were drawn (it decided GenderNet's plan)."""
+    weight = np.random.default_rng(12).standard_normal((16, 3, 3, 3)).astype(np.float32) * 0.1
+    _, std = _stats_under(probe._named("unit"), weight)
+    sign = np.random.default_rng(13).choice([-1, 1], 16)
+    bias = (probe.TYPICAL_BIAS_RATIO / 10 * std * sign).astype(np.float32)
+    picks = {probe.infer_convention(_conv_net(weight, bias), "data", (1, 3, 32, 32), seed=s).convention.name
+             for s in range(8)}
+    assert picks == {"pixels-mean"}
