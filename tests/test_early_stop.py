@@ -112,3 +112,33 @@ def test_the_kept_network_is_loaded_once_until_forgotten(tmp_path, monkeypatch):
     assert len(loads) == 2
     cv.forget()
     assert np.array_equal(cv.run(net, feed, src)[src[0]], first) and len(loads) == 3
+
+
+@pytest.mark.parametrize("objects", [True, False])
+def test_detection_scores_and_boxes_bounds_never_fire_on_a_pass(objects):
+    """SSD-like scores (2 classes, background 0) and their boxes: an early miss is always a miss of the
+    full check, with objects (the positives' Jaccard) and without (RMS logit at the strongest)."""
+    rng = np.random.default_rng(3)
+    n, priors = 32, 300
+    scores = contract.OutputSpec("conf", "scores", classes=2, background=0)
+    boxes = contract.OutputSpec("loc", "boxes", pair="conf")
+    fired = 0
+    for trial in range(40):
+        z = rng.normal(-6.0, 2.0, (n, priors))
+        if objects:
+            z[:, :6] = rng.normal(4.0, 1.0, (n, 6))  # a few sure positives per input
+        noise = 0.7 * (trial % 5)
+        zb = z + rng.normal(0, noise, z.shape)
+        conf = np.stack([1 / (1 + np.exp(z)), 1 / (1 + np.exp(-z))], axis=2).reshape(n, -1)
+        conf_b = np.stack([1 / (1 + np.exp(zb)), 1 / (1 + np.exp(-zb))], axis=2).reshape(n, -1)
+        loc = rng.normal(size=(n, priors * 4))
+        loc_b = loc + rng.normal(0, 0.02 * (trial % 4), loc.shape)
+        original, compressed = {"conf": conf, "loc": loc}, {"conf": conf_b, "loc": loc_b}
+        full = contract.check_all([scores, boxes], original, compressed, 0.95)
+        for count in (4, 12, 28):
+            lost = contract.certain_misses([scores, boxes], original, {k: v[:count] for k, v in compressed.items()},
+                                           count, 0.95, total=n)
+            for check in lost:
+                fired += 1
+                assert not next(c for c in full if c.output == check.output).passed, (trial, count, check)
+    assert fired > 0

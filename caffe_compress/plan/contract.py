@@ -398,9 +398,10 @@ def certain_misses(specs: Sequence[OutputSpec], original: Mapping[str, np.ndarra
                    min_fidelity: float | None = None, margin: float = 1.0) -> list[Check]:
     """Checks the compressed model has already lost on the first ``count`` validation inputs, whatever the
     others give: the metric's best possible value is past its target. ``original`` holds all inputs'
-    outputs, ``partial`` the compressed model's first ``count``. Outputs judged by detection positives
-    (scores, paired boxes) are never decided early, nor outputs that are not one row per input (SSD
-    priors); ``total`` is the number of inputs. A validation round that misses stops here, early."""
+    outputs, ``partial`` the compressed model's first ``count``. Detection scores and paired boxes are
+    bounded through the original's positives, known for every input in advance; outputs that are not one
+    row per input (SSD priors) are never decided early. ``total`` is the number of inputs. A validation
+    round that misses stops here, early."""
     t = targets(tradeoff, min_fidelity=min_fidelity, margin=margin)
     lost: list[Check] = []
     for spec in specs:
@@ -426,6 +427,12 @@ def certain_misses(specs: Sequence[OutputSpec], original: Mapping[str, np.ndarra
             mse_floor = float(np.sum((a - b) ** 2)) / a_all.size  # the rest can only add error
             best = math.inf if mse_floor == 0 else 10.0 * math.log10(peak * peak / mse_floor)
             check = Check(spec.name, spec.kind, f"PSNR vs the original, at best ({seen})", best, t["psnr"], True)
+        elif spec.kind == "scores" and t["jaccard"] is not None:
+            check = _scores_bound(spec, a_all, b, count, t, seen)
+        elif spec.kind == "boxes" and spec.pair and spec.pair in original and t["relative"] is not None:
+            if original[spec.pair].shape[0] != total:
+                continue
+            check = _boxes_bound(spec, specs, original, a_all, b, count, t, seen)
         elif (spec.kind == "dense" or (spec.kind == "boxes" and not (spec.pair and spec.pair in original))) \
                 and t["relative"] is not None:
             ref = float(np.sum(a_all * a_all))
@@ -436,6 +443,43 @@ def certain_misses(specs: Sequence[OutputSpec], original: Mapping[str, np.ndarra
         if not check.passed:
             lost.append(check)
     return lost
+
+
+def _scores_bound(spec: OutputSpec, a_all: np.ndarray, b: np.ndarray, count: int, t: dict, seen: str) -> Check:
+    """The best final value of check_output's scores metric given the first ``count`` inputs: the later
+    inputs at best keep all their positives and add no new ones (Jaccard), or change nothing (RMS logit)."""
+    positive, strongest, positives = _selected_positions(spec, a_all)
+    va = _by_position(a_all, spec.classes)
+    keep = _foreground_classes(spec, va)
+    fa, fb = va[:, :, keep], _by_position(b, spec.classes)[:, :, keep]
+    if positives >= MIN_POSITIVES:
+        cut = float(_logit(np.array(spec.threshold)))
+        la = _logit(fa)
+        sure_pos, sure_neg = la > cut + AMBIGUOUS_NATS, la < cut - AMBIGUOUS_NATS
+        now_pos = _logit(fb) > cut
+        kept = int((sure_pos[:count] & now_pos).sum()) + int(sure_pos[count:].sum())
+        best = kept / max(int(sure_pos.sum()) + int((sure_neg[:count] & now_pos).sum()), 1)
+        return Check(spec.name, spec.kind, f"positives Jaccard, at best ({seen})", best, t["jaccard"], True)
+    cap = float(_logit(np.array(spec.threshold))) + SATURATION_NATS
+    d = np.minimum(_logit(fa[:count][strongest[:count]]), cap) - np.minimum(_logit(fb[strongest[:count]]), cap)
+    floor = math.sqrt(float(np.sum(d * d)) / max(int(strongest.sum()), 1))
+    return Check(spec.name, spec.kind, f"logit change at the strongest, at least ({seen})", floor, t["logit"], False)
+
+
+def _boxes_bound(spec: OutputSpec, specs: Sequence[OutputSpec], original: Mapping[str, np.ndarray],
+                 a_all: np.ndarray, b: np.ndarray, count: int, t: dict, seen: str) -> Check:
+    """The least final relative error of paired boxes given the first ``count`` inputs (the rows it is
+    measured on come from the original's scores, known for every input)."""
+    pair = next(s for s in specs if s.name == spec.pair)
+    positive, strongest, positives = _selected_positions(pair, original[spec.pair].astype(np.float64))
+    rows = (positive if positives >= MIN_POSITIVES else strongest).any(axis=2)
+    ya = _positions_view(a_all, rows.shape[1])[rows]
+    yb = _positions_view(b, rows.shape[1])[rows[:count]]
+    ref = float(np.sum(ya * ya))
+    diff = float(np.sum((_positions_view(a_all[:count], rows.shape[1])[rows[:count]] - yb) ** 2))
+    floor = math.sqrt(diff / ref) if ref > 0 else (0.0 if diff == 0 else math.inf)
+    return Check(spec.name, spec.kind, f"relative error at the selected positions, at least ({seen})", floor,
+                 t["relative"], False)
 
 
 def decisive_order(specs: Sequence[OutputSpec], original: Mapping[str, np.ndarray]) -> np.ndarray | None:
