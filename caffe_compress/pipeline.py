@@ -452,7 +452,7 @@ class _Run:
                                        self.say, self.timer.timings, disk=timing.DiskCache.default(reuse=not self.retime))
         wants_plan = self.tradeoff > 0 or bool(self.ranks)
         self.progress.stage("probing the original model in OpenCV")
-        self.cv.keep(net)  # loaded once while it is probed, run on the validation and planning inputs
+        self.cv.keep(net)  # loaded once for the response probes, the validation inputs and its timing
         try:
             inputs = plan_inputs.make_inputs(net, wants_plan=wants_plan, validate_output=self.validate_output,
                                              images=images, responds=lambda feed: self.responds(net, feed),
@@ -465,9 +465,9 @@ class _Run:
         self.decisive_first(specs, reference)
         if wants_plan:  # timed now, while little else is held (it loads the whole original into OpenCV)
             self.time_original(net, inputs)
+        self.cv.forget()  # (not kept while the layer inputs are recorded: its buffers would add to that peak)
         release_memory()
         candidates, skipped = self.plan(net, inputs, wants_plan, ws)
-        self.cv.forget()
         release_memory()
         report, staged = _ClosedLoop(self, net, prefix, candidates, skipped, specs, reference, inputs).execute()
         if staged is not None:
@@ -709,7 +709,6 @@ class _Run:
             sources = {layer.name: first_input[layer.name] for layer, _ in decomposable}
             layer_inputs, reference = search.collect_inputs(run, net, inputs.planning, sources, out_sources,
                                                             seed=self.seed)
-            self.cv.forget()
             release_memory()
         self.progress.stage("analysing layers", len(decomposable))
         with self.timer.stage("analyse"):
