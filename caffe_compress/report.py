@@ -215,6 +215,10 @@ def format_table(report: Report) -> str:
         target = "none" if c.target is None else f"{'>=' if c.higher_is_better else '<='} {c.target:.4g}"
         lines.append(f"contract '{c.output}' ({c.kind}): {c.metric} {c.value:.4g}, target {target}: "
                      f"{'pass' if c.passed else 'FAIL'}")
+        if c.flips_allowed == 0:
+            lines.append(f"  (with {c.counted} counted inputs this target allows no changed answer: whether a plan "
+                         "near it passes depends on which inputs were drawn (--seed); more inputs, real ones with "
+                         "--images/--calibration, decide it better)")
     for v in report.validation:
         lines.append(
             f"validation ({report.validation_inputs}) output '{v.name}': top-1 agreement "

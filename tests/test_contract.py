@@ -371,3 +371,14 @@ def test_near_zero_first_layer_biases_give_the_default_under_every_probe_draw():
     picks = {probe.infer_convention(_conv_net(weight, bias), "data", (1, 3, 32, 32), seed=s).convention.name
              for s in range(8)}
     assert picks == {"pixels-mean"}
+
+
+def test_a_class_check_says_how_many_changed_answers_its_target_allows():
+    def verdict(n, margin):
+        p = np.tile([[0.95, 0.05]], (n, 1))
+        return contract.check_output(contract.OutputSpec("prob", "class"), p, p, 0.95, margin=margin)[0]
+
+    assert verdict(81, 0.5).flips_allowed == 0  # target 0.99: 0.81 of an input
+    assert verdict(300, 0.5).flips_allowed == 3
+    assert verdict(81, 1.0).flips_allowed == 1  # target 0.98 on real images
+    assert contract.Check("y", "dense", "relative error", 0.0, 0.05, False).flips_allowed is None

@@ -87,6 +87,14 @@ class Check:
     value: float
     target: float | None  # None: no target (T = 1)
     higher_is_better: bool
+    counted: int = 0  # class: the inputs the agreement counts
+
+    @property
+    def flips_allowed(self) -> int | None:
+        """class: how many counted inputs may change their answer within the target (None otherwise)."""
+        if self.kind != "class" or self.target is None or not self.counted:
+            return None
+        return int(math.floor((1.0 - self.target) * self.counted + 1e-9))
 
     @property
     def passed(self) -> bool:
@@ -297,7 +305,7 @@ def check_output(spec: OutputSpec, original: np.ndarray, compressed: np.ndarray,
         what = (f"top-1 agreement on the more confident half ({int(confident.sum())} of {n})" if fallback else
                 f"top-1 agreement where confident ({int(confident.sum())} of {n})")
         agreement = float(np.mean(old[confident] == new[confident]))
-        return [Check(spec.name, spec.kind, what, agreement, t["class"], True)]
+        return [Check(spec.name, spec.kind, what, agreement, t["class"], True, counted=int(confident.sum()))]
     if spec.kind == "scores":
         positive, strongest, count = _selected_positions(spec, a)
         va, vb = _by_position(a, spec.classes), _by_position(b, spec.classes)
