@@ -722,7 +722,7 @@ class _Run:
         self.progress.stage("measuring each layer's effect on the outputs", len(measured))
         with self.timer.stage("sensitivity"):
             candidates = search.measure_gains(
-                self.trial_run,
+                lambda model, feed, srcs: self.cv.run(model, feed, srcs, what="sensitivity trial"),
                 net, candidates, inputs=inputs.planning, reference=reference, layer_inputs=layer_inputs,
                 compared_blobs=compared_blobs(net), skip=skip, ws=ws, say=self.say)
         if self.objective != "size":
@@ -734,12 +734,6 @@ class _Run:
                     original_ms=lambda name: self.guard.layer_ms(name, (net.layer(name),)),
                     factored_ms=lambda c, r: self.guard.layer_ms(c.layer, self.factorizer.draft(c.layer, c.method, r)))
         return candidates, skipped
-
-    def trial_run(self, model: Net, feed, sources) -> dict:
-        """One sensitivity trial in OpenCV: each loads a whole model, so the heap the previous one freed is
-        handed back first (the run's peak memory is set here otherwise)."""
-        release_memory()
-        return self.cv.run(model, feed, sources, what="sensitivity trial")
 
     @staticmethod
     def _latency_feed(net: Net, inputs: plan_inputs.Inputs) -> dict:

@@ -307,37 +307,20 @@ def check_output(spec: OutputSpec, original: np.ndarray, compressed: np.ndarray,
         agreement = float(np.mean(old[confident] == new[confident]))
         return [Check(spec.name, spec.kind, what, agreement, t["class"], True, counted=int(confident.sum()))]
     if spec.kind == "scores":
-        positive, strongest, count = _selected_positions(spec, a)
-        va, vb = _by_position(a, spec.classes), _by_position(b, spec.classes)
-        keep = _foreground_classes(spec, va)
-        fa, fb = va[:, :, keep], vb[:, :, keep]
-        checks = []
-        if count >= MIN_POSITIVES:
-            # Entries within AMBIGUOUS_NATS of the threshold in the original are nobody's positives:
-            # a 0.51 -> 0.49 anchor next to confident ones changes no detection after NMS.
-            cut = float(_logit(np.array(spec.threshold)))
-            la, lb = _logit(fa), _logit(fb)
-            sure_pos, sure_neg = la > cut + AMBIGUOUS_NATS, la < cut - AMBIGUOUS_NATS
-            now_pos = lb > cut
-            kept = int((sure_pos & now_pos).sum())
-            jac = kept / max(int(sure_pos.sum()) + int((sure_neg & now_pos).sum()), 1)
-            checks.append(Check(spec.name, spec.kind, f"positives Jaccard ({int(sure_pos.sum())} positives)", jac,
-                                t["jaccard"], True))
-        if checks:
-            return checks  # objects present: the positives decide
-        # No objects: the strongest entries are the ones that would become detections. Above the
-        # threshold a score only has to stay clearly positive, so logits are capped SATURATION_NATS above.
-        cap = float(_logit(np.array(spec.threshold))) + SATURATION_NATS
-        d = np.minimum(_logit(fa[strongest]), cap) - np.minimum(_logit(fb[strongest]), cap)
-        checks.append(Check(spec.name, spec.kind, "logit change at the strongest (RMS nats)",
-                            float(np.sqrt(np.mean(d * d))) if d.size else 0.0, t["logit"], False))
-        return checks
+        fa, fb, strongest, count = _foreground(spec, a, b)
+        if count >= MIN_POSITIVES:  # objects present: the positives decide
+            (sure_pos, sure_neg), now_pos = _sure(spec, fa), _positives(spec, fb)
+            jac = int((sure_pos & now_pos).sum()) / max(int(sure_pos.sum()) + int((sure_neg & now_pos).sum()), 1)
+            return [Check(spec.name, spec.kind, f"positives Jaccard ({int(sure_pos.sum())} positives)", jac,
+                          t["jaccard"], True)]
+        # No objects: the strongest entries are the ones that would become detections.
+        d = _capped_logit_change(spec, fa[strongest], fb[strongest])
+        return [Check(spec.name, spec.kind, "logit change at the strongest (RMS nats)",
+                      float(np.sqrt(np.mean(d * d))) if d.size else 0.0, t["logit"], False)]
     if spec.kind == "boxes" and spec.pair and outputs is not None and specs is not None and spec.pair in outputs:
-        pair = specs[spec.pair]
-        positive, strongest, count = _selected_positions(pair, outputs[spec.pair].astype(np.float64))
-        rows = (positive if count >= MIN_POSITIVES else strongest).any(axis=2)  # (N, positions)
+        rows, at_positives = _box_rows(specs[spec.pair], outputs[spec.pair])
         ya, yb = _positions_view(a, rows.shape[1])[rows], _positions_view(b, rows.shape[1])[rows]
-        what = f"relative error at {int(rows.sum())} {'positive' if count >= MIN_POSITIVES else 'strongest'} positions"
+        what = f"relative error at {int(rows.sum())} {'positive' if at_positives else 'strongest'} positions"
         return [Check(spec.name, spec.kind, what, _relative(ya, yb), t["relative"], False)]
     if spec.kind == "embedding":
         cos = _cosines(a.reshape(n, -1), b.reshape(n, -1))
@@ -348,6 +331,42 @@ def check_output(spec: OutputSpec, original: np.ndarray, compressed: np.ndarray,
         psnr = math.inf if mse == 0 else 10.0 * math.log10(peak * peak / mse)
         return [Check(spec.name, spec.kind, "PSNR vs the original (dB)", psnr, t["psnr"], True)]
     return [Check(spec.name, spec.kind, "relative error", _relative(a, b), t["relative"], False)]
+
+
+def _foreground(spec: OutputSpec, a: np.ndarray, b: np.ndarray):
+    """(original, compressed) foreground scores as (N, positions, classes) views, the original's strongest
+    entries and its positive count; ``b`` may hold only the first inputs."""
+    _, strongest, count = _selected_positions(spec, a)
+    va = _by_position(a, spec.classes)
+    keep = _foreground_classes(spec, va)
+    return va[:, :, keep], _by_position(b, spec.classes)[:, :, keep], strongest, count
+
+
+def _sure(spec: OutputSpec, fa: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The original's sure positives and sure negatives. Entries within AMBIGUOUS_NATS of the threshold are
+    nobody's positives: a 0.51 -> 0.49 anchor next to confident ones changes no detection after NMS."""
+    cut = float(_logit(np.array(spec.threshold)))
+    la = _logit(fa)
+    return la > cut + AMBIGUOUS_NATS, la < cut - AMBIGUOUS_NATS
+
+
+def _positives(spec: OutputSpec, f: np.ndarray) -> np.ndarray:
+    return _logit(f) > float(_logit(np.array(spec.threshold)))
+
+
+def _capped_logit_change(spec: OutputSpec, fa: np.ndarray, fb: np.ndarray) -> np.ndarray:
+    """Logit changes, logits capped SATURATION_NATS above the threshold: above it a score only has to stay
+    clearly positive."""
+    cap = float(_logit(np.array(spec.threshold))) + SATURATION_NATS
+    return np.minimum(_logit(fa), cap) - np.minimum(_logit(fb), cap)
+
+
+def _box_rows(pair: OutputSpec, scores: np.ndarray) -> tuple[np.ndarray, bool]:
+    """(N, positions) rows a paired boxes output is measured at: the positives of its scores output in the
+    original, or its strongest entries when there are too few; and whether they are the positives."""
+    positive, strongest, count = _selected_positions(pair, scores.astype(np.float64))
+    at_positives = count >= MIN_POSITIVES
+    return (positive if at_positives else strongest).any(axis=2), at_positives
 
 
 def _counted(p: np.ndarray) -> tuple[np.ndarray, bool]:
@@ -456,20 +475,13 @@ def certain_misses(specs: Sequence[OutputSpec], original: Mapping[str, np.ndarra
 def _scores_bound(spec: OutputSpec, a_all: np.ndarray, b: np.ndarray, count: int, t: dict, seen: str) -> Check:
     """The best final value of check_output's scores metric given the first ``count`` inputs: the later
     inputs at best keep all their positives and add no new ones (Jaccard), or change nothing (RMS logit)."""
-    positive, strongest, positives = _selected_positions(spec, a_all)
-    va = _by_position(a_all, spec.classes)
-    keep = _foreground_classes(spec, va)
-    fa, fb = va[:, :, keep], _by_position(b, spec.classes)[:, :, keep]
+    fa, fb, strongest, positives = _foreground(spec, a_all, b)
     if positives >= MIN_POSITIVES:
-        cut = float(_logit(np.array(spec.threshold)))
-        la = _logit(fa)
-        sure_pos, sure_neg = la > cut + AMBIGUOUS_NATS, la < cut - AMBIGUOUS_NATS
-        now_pos = _logit(fb) > cut
+        (sure_pos, sure_neg), now_pos = _sure(spec, fa), _positives(spec, fb)
         kept = int((sure_pos[:count] & now_pos).sum()) + int(sure_pos[count:].sum())
         best = kept / max(int(sure_pos.sum()) + int((sure_neg[:count] & now_pos).sum()), 1)
         return Check(spec.name, spec.kind, f"positives Jaccard, at best ({seen})", best, t["jaccard"], True)
-    cap = float(_logit(np.array(spec.threshold))) + SATURATION_NATS
-    d = np.minimum(_logit(fa[:count][strongest[:count]]), cap) - np.minimum(_logit(fb[strongest[:count]]), cap)
+    d = _capped_logit_change(spec, fa[:count][strongest[:count]], fb[strongest[:count]])
     floor = math.sqrt(float(np.sum(d * d)) / max(int(strongest.sum()), 1))
     return Check(spec.name, spec.kind, f"logit change at the strongest, at least ({seen})", floor, t["logit"], False)
 
@@ -478,13 +490,11 @@ def _boxes_bound(spec: OutputSpec, specs: Sequence[OutputSpec], original: Mappin
                  a_all: np.ndarray, b: np.ndarray, count: int, t: dict, seen: str) -> Check:
     """The least final relative error of paired boxes given the first ``count`` inputs (the rows it is
     measured on come from the original's scores, known for every input)."""
-    pair = next(s for s in specs if s.name == spec.pair)
-    positive, strongest, positives = _selected_positions(pair, original[spec.pair].astype(np.float64))
-    rows = (positive if positives >= MIN_POSITIVES else strongest).any(axis=2)
-    ya = _positions_view(a_all, rows.shape[1])[rows]
-    yb = _positions_view(b, rows.shape[1])[rows[:count]]
-    ref = float(np.sum(ya * ya))
-    diff = float(np.sum((_positions_view(a_all[:count], rows.shape[1])[rows[:count]] - yb) ** 2))
+    rows, _ = _box_rows(next(s for s in specs if s.name == spec.pair), original[spec.pair])
+    positions = rows.shape[1]
+    ref = float(np.sum(_positions_view(a_all, positions)[rows] ** 2))
+    diff = float(np.sum((_positions_view(a_all[:count], positions)[rows[:count]]
+                         - _positions_view(b, positions)[rows[:count]]) ** 2))
     floor = math.sqrt(diff / ref) if ref > 0 else (0.0 if diff == 0 else math.inf)
     return Check(spec.name, spec.kind, f"relative error at the selected positions, at least ({seen})", floor,
                  t["relative"], False)

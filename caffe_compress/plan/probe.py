@@ -95,9 +95,7 @@ def _dead_leaves_picture(rng: np.random.Generator, h: int, w: int) -> np.ndarray
     img = np.empty((3, h, w))
     img[:] = background[:, None, None]
     if discs:
-        table = np.array(discs)  # one row per disc: box, centre, radius, colour (3), tilts
-        box = table[:, :4].astype(np.int64)
-        _paint(img, *box.T, *table[:, 4:7].T, table[:, 7:10], *table[:, 10:12].T)
+        _paint(img, np.array(discs))
     img += rng.normal(0.0, 3.0, size=(1, h, w))  # fine texture, shared by the channels (luminance)
     img = _blur(img)
     return np.clip(img, 0.0, 255.0)
@@ -113,9 +111,12 @@ def _covers_a_pixel(cy: float, cx: float, r: float, y0: int, y1: int, x0: int, x
     return bool(nearest_square(cy, y0, y1) + nearest_square(cx, x0, x1) <= r * r)
 
 
-def _paint(img: np.ndarray, y0, y1, x0, x1, cy, cx, r, colour, tilt_y, tilt_x) -> None:
+def _paint(img: np.ndarray, discs: np.ndarray) -> None:
     """Paint the discs in order (the last one covering a pixel wins), all at once: every disc's box
     pixels are listed, the ones inside kept, and each pixel takes the last (largest-index) disc covering it."""
+    y0, y1, x0, x1 = discs[:, :4].astype(np.int64).T  # one row per disc: box, centre, radius, colour, tilts
+    cy, cx, r = discs[:, 4:7].T
+    colour, (tilt_y, tilt_x) = discs[:, 7:10], discs[:, 10:12].T
     _, h, w = img.shape
     widths = x1 - x0
     areas = (y1 - y0) * widths
@@ -314,7 +315,9 @@ class PictureSource:
 
     def pictures(self, dims: tuple[int, ...], count: int, seed: int) -> np.ndarray:
         """(count, C, H, W) uint8 pictures."""
-        rng, drawn = self._drawn.setdefault((dims, seed), (np.random.default_rng(seed), []))
+        if (dims, seed) not in self._drawn:
+            self._drawn[(dims, seed)] = (np.random.default_rng(seed), [])
+        rng, drawn = self._drawn[(dims, seed)]
         while len(drawn) < count:
             pic = dead_leaves(1, dims[1], dims[2], dims[3], seed=int(rng.integers(1 << 31)))[0]
             drawn.append(np.clip(np.rint(pic), 0, 255).astype(np.uint8))
