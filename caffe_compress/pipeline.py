@@ -465,6 +465,8 @@ class _Run:
         self.decisive_first(specs, reference)
         if wants_plan:  # timed now, while little else is held (it loads the whole original into OpenCV)
             self.time_original(net, inputs)
+            if self.objective != "size":
+                self.guard.infer_shapes()  # (from the loaded original, for the layer timings)
         self.cv.forget()  # (not kept while the layer inputs are recorded: its buffers would add to that peak)
         release_memory()
         candidates, skipped = self.plan(net, inputs, wants_plan, ws)
@@ -905,7 +907,10 @@ class _ClosedLoop:
             if state.best is None and r.force:
                 self.attempt(0.0)  # --force: an unchanged copy when every plan misses
             if state.best is None:
-                return r._nothing(self.net, state.empty_plan, state.misses, self.inputs, state.rounds), None
+                # (every plan missed: the layers' rows still show what the analysis found)
+                plan = state.empty_plan or planner.build_plan(self.net, self.candidates, {}, self.skipped,
+                                                              r.tradeoff, 0.0)
+                return r._nothing(self.net, plan, state.misses, self.inputs, state.rounds), None
             staged, new_net, plan, verdict = state.best
             r.written_net, r.written_outputs = new_net, verdict.outputs
             report = r._report(self.net, new_net, plan, verdict, staged, self.inputs, self.store_fp16, state.rounds)

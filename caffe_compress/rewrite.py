@@ -75,7 +75,7 @@ def decompose_inner_product(net: Net, layer: Layer, factors: LinearFactors) -> t
         bottoms=layer.bottoms,
         tops=(first_name,),
         params={"inner_product_param": first_params},
-        blobs=(factors.first.astype(np.float32),),
+        blobs=(factors.first.astype(np.float32, copy=False),),
     )
     second_params = {"num_output": geo.num_output, "bias_term": geo.bias_term}
     if second_axis != 1:
@@ -86,7 +86,7 @@ def decompose_inner_product(net: Net, layer: Layer, factors: LinearFactors) -> t
         bottoms=(first_name,),
         tops=layer.tops,
         params={"inner_product_param": second_params},
-        blobs=(factors.second.astype(np.float32),) + ((layer.blobs[1],) if geo.bias_term else ()),
+        blobs=(factors.second.astype(np.float32, copy=False),) + ((layer.blobs[1],) if geo.bias_term else ()),
     )
     return first, second
 

@@ -48,8 +48,7 @@ def run_tail(chain: tuple[Layer, ...], x: np.ndarray, weights: Mapping[str, np.n
     y = x.reshape(x.shape[0], -1).astype(np.float64)
     for layer in chain:
         if layer.type == "InnerProduct":
-            w = weights.get(layer.name, layer.blobs[0])
-            y = y @ np.asarray(w, dtype=np.float64).T
+            y = _product(y, weights.get(layer.name, layer.blobs[0]))
             if inner_product_geometry(layer).bias_term:
                 y = y + layer.blobs[1].astype(np.float64)
         elif layer.type == "ReLU":
@@ -60,3 +59,16 @@ def run_tail(chain: tuple[Layer, ...], x: np.ndarray, weights: Mapping[str, np.n
             y = e / e.sum(axis=1, keepdims=True)
         # Dropout is the identity at test time
     return y
+
+
+ROWS_AT_ONCE = 64  # weight rows converted to float64 at a time
+
+
+def _product(y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """y @ w.T in float64 (a saturated softmax's change can be below float32's resolution), converting the
+    weight a few rows at a time: a float64 copy of a whole head weight (GenderNet's fc6: 77 MB) was the
+    planner's peak memory."""
+    out = np.empty((y.shape[0], w.shape[0]))
+    for start in range(0, w.shape[0], ROWS_AT_ONCE):
+        out[:, start:start + ROWS_AT_ONCE] = y @ np.asarray(w[start:start + ROWS_AT_ONCE], dtype=np.float64).T
+    return out

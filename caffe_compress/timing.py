@@ -307,9 +307,14 @@ class SpeedGuard:
             self.timings["timing"] = self.timings.get("timing", 0.0) + time.perf_counter() - start
         return self.speedups[key]
 
-    def _input_shape(self, name: str) -> tuple[int, ...]:
+    def infer_shapes(self) -> None:
+        """Every layer's input shape, now: best while the original stays loaded in OpenCV (runner.keep), or
+        it is loaded once more for it later -- the whole model, beside the planner's data (peak memory)."""
         if not self.layer_shapes:
             self.layer_shapes = self._layer_input_shapes()
+
+    def _input_shape(self, name: str) -> tuple[int, ...]:
+        self.infer_shapes()
         shape = self.layer_shapes[name]
         if len(shape) == 4:
             shape = shape[:2] + tuple(min(int(d), TIMING_SIDE) for d in shape[2:])
@@ -317,7 +322,7 @@ class SpeedGuard:
 
     def _layer_input_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every layer's first input shape at the declared input size, from OpenCV's shape inference."""
-        cv_net = self.cv.load(self.net, what="timing shapes")
+        cv_net = self.cv.load_kept(self.net, what="timing shapes")
         shapes = [tuple([1] + [int(d) for d in s[1:]]) for s in self.shapes.values()]
         try:
             ids, ins, _ = cv_net.getLayersShapes(shapes)

@@ -126,6 +126,9 @@ def test_contract_that_cannot_be_met_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(search, "budget_ladder", lambda t: [math.inf])  # only the smallest plan is tried
     report = pipeline.compress(deploy, model, tradeoff=0.95, output=tmp_path / "o")
     assert not report.written and "nothing to compress" in report.note
+    # every plan missed: the report still shows the layers as the analysis found them
+    assert report.macs_before > 0 and report.macs_after == report.macs_before
+    assert {lp.layer for lp in report.layers if lp.params_before} >= {"conv1", "fc"}
     assert not (tmp_path / "o.caffemodel").exists() and not (tmp_path / "o.prototxt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["embedder.caffemodel", "embedder.prototxt"]
 
