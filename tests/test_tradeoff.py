@@ -178,3 +178,26 @@ def test_rich_model_size_is_monotone(tmp_path):
     deploy, model = write_model(tmp_path, "rich", RICH, rich_weights())
     sizes = _sizes(deploy, model, tmp_path, extra=("--no-validate",))
     assert all(a >= b for a, b in zip(sizes, sizes[1:])), sizes
+
+
+def test_a_held_out_calibration_split_draws_no_probes(tmp_path, monkeypatch):
+    """With enough calibration images, half plan and half validate: no synthetic probes are drawn (they
+    were, and thrown away: ~1 s and ~70 MB on GenderNet), and no probe decides the input convention."""
+    from caffe_compress import io
+    from caffe_compress.plan import inputs as plan_inputs, probe
+    from caffe_compress.validate import Preprocessing
+
+    deploy, model = small_model(tmp_path)
+    net = io.load(deploy, model)
+    images = _images(tmp_path / "imgs", count=2 * plan_inputs.MIN_HELD_OUT)
+    monkeypatch.setattr(probe, "natural_probes", lambda *a, **k: pytest.fail("probes drawn"))
+    got = plan_inputs.make_inputs(net, wants_plan=True, validate_output=True, images=None, calibration=images,
+                                  pre=Preprocessing(), probes=8, seed=0)
+    assert got.validation_label.startswith("held-out") and not got.synthetic
+    assert got.planning["data"].shape == got.validation["data"].shape == (plan_inputs.MIN_HELD_OUT, 3, 24, 24)
+    assert not np.array_equal(got.planning["data"], got.validation["data"])
+    monkeypatch.undo()
+    few = _images(tmp_path / "few", count=4)  # too few to split: all plan, probes validate
+    got = plan_inputs.make_inputs(net, wants_plan=True, validate_output=True, images=None, calibration=few,
+                                  pre=Preprocessing(), probes=8, seed=0)
+    assert got.synthetic and got.planning["data"].shape[0] == 4

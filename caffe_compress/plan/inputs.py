@@ -157,7 +157,11 @@ def make_inputs(net: Net, *, wants_plan: bool, validate_output: bool, images, ca
             conventions.update(choose_conventions(net, small, seed, pre, responds, source))
         return _natural_inputs(small, count, probe_seed, conventions, source)
 
-    if validate_output:  # read --images first: a bad option fails before any real work
+    files = validate.list_images(Path(calibration), option="--calibration") \
+        if wants_plan and calibration is not None else []
+    # validate on the calibration images that planning does not see (no validation probes are drawn then)
+    held_out = validate_output and images is None and len(files) >= 2 * MIN_HELD_OUT
+    if validate_output and not held_out:  # read --images first: a bad option fails before any real work
         if images is not None:
             validation, label = _image_inputs(shapes, Path(images), pre, "--images")
         else:
@@ -167,19 +171,13 @@ def make_inputs(net: Net, *, wants_plan: bool, validate_output: bool, images, ca
             validation, convention = probes_of(count, seed + 1000)
             label = f"natural-image probes ({next(iter(validation.values())).shape[0]})"
     planning = None
-    if wants_plan and calibration is not None:
-        files = validate.list_images(Path(calibration), option="--calibration")
-        if validate_output and images is None and len(files) >= 2 * MIN_HELD_OUT:
-            # validate on the calibration images that planning does not see
-            planning, _ = _image_inputs(shapes, Path(calibration), pre, "--calibration", files=files[0::2],
-                                        crop=small)
-            validation, label = _image_inputs(shapes, Path(calibration), pre, "--calibration", files=files[1::2],
-                                              crop=small)
-            label = f"held-out {label}"
-            convention = ""
-        else:
-            planning, _ = _image_inputs(shapes, Path(calibration), pre, "--calibration", files=files,
-                                        crop=small)
+    if held_out:
+        planning, _ = _image_inputs(shapes, Path(calibration), pre, "--calibration", files=files[0::2], crop=small)
+        validation, label = _image_inputs(shapes, Path(calibration), pre, "--calibration", files=files[1::2],
+                                          crop=small)
+        label = f"held-out {label}"
+    elif wants_plan and calibration is not None:
+        planning, _ = _image_inputs(shapes, Path(calibration), pre, "--calibration", files=files, crop=small)
     elif wants_plan:
         planning, convention = probes_of(probes, seed)
     return Inputs(planning, validation, label, convention)
