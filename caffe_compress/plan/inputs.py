@@ -157,8 +157,8 @@ def make_inputs(net: Net, *, wants_plan: bool, validate_output: bool, images, ca
             conventions.update(choose_conventions(net, small, seed, pre, responds, source))
         return _natural_inputs(small, count, probe_seed, conventions, source)
 
-    files = validate.list_images(Path(calibration), option="--calibration") \
-        if wants_plan and calibration is not None else []
+    calibrated = wants_plan and calibration is not None
+    files = validate.list_images(Path(calibration), option="--calibration") if calibrated else []
     # validate on the calibration images that planning does not see (no validation probes are drawn then)
     held_out = validate_output and images is None and len(files) >= 2 * MIN_HELD_OUT
     if validate_output and not held_out:  # read --images first: a bad option fails before any real work
@@ -176,7 +176,7 @@ def make_inputs(net: Net, *, wants_plan: bool, validate_output: bool, images, ca
         validation, label = _image_inputs(shapes, Path(calibration), pre, "--calibration", files=files[1::2],
                                           crop=small)
         label = f"held-out {label}"
-    elif wants_plan and calibration is not None:
+    elif calibrated:
         planning, _ = _image_inputs(shapes, Path(calibration), pre, "--calibration", files=files, crop=small)
     elif wants_plan:
         planning, convention = probes_of(probes, seed)

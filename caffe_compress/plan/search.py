@@ -172,7 +172,8 @@ def measure_gains(run: Run, net: Net, candidates: list[Candidate], *, inputs: Ma
     totals = totals_of(candidates)
     out = list(candidates)
     gains: dict[str, float] = {}
-    before_head: dict = {}  # the head's input in the original, for the trials before the head (run once)
+    feed = {k: v[:GAIN_SAMPLES] for k, v in inputs.items()}
+    head_input = None  # the head's input in the original, for the trials before the head (run once)
     for i, cand in enumerate(candidates):
         if cand.layer in gains:  # the gain is the layer's, whatever its form
             out[i] = replace(cand, gain=gains[cand.layer])
@@ -192,15 +193,13 @@ def measure_gains(run: Run, net: Net, candidates: list[Candidate], *, inputs: Ma
             end_err = relative_output_error({"y": tail.run_tail(own, x)},
                                             {"y": tail.run_tail(own, x, {cand.layer: approx})})
         elif head is not None and head.before(cand.layer):
-            feed = {k: v[:GAIN_SAMPLES] for k, v in inputs.items()}
-            if not before_head:
-                before_head["x"] = run(head.prefix, feed, [head.source])[head.source]
+            if head_input is None:
+                head_input = run(head.prefix, feed, [head.source])[head.source]
             x = run(with_weight(head.prefix, cand.layer, approx), feed, [head.source])[head.source]
-            end_err = relative_output_error({"y": tail.run_tail(head.chain, before_head["x"])},
+            end_err = relative_output_error({"y": tail.run_tail(head.chain, head_input)},
                                             {"y": tail.run_tail(head.chain, x)})
         else:
-            trial_out = run(with_weight(net, cand.layer, approx), {k: v[:GAIN_SAMPLES] for k, v in inputs.items()},
-                            list(reference))
+            trial_out = run(with_weight(net, cand.layer, approx), feed, list(reference))
             end_err = relative_output_error({k: v[:GAIN_SAMPLES] for k, v in reference.items()}, trial_out)
         gains[cand.layer] = end_err / layer_err
         out[i] = replace(cand, gain=gains[cand.layer])
