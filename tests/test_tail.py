@@ -86,3 +86,81 @@ def test_layer_shapes_for_timing_come_from_the_kept_original(tmp_path, monkeypat
     guard.infer_shapes()
     assert len(loads) == 1
     assert guard.layer_shapes["conv2"] == (1, 16, 10, 10) and guard.layer_shapes["fc1"][:2] == (1, 32)
+
+
+RESIDUAL = """
+name: "residual"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 16 dim: 16 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+        convolution_param { num_output: 8 kernel_size: 3 pad: 1 } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "side" type: "Convolution" bottom: "conv1" top: "side" convolution_param { num_output: 4 kernel_size: 1 } }
+layer { name: "conv2" type: "Convolution" bottom: "conv1" top: "conv2"
+        convolution_param { num_output: 8 kernel_size: 3 pad: 1 } }
+layer { name: "relu2" type: "ReLU" bottom: "conv2" top: "conv2" }
+layer { name: "conv3" type: "Convolution" bottom: "conv2" top: "conv3"
+        convolution_param { num_output: 8 kernel_size: 3 pad: 1 } }
+layer { name: "sum" type: "Eltwise" bottom: "conv3" bottom: "conv1" top: "sum" }
+layer { name: "relu3" type: "ReLU" bottom: "sum" top: "sum" }
+layer { name: "fc1" type: "InnerProduct" bottom: "sum" top: "fc1" inner_product_param { num_output: 10 } }
+layer { name: "prob" type: "Softmax" bottom: "fc1" top: "prob" }
+"""
+
+
+def test_trials_start_at_the_layer_and_give_the_whole_model_gain(tmp_path, monkeypatch):
+    """A sensitivity trial runs only the layers from the approximated one on (the values crossing the cut
+    -- a skip connection, an in-place ReLU's output, the net input -- come from the original), and gives
+    the gain a run of the whole model gives, on a net with two outputs (one written before the cuts)."""
+    from caffe_compress import runner
+    from caffe_compress.plan import analyse as planner, search
+    from nets import write_model
+
+    rng = np.random.default_rng(5)
+    blobs = {name: [rng.standard_normal(shape).astype(np.float32) * 0.3, rng.standard_normal(shape[0]).astype(
+        np.float32) * 0.1] for name, shape in (("conv1", (8, 3, 3, 3)), ("side", (4, 8, 1, 1)),
+                                               ("conv2", (8, 8, 3, 3)), ("conv3", (8, 8, 3, 3)),
+                                               ("fc1", (10, 8 * 16 * 16)))}
+    deploy, model = write_model(tmp_path, "residual", RESIDUAL, blobs)
+    net = io.load(deploy, model)
+    x = np.random.default_rng(3).standard_normal((8, 3, 16, 16)).astype(np.float32)
+    cv = runner.OpenCVRunner(tmp_path)
+    names = ("conv2", "conv3", "fc1")
+    first_input, out_sources = runner.blob_sources(net)
+    decomposable = [(net.layer(n), planner.describe_layer(net.layer(n), keep=False)[0]) for n in names]
+    run = lambda model, feed, sources: cv.run(model, feed, sources)  # noqa: E731
+
+    def gains():
+        ws = planner.Workspace()
+        layer_inputs, reference = search.collect_inputs(run, net, {"data": x}, {n: first_input[n] for n in names},
+                                                        out_sources, seed=0)
+        candidates, _ = search.analyse_layers(decomposable, layer_inputs, ranks={}, forms={}, ws=ws, seed=0,
+                                              timings={}, say=lambda _: None)
+        models = []
+
+        def trial(model, feed, sources):
+            models.append({layer.name for layer in model.layers})
+            return cv.run(model, feed, sources)
+
+        out = search.measure_gains(trial, net, candidates, inputs={"data": x}, reference=reference,
+                                   layer_inputs=layer_inputs, compared_blobs=runner.compared_blobs(net), skip=set(),
+                                   ws=ws, say=lambda _: None)
+        return {c.layer: c.gain for c in out}, models
+
+    cut, models = gains()
+    trials = [m for m in models if m & set(names) and not m & {"conv1"}]
+    assert any("conv2" in m and "side" not in m for m in trials)  # the conv2 trial starts at conv2
+    assert any("conv3" in m and "conv2" not in m for m in trials)  # the conv3 trial starts at conv3
+    assert all("conv1" not in m or "conv3" not in m or "side" not in m for m in models)  # no whole-model trial
+
+    class Whole:  # the previous way: every trial runs the whole model
+        def __init__(self, net, run, feed):
+            self.net, self.run, self.feed = net, run, feed
+
+        def trial(self, name, approx, sources, *, end=None, original=None):
+            return self.run(search.with_weight(self.net, name, approx), self.feed, sources)
+
+    monkeypatch.setattr(search, "_Cuts", Whole)
+    whole, _ = gains()
+    assert set(cut) == set(whole) and all(g != 1.0 for g in cut.values())
+    for name in cut:
+        assert abs(cut[name] - whole[name]) <= 1e-5 * abs(whole[name]), (name, cut, whole)

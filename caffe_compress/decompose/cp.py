@@ -63,6 +63,21 @@ def _leading_vectors(unfolded: np.ndarray, rank: int, rng: np.random.Generator) 
     return np.concatenate(cols, axis=1)
 
 
+class _PlannedEinsum:
+    """np.einsum(..., optimize=True) with each contraction order found once per ALS run (the shapes do not
+    change between sweeps): finding it again every call cost more than the small contractions themselves.
+    The same order as optimize=True, so the same floating-point results."""
+
+    def __init__(self) -> None:
+        self.paths: dict[str, list] = {}
+
+    def __call__(self, subscripts: str, *operands: np.ndarray) -> np.ndarray:
+        path = self.paths.get(subscripts)
+        if path is None:
+            path = self.paths[subscripts] = np.einsum_path(subscripts, *operands, optimize="greedy")[0]
+        return np.einsum(subscripts, *operands, optimize=path)
+
+
 def _solve(gram: np.ndarray, mttkrp: np.ndarray) -> np.ndarray:
     """Factor = mttkrp @ gram^-1 with a relative ridge for stability (float64)."""
     ridge = 1e-12 * max(float(np.trace(gram)) / gram.shape[0], 1e-300)
@@ -127,6 +142,7 @@ def cp_conv(
         c = _leading_vectors(x64.transpose(2, 0, 1, 3).reshape(kh, -1) / norm_x, rank, rng)
         d = _leading_vectors(x64.transpose(3, 0, 1, 2).reshape(kw, -1) / norm_x, rank, rng)
 
+    einsum = _PlannedEinsum()
     best = None
     best_err = np.inf
     prev_err = np.inf
@@ -134,16 +150,16 @@ def cp_conv(
     for iterations in range(1, n_iter_max + 1):
         ga, gc, gd = a.T @ a, c.T @ c, d.T @ d
         # Mode S: MTTKRP with the Khatri-Rao product of (A, C, D) -- one GEMM.
-        krp = np.einsum("tr,ir,jr->tijr", a, c, d, optimize=True).reshape(t * kh * kw, rank)
+        krp = einsum("tr,ir,jr->tijr", a, c, d).reshape(t * kh * kw, rank)
         b = _solve(ga * gc * gd, (x_s @ krp.astype(work)).astype(np.float64))
         gb = b.T @ b
         # Shared partial contraction Z[r, t, i, j] = sum_s b[s, r] x[t, s, i, j] -- one GEMM.
         z = (b.T.astype(work) @ x_s).astype(np.float64).reshape(rank, t, kh, kw)
-        c = _solve(ga * gb * gd, np.einsum("rtij,tr,jr->ir", z, a, d, optimize=True))
+        c = _solve(ga * gb * gd, einsum("rtij,tr,jr->ir", z, a, d))
         gc = c.T @ c
-        d = _solve(ga * gb * gc, np.einsum("rtij,tr,ir->jr", z, a, c, optimize=True))
+        d = _solve(ga * gb * gc, einsum("rtij,tr,ir->jr", z, a, c))
         gd = d.T @ d
-        m_a = np.einsum("rtij,ir,jr->tr", z, c, d, optimize=True)
+        m_a = einsum("rtij,ir,jr->tr", z, c, d)
         a = _solve(gb * gc * gd, m_a)
         ga = a.T @ a
         # ||X - Xhat||^2 = 1 - 2 <X, Xhat> + ||Xhat||^2 (X has unit norm).

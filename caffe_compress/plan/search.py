@@ -14,7 +14,7 @@ from typing import Callable, Hashable, Mapping, Sequence
 import numpy as np
 
 from .. import tail
-from ..runner import blob_sources
+from ..runner import Source, blob_sources
 from ..net import Layer, Net, conv_geometry
 from .analyse import (
     METHOD_SVD, METHOD_TUCKER, MIN_RANK_DIVISOR, PATCH_SAMPLES, Candidate, Workspace, conv_data, analyse_convolution,
@@ -166,7 +166,8 @@ def measure_gains(run: Run, net: Net, candidates: list[Candidate], *, inputs: Ma
     A layer at the start of the network's plain head (InnerProduct/ReLU/Dropout/Softmax chain to the one
     output, see tail.py) runs the head in numpy from its recorded input. A layer before the head runs in
     OpenCV only up to the head's input -- a network without the head's weights (GenderNet's fc6 is 85%
-    of them: the trial loads 2 MB instead of 46) -- and the head in numpy.
+    of them: the trial loads 2 MB instead of 46) -- and the head in numpy. Every OpenCV trial starts at
+    the layer's own input (see _Cuts): the layers before it are the original's, run once for all trials.
     """
     head = _head(net, compared_blobs)
     totals = totals_of(candidates)
@@ -174,6 +175,7 @@ def measure_gains(run: Run, net: Net, candidates: list[Candidate], *, inputs: Ma
     gains: dict[str, float] = {}
     feed = {k: v[:GAIN_SAMPLES] for k, v in inputs.items()}
     head_input = None  # the head's input in the original, for the trials before the head (run once)
+    cuts = _Cuts(net, run, feed)
     for i, cand in enumerate(candidates):
         if cand.layer in gains:  # the gain is the layer's, whatever its form
             out[i] = replace(cand, gain=gains[cand.layer])
@@ -195,15 +197,87 @@ def measure_gains(run: Run, net: Net, candidates: list[Candidate], *, inputs: Ma
         elif head is not None and head.before(cand.layer):
             if head_input is None:
                 head_input = run(head.prefix, feed, [head.source])[head.source]
-            x = run(with_weight(head.prefix, cand.layer, approx), feed, [head.source])[head.source]
+            x = cuts.trial(cand.layer, approx, [head.source], end=len(head.prefix.layers))[head.source]
             end_err = relative_output_error({"y": tail.run_tail(head.chain, head_input)},
                                             {"y": tail.run_tail(head.chain, x)})
         else:
-            trial_out = run(with_weight(net, cand.layer, approx), feed, list(reference))
+            trial_out = cuts.trial(cand.layer, approx, list(reference), original=reference)
             end_err = relative_output_error({k: v[:GAIN_SAMPLES] for k, v in reference.items()}, trial_out)
         gains[cand.layer] = end_err / layer_err
         out[i] = replace(cand, gain=gains[cand.layer])
     return out
+
+
+class _Cuts:
+    """Sensitivity trials that run only from the approximated layer onwards.
+
+    The network is cut just before the layer: a trial net is an Input per blob that crosses the cut (its
+    value in the original on the trial samples) and the layers from there on. The crossing values are
+    found walking forward through the original, one segment between consecutive cuts at a time, so the
+    layers before all the cuts run once in all instead of once per trial (trials come in network order;
+    an earlier cut starts the walk again).
+    """
+
+    def __init__(self, net: Net, run: Run, feed: Mapping[str, np.ndarray]) -> None:
+        self.net, self.run, self.feed = net, run, dict(feed)
+        self.index = {layer.name: k for k, layer in enumerate(net.layers)}
+        self.at, self.live = 0, dict(feed)  # the cut's position and the values crossing it
+
+    def trial(self, name: str, approx: np.ndarray, sources: Sequence[Hashable], *, end: int | None = None,
+              original: Mapping | None = None) -> dict:
+        """{source: value} of ``sources`` with layer ``name``'s weight replaced by ``approx``, running the
+        layers from ``name`` up to ``end``. A source the layers after the cut do not write keeps its value
+        in ``original`` (the reference outputs)."""
+        k = self.index[name]
+        self._walk_to(k)
+        stop = len(self.net.layers) if end is None else end
+        segment, feed = self._segment(k, stop)
+        written = {layer.name for layer in self.net.layers[k:stop]}
+        asked = [s for s in sources if not s.is_input and s.layer in written]
+        out = self.run(with_weight(segment, name, approx), feed, asked) if asked else {}
+        return {s: out[s] if s in out else original[s][:GAIN_SAMPLES] for s in sources}
+
+    def _walk_to(self, k: int) -> None:
+        if k < self.at:
+            self.at, self.live = 0, dict(self.feed)
+        if k == self.at:
+            return
+        crossing = _crossing(self.net, k)
+        last = {}  # blob -> the source of its value at the cut, for blobs layers between the two cuts write
+        for layer in self.net.layers[self.at:k]:
+            for i, top in enumerate(layer.tops):
+                if layer.type == "Input":
+                    last.pop(top, None)  # (a net input: its value is in the feed)
+                else:
+                    last[top] = Source(layer.name, i)
+        wanted = {blob: last[blob] for blob in crossing if blob in last}
+        values = self.run(*self._segment(self.at, k), list(dict.fromkeys(wanted.values()))) if wanted else {}
+        self.live = {blob: values[wanted[blob]] if blob in wanted else self.live[blob] for blob in crossing}
+        self.at = k
+
+    def _segment(self, start: int, stop: int) -> tuple[Net, dict[str, np.ndarray]]:
+        """Layers [start, stop), fed by an Input for each blob crossing the cut at ``start`` that they read;
+        and its feed (the values at that cut)."""
+        layers = self.net.layers[start:stop]
+        if start == 0:
+            return replace(self.net, layers=layers), self.live
+        read = {b for layer in layers for b in layer.bottoms}
+        feed = {blob: value for blob, value in self.live.items() if blob in read}
+        taken = set(self.index) | {t for layer in self.net.layers for t in layer.tops}
+        inputs = []
+        for blob, value in feed.items():
+            name = f"{blob}__cut"
+            while name in taken:
+                name += "_"
+            shape = [1, *(int(d) for d in value.shape[1:])]
+            inputs.append(Layer(name, "Input", (), (blob,), {"input_param": {"shape": [{"dim": shape}]}}))
+        return replace(self.net, layers=(*inputs, *layers)), feed
+
+
+def _crossing(net: Net, k: int) -> list[str]:
+    """The blobs written before layer k that layer k or a later layer reads, in order of first reading."""
+    written = {top for layer in net.layers[:k] for top in layer.tops}
+    return list(dict.fromkeys(b for layer in net.layers[k:] for b in layer.bottoms if b in written))
 
 
 @dataclass(frozen=True)
