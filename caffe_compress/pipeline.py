@@ -233,6 +233,7 @@ class _LoopState:
     empty_plan: planner.Plan | None = None
     best_budget: float = 0.0
     latency: timing.Latency | None = None
+    excess: float = 1.0  # the last round's worst error / its target (search.excess)
 
     def keep(self, staged, new_net, plan, verdict) -> None:
         # a pass after the whole-model speed check dropped a layer replaces the slower plan
@@ -931,15 +932,26 @@ class _ClosedLoop:
         """The largest rung whose plan passes: walk down WALK_FIRST rungs from T's own (the answer is
         usually near the top), then try the lowest (if even that most cautious plan misses, stop: nothing
         can be gained), then bisect between -- assuming a plan that passes at a budget passes at every
-        smaller one, this finds the rung a walk down would."""
+        smaller one, this finds the rung a walk down would. A miss by a wide margin skips the rungs that
+        would still miss (search.rungs_to_skip); a pass after a skip bisects back up."""
         self.run.progress.stage("searching the plan: write, validate in OpenCV")
-        for i in range(min(WALK_FIRST, len(ladder))):
+        failing, i = -1, 0
+        for _ in range(WALK_FIRST):
+            if i >= len(ladder):
+                break
             result = self.attempt(ladder[i])
-            if result is not False or self.run.ranks:
+            if self.run.ranks or (result is not False and i == failing + 1):
                 return
-        failing, passing = WALK_FIRST - 1, len(ladder) - 1
-        if passing <= failing or self.attempt(ladder[passing]) is False:
+            if result is not False:
+                return self.bisect(ladder, failing, i)
+            failing, i = i, i + 1 + search.rungs_to_skip(self.state.excess)
+        lowest = len(ladder) - 1
+        if lowest <= failing or self.attempt(ladder[lowest]) is False:
             return  # (None, nothing factored at the lowest budget, says nothing of the rungs above: bisect)
+        self.bisect(ladder, failing, lowest)
+
+    def bisect(self, ladder: Sequence[float], failing: int, passing: int) -> None:
+        """Between a rung that missed and a lower one that passed (or factored nothing)."""
         while passing - failing > 1 and self.state.rounds < search.MAX_ROUNDS:
             middle = (failing + passing) // 2
             result = self.attempt(ladder[middle])
@@ -953,6 +965,7 @@ class _ClosedLoop:
         release_memory()
         built = self.build(budget)
         if built is None or isinstance(built, bool):
+            self.state.excess = 1.0  # (a plan judged before, or none: no new measure of how far it missed)
             return built
         key, chosen, new_net, plan = built
         r, state = self.run, self.state
@@ -960,6 +973,7 @@ class _ClosedLoop:
         verdict, staged = r.write_and_verify(self.net, new_net, self.prefix, self.store_fp16, self.specs,
                                              self.reference, self.inputs)
         state.rounds += 1
+        state.excess = search.excess(verdict.checks)
         # --rank alone (T = 0) is the user's own choice of loss: measured and reported, not enforced.
         passed = verdict.passed or bool(r.ranks and r.tradeoff == 0)
         state.tried[key] = passed

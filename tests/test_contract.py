@@ -385,3 +385,50 @@ def test_a_class_check_says_how_many_changed_answers_its_target_allows():
     assert verdict(300, 0.5).flips_allowed == 3
     assert verdict(81, 1.0).flips_allowed == 1  # target 0.98 on real images
     assert contract.Check("y", "dense", "relative error", 0.0, 0.05, False).flips_allowed is None
+
+
+def _walk(passes_from: int, error_at, ladder_length: int = 12):
+    """The rungs the closed loop tries on a ladder where rungs >= passes_from pass; error_at(rung) is
+    the measured error / target of a missing rung."""
+    from types import SimpleNamespace
+
+    from caffe_compress import pipeline
+    from caffe_compress.plan.contract import Check
+
+    tried = []
+
+    class Loop(pipeline._ClosedLoop):
+        def attempt(self, budget):
+            rung = ladder.index(budget)
+            tried.append(rung)
+            self.state.rounds += 1
+            passed = rung >= passes_from
+            self.state.excess = 1.0 if passed else pipeline.search.excess(
+                [Check("y", "dense", "relative error", 0.05 * error_at(rung), 0.05, False)])
+            return passed
+
+    ladder = [2.0 ** (-k / 2) for k in range(ladder_length)]
+    loop = Loop(SimpleNamespace(ranks={}, progress=SimpleNamespace(stage=lambda *a: None)), None, None, [], {},
+                [], {}, None)
+    loop.search(ladder)
+    return tried
+
+
+def test_a_wide_miss_skips_the_rungs_that_would_still_miss():
+    """The closed loop skips the rungs below a wide miss (its error falling with the budget, sqrt 2 a
+    rung, would still miss there), and still finds the highest passing rung a walk down finds."""
+    from caffe_compress.plan.search import excess, rungs_to_skip
+    from caffe_compress.plan.contract import Check
+
+    assert [rungs_to_skip(x) for x in (0.9, 1.0, 1.3, 2.0, 2.9, 5.5, float("nan"))] == [0, 0, 0, 0, 2, 3, 0]
+    agreement = Check("p", "class", "top-1 agreement", 0.5, 0.99, True)  # no error scale: walks one rung
+    assert excess([agreement, Check("y", "dense", "relative error", 0.2, 0.05, False)]) == pytest.approx(4.0)
+    assert excess([agreement]) == 1.0
+    proportional = lambda rung: 8.0 / 2 ** (rung / 2)  # noqa: E731 -- passes from rung 6 (8 / 2^3 = 1)
+    tried = _walk(6, proportional)
+    assert tried == [0, 5, 6]  # lands on the last predicted miss, then the pass next to it
+    # errors that fall faster than proportionally: a skip lands on a pass, and the search bisects back up
+    tried = _walk(2, lambda rung: 6.0)
+    assert 1 in tried and 2 in tried and max(r for r in tried if r < 2) == 1
+    assert min(r for r in tried if r >= 2) == 2  # the highest passing rung was found
+    assert _walk(1, lambda rung: 1.2) == [0, 1]  # a narrow miss walks one rung

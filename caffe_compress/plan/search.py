@@ -340,6 +340,24 @@ def measure_times(candidates: list[Candidate], *, original_ms: Callable[[str], f
     return out
 
 
+def excess(checks: Sequence) -> float:
+    """How far a plan missed: the largest measured error / its target over the missed error checks
+    (relative errors, logit changes: lower is better); 1 when none missed that way (an agreement, a PSNR).
+    An early-stopped check's value is a lower bound, so this is one too."""
+    ratios = [c.value / c.target for c in checks if not c.passed and not c.higher_is_better
+              and c.target and c.target > 0 and math.isfinite(c.value)]
+    return max(ratios, default=1.0)
+
+
+def rungs_to_skip(excess_ratio: float) -> int:
+    """Rungs to skip below a missed one: if the output error falls in proportion to the budget (by sqrt 2
+    per rung), the first rung that passes is ceil(2 log2(excess)) down; the search lands one short of it,
+    on the last rung predicted to miss, so that a skip rarely passes over a rung that would pass."""
+    if not excess_ratio > 1.0:
+        return 0
+    return max(0, int(math.ceil(2.0 * math.log2(min(excess_ratio, 2.0 ** 16)) - 1e-9)) - 2)
+
+
 def budget_ladder(tradeoff: float) -> list[float]:
     """The error budgets the closed loop walks down: a fixed grid (steps of sqrt 2), from the largest rung
     within budget(T) = ERROR_SCALE * ln(1 / (1 - T)) down to 2^MIN_BUDGET_EXPONENT.
