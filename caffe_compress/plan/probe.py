@@ -80,20 +80,21 @@ def _dead_leaves_picture(rng: np.random.Generator, h: int, w: int) -> np.ndarray
     r_min, r_max = max(1.0, size / 60.0), size / 1.5
     background = _natural_colour(rng)
     discs = []  # back to front: later discs occlude earlier ones
+    random, uniform, normal = rng.random, rng.uniform, rng.normal  # (bound once: 400 draws of each)
     for _ in range(400):
-        u = rng.random()
+        u = random()
         # radius density ~ r^-3 between r_min and r_max (scale invariance)
         r = 1.0 / math.sqrt(u / r_max ** 2 + (1.0 - u) / r_min ** 2)
-        cy, cx = rng.uniform(-r, h + r), rng.uniform(-r, w + r)
+        cy, cx = uniform(-r, h + r), uniform(-r, w + r)
         y0, y1 = max(int(cy - r), 0), min(int(cy + r) + 1, h)
         x0, x1 = max(int(cx - r), 0), min(int(cx + r) + 1, w)
         if y0 >= y1 or x0 >= x1 or not _covers_a_pixel(cy, cx, r, y0, y1, x0, x1):
             continue
         colour = _natural_colour(rng)
-        tilt_y = rng.normal()
-        discs.append((y0, y1, x0, x1, cy, cx, r, *colour, tilt_y, rng.normal()))
+        tilt_y = normal()
+        discs.append((y0, y1, x0, x1, cy, cx, r, *colour, tilt_y, normal()))
     img = np.empty((3, h, w))
-    img[:] = background[:, None, None]
+    img[:] = np.asarray(background)[:, None, None]
     if discs:
         _paint(img, np.array(discs))
     img += rng.normal(0.0, 3.0, size=(1, h, w))  # fine texture, shared by the channels (luminance)
@@ -101,14 +102,18 @@ def _dead_leaves_picture(rng: np.random.Generator, h: int, w: int) -> np.ndarray
     return np.clip(img, 0.0, 255.0)
 
 
+def _nearest_square(c: float, lo: int, hi: int) -> float:
+    """(k - c)^2 for the integer k in [lo, hi) nearest to c (as numpy's (k - c) ** 2)."""
+    floor = math.floor(c)
+    below = min(max(floor, lo), hi - 1)
+    above = min(max(floor + 1, lo), hi - 1)
+    return min((below - c) * (below - c), (above - c) * (above - c))
+
+
 def _covers_a_pixel(cy: float, cx: float, r: float, y0: int, y1: int, x0: int, x1: int) -> bool:
     """Whether a pixel centre of the box lies in the disc: the box's nearest lattice point to the centre
     (per axis, the integer in range nearest the centre coordinate) is the one to test."""
-    def nearest_square(c: float, lo: int, hi: int) -> float:
-        below = min(max(math.floor(c), lo), hi - 1)
-        above = min(max(math.floor(c) + 1, lo), hi - 1)
-        return min((below - c) * (below - c), (above - c) * (above - c))  # as numpy's (k - c) ** 2
-    return bool(nearest_square(cy, y0, y1) + nearest_square(cx, x0, x1) <= r * r)
+    return _nearest_square(cy, y0, y1) + _nearest_square(cx, x0, x1) <= r * r
 
 
 def _paint(img: np.ndarray, discs: np.ndarray) -> None:
@@ -154,11 +159,13 @@ def _interpolation(n: int, size: int) -> np.ndarray:
     return matrix
 
 
-def _natural_colour(rng: np.random.Generator) -> np.ndarray:
+def _natural_colour(rng: np.random.Generator) -> tuple[float, float, float]:
     """A BGR colour: mostly unsaturated, correlated channels, luminance spread over the range."""
     lum = rng.beta(2.0, 2.0) * 255.0
-    tint = rng.normal(0.0, 0.25, size=3)
-    return np.minimum(np.maximum(lum * (1.0 + tint), 0.0), 255.0)  # np.clip's values, without its overhead
+    b, g, r = rng.normal(0.0, 0.25, size=3).tolist()
+    # np.clip's values in plain floats (its overhead, 47,000 times a run, was a tenth of the probes' time)
+    return (min(max(lum * (1.0 + b), 0.0), 255.0), min(max(lum * (1.0 + g), 0.0), 255.0),
+            min(max(lum * (1.0 + r), 0.0), 255.0))
 
 
 def _blur(img: np.ndarray) -> np.ndarray:
