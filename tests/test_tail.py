@@ -94,12 +94,14 @@ layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim:
 layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
         convolution_param { num_output: 8 kernel_size: 3 pad: 1 } }
 layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
-layer { name: "side" type: "Convolution" bottom: "conv1" top: "side" convolution_param { num_output: 4 kernel_size: 1 } }
+layer { name: "slice" type: "Slice" bottom: "conv1" top: "a" top: "b" slice_param { slice_point: 4 } }
+layer { name: "early" type: "Convolution" bottom: "a" top: "early" convolution_param { num_output: 4 kernel_size: 1 } }
 layer { name: "conv2" type: "Convolution" bottom: "conv1" top: "conv2"
         convolution_param { num_output: 8 kernel_size: 3 pad: 1 } }
 layer { name: "relu2" type: "ReLU" bottom: "conv2" top: "conv2" }
 layer { name: "conv3" type: "Convolution" bottom: "conv2" top: "conv3"
         convolution_param { num_output: 8 kernel_size: 3 pad: 1 } }
+layer { name: "side" type: "Convolution" bottom: "b" top: "side" convolution_param { num_output: 4 kernel_size: 1 } }
 layer { name: "sum" type: "Eltwise" bottom: "conv3" bottom: "conv1" top: "sum" }
 layer { name: "relu3" type: "ReLU" bottom: "sum" top: "sum" }
 layer { name: "fc1" type: "InnerProduct" bottom: "sum" top: "fc1" inner_product_param { num_output: 10 } }
@@ -109,15 +111,16 @@ layer { name: "prob" type: "Softmax" bottom: "fc1" top: "prob" }
 
 def test_trials_start_at_the_layer_and_give_the_whole_model_gain(tmp_path, monkeypatch):
     """A sensitivity trial runs only the layers from the approximated one on (the values crossing the cut
-    -- a skip connection, an in-place ReLU's output, the net input -- come from the original), and gives
-    the gain a run of the whole model gives, on a net with two outputs (one written before the cuts)."""
+    -- a skip connection, an in-place ReLU's output, a Slice's second top -- come from the original), and
+    gives the gain a run of the whole model gives, on a net with three outputs (one written before the
+    cuts)."""
     from caffe_compress import runner
     from caffe_compress.plan import analyse as planner, search
     from nets import write_model
 
     rng = np.random.default_rng(5)
     blobs = {name: [rng.standard_normal(shape).astype(np.float32) * 0.3, rng.standard_normal(shape[0]).astype(
-        np.float32) * 0.1] for name, shape in (("conv1", (8, 3, 3, 3)), ("side", (4, 8, 1, 1)),
+        np.float32) * 0.1] for name, shape in (("conv1", (8, 3, 3, 3)), ("early", (4, 4, 1, 1)), ("side", (4, 4, 1, 1)),
                                                ("conv2", (8, 8, 3, 3)), ("conv3", (8, 8, 3, 3)),
                                                ("fc1", (10, 8 * 16 * 16)))}
     deploy, model = write_model(tmp_path, "residual", RESIDUAL, blobs)
@@ -148,9 +151,9 @@ def test_trials_start_at_the_layer_and_give_the_whole_model_gain(tmp_path, monke
 
     cut, models = gains()
     trials = [m for m in models if m & set(names) and not m & {"conv1"}]
-    assert any("conv2" in m and "side" not in m for m in trials)  # the conv2 trial starts at conv2
-    assert any("conv3" in m and "conv2" not in m for m in trials)  # the conv3 trial starts at conv3
-    assert all("conv1" not in m or "conv3" not in m or "side" not in m for m in models)  # no whole-model trial
+    assert any("conv2" in m and "early" not in m and "side" in m for m in trials)  # conv2's starts at conv2
+    assert any("conv3" in m and "conv2" not in m and "side" in m for m in trials)  # conv3's at conv3
+    assert all("conv1" not in m or "conv3" not in m for m in models)  # no whole-model trial
 
     class Whole:  # the previous way: every trial runs the whole model
         def __init__(self, net, run, feed):
