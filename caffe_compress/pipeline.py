@@ -940,9 +940,9 @@ class _ClosedLoop:
             if i >= len(ladder):
                 break
             result = self.attempt(ladder[i])
-            if self.run.ranks or (result is not False and i == failing + 1):
+            if self.run.ranks:
                 return
-            if result is not False:
+            if result is not False:  # (right below a miss, nothing is left to bisect)
                 return self.bisect(ladder, failing, i)
             failing, i = i, i + 1 + search.rungs_to_skip(self.state.excess)
         lowest = len(ladder) - 1

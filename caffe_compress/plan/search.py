@@ -221,6 +221,7 @@ class _Cuts:
     def __init__(self, net: Net, run: Run, feed: Mapping[str, np.ndarray]) -> None:
         self.net, self.run, self.feed = net, run, dict(feed)
         self.index = {layer.name: k for k, layer in enumerate(net.layers)}
+        self.taken = set(self.index) | {t for layer in net.layers for t in layer.tops}  # names in use
         self.at, self.live = 0, dict(feed)  # the cut's position and the values crossing it
 
     def trial(self, name: str, approx: np.ndarray, sources: Sequence[Hashable], *, end: int | None = None,
@@ -263,11 +264,10 @@ class _Cuts:
             return replace(self.net, layers=layers), self.live
         read = {b for layer in layers for b in layer.bottoms}
         feed = {blob: value for blob, value in self.live.items() if blob in read}
-        taken = set(self.index) | {t for layer in self.net.layers for t in layer.tops}
         inputs = []
         for blob, value in feed.items():
             name = f"{blob}__cut"
-            while name in taken:
+            while name in self.taken:
                 name += "_"
             shape = [1, *(int(d) for d in value.shape[1:])]
             inputs.append(Layer(name, "Input", (), (blob,), {"input_param": {"shape": [{"dim": shape}]}}))
