@@ -4,9 +4,10 @@ kernel[t, s, i, j] ~= sum_r last[t, r] * first[r, s] * vertical[r, i] * horizont
 
 which runs as four layers: 1x1 (S->R), kh x 1 depthwise, 1 x kw depthwise,
 1x1 (R->T). The ALS is organised around two BLAS calls per sweep (the MTTKRPs
-of the two large modes); the two small spatial modes reuse a shared partial
-contraction. Gram solves are done in float64 with a tiny ridge, the best
-iterate is kept, and a sweep whose factors blow up (degenerate, mutually
+of the two large modes); the other modes reuse a shared partial contraction
+through batched matrix products (small kernels: per-call overhead, not flops,
+is what a sweep costs). Gram solves are done in float64 with a tiny ridge, the
+best iterate is kept, and a sweep whose factors blow up (degenerate, mutually
 cancelling components) stops the run.
 """
 from __future__ import annotations
@@ -63,25 +64,11 @@ def _leading_vectors(unfolded: np.ndarray, rank: int, rng: np.random.Generator) 
     return np.concatenate(cols, axis=1)
 
 
-class _PlannedEinsum:
-    """np.einsum(..., optimize=True) with each contraction order found once per ALS run (the shapes do not
-    change between sweeps): finding it again every call cost more than the small contractions themselves.
-    The same order as optimize=True, so the same floating-point results."""
-
-    def __init__(self) -> None:
-        self.paths: dict[str, list] = {}
-
-    def __call__(self, subscripts: str, *operands: np.ndarray) -> np.ndarray:
-        path = self.paths.get(subscripts)
-        if path is None:
-            path = self.paths[subscripts] = np.einsum_path(subscripts, *operands, optimize="greedy")[0]
-        return np.einsum(subscripts, *operands, optimize=path)
-
-
 def _solve(gram: np.ndarray, mttkrp: np.ndarray) -> np.ndarray:
     """Factor = mttkrp @ gram^-1 with a relative ridge for stability (float64)."""
     ridge = 1e-12 * max(float(np.trace(gram)) / gram.shape[0], 1e-300)
-    g = gram + ridge * np.eye(gram.shape[0])
+    g = gram.copy()
+    g.flat[:: g.shape[0] + 1] += ridge
     try:
         return np.linalg.solve(g, mttkrp.T).T
     except np.linalg.LinAlgError:
@@ -142,24 +129,28 @@ def cp_conv(
         c = _leading_vectors(x64.transpose(2, 0, 1, 3).reshape(kh, -1) / norm_x, rank, rng)
         d = _leading_vectors(x64.transpose(3, 0, 1, 2).reshape(kw, -1) / norm_x, rank, rng)
 
-    einsum = _PlannedEinsum()
+    k = kh * kw
     best = None
     best_err = np.inf
     prev_err = np.inf
     iterations = 0
+    ga, gc, gd = a.T @ a, c.T @ c, d.T @ d
     for iterations in range(1, n_iter_max + 1):
-        ga, gc, gd = a.T @ a, c.T @ c, d.T @ d
         # Mode S: MTTKRP with the Khatri-Rao product of (A, C, D) -- one GEMM.
-        krp = einsum("tr,ir,jr->tijr", a, c, d).reshape(t * kh * kw, rank)
+        cd = (c[:, None, :] * d[None, :, :]).reshape(k, rank)  # (kh*kw, R): the spatial components
+        krp = (a[:, None, :] * cd[None, :, :]).reshape(t * k, rank)
         b = _solve(ga * gc * gd, (x_s @ krp.astype(work)).astype(np.float64))
         gb = b.T @ b
-        # Shared partial contraction Z[r, t, i, j] = sum_s b[s, r] x[t, s, i, j] -- one GEMM.
-        z = (b.T.astype(work) @ x_s).astype(np.float64).reshape(rank, t, kh, kw)
-        c = _solve(ga * gb * gd, einsum("rtij,tr,jr->ir", z, a, d))
+        # Shared partial contraction Z[r, t, ij] = sum_s b[s, r] x[t, s, i, j] -- one GEMM -- and
+        # Y[r, i, j] = sum_t a[t, r] Z[r, t, i, j], which both spatial modes contract further.
+        z = (b.T.astype(work) @ x_s).astype(np.float64).reshape(rank, t, k)
+        y = np.matmul(a.T[:, None, :], z).reshape(rank, kh, kw)
+        c = _solve(ga * gb * gd, np.matmul(y, d.T[:, :, None])[:, :, 0].T)
         gc = c.T @ c
-        d = _solve(ga * gb * gc, einsum("rtij,tr,ir->jr", z, a, c))
+        d = _solve(ga * gb * gc, np.matmul(c.T[:, None, :], y)[:, 0, :].T)
         gd = d.T @ d
-        m_a = einsum("rtij,ir,jr->tr", z, c, d)
+        cd = (c[:, None, :] * d[None, :, :]).reshape(k, rank)
+        m_a = np.matmul(z, cd.T[:, :, None])[:, :, 0].T
         a = _solve(gb * gc * gd, m_a)
         ga = a.T @ a
         # ||X - Xhat||^2 = 1 - 2 <X, Xhat> + ||Xhat||^2 (X has unit norm).
