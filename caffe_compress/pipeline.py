@@ -80,14 +80,21 @@ class _Timer:
     def __init__(self) -> None:
         self.timings: dict[str, float] = {}
         self.current = ""
+        self.active: set[str] = set()
 
     @contextmanager
     def stage(self, name: str):
+        """Time a block as stage ``name``; a block inside one of the same name is counted once (the outer)."""
+        if name in self.active:
+            yield
+            return
+        self.active.add(name)
         start = time.perf_counter()
         self.current = name
         try:
             yield
         finally:
+            self.active.discard(name)
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
             log.debug("stage %s: %.2fs, peak RSS %.0f MB", name, self.timings[name], peak_rss_mb())
 
@@ -450,15 +457,16 @@ class _Run:
         ws = planner.Workspace()
         self.factorizer = _Factorizer(net, ws, self.ranks, self.seed, self.timer.timings, self.say)
         self.guard = timing.SpeedGuard(self.objective, self.cv, net, blob_sources(net)[0], net.input_shapes(),
-                                       self.say, self.timer.timings, disk=timing.DiskCache.default(reuse=not self.retime))
+                                       self.say, self.timer.stage, disk=timing.DiskCache.default(reuse=not self.retime))
         wants_plan = self.tradeoff > 0 or bool(self.ranks)
         self.progress.stage("probing the original model in OpenCV")
         self.cv.keep(net)  # loaded once for the response probes, the validation inputs and its timing
         try:
-            inputs = plan_inputs.make_inputs(net, wants_plan=wants_plan, validate_output=self.validate_output,
-                                             images=images, responds=lambda feed: self.responds(net, feed),
-                                             calibration=calibration, pre=self.preprocessing, probes=self.probes,
-                                             seed=self.seed)
+            with self.timer.stage("inputs"):
+                inputs = plan_inputs.make_inputs(net, wants_plan=wants_plan, validate_output=self.validate_output,
+                                                 images=images, responds=lambda feed: self.responds(net, feed),
+                                                 calibration=calibration, pre=self.preprocessing,
+                                                 probes=self.probes, seed=self.seed)
         except plan_inputs.NoResponseError:
             self.first_non_finite(net)  # overflowing weights are a bad model (3), not a validation failure
             raise

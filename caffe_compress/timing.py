@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
@@ -232,7 +232,7 @@ class SpeedGuard:
     first_input: Mapping  # layer -> runner.Source of its first input
     shapes: Mapping[str, tuple[int, ...]]  # declared input shapes
     say: Callable[[str], None]
-    timings: dict
+    stage: Callable = lambda name: nullcontext()  # noqa: E731 - the pipeline's timer: stage(name) times a block
     layer_shapes: dict = field(default_factory=dict)
     speedups: dict = field(default_factory=dict)  # (layer, (method, rank)) -> original / factored time
     micro: dict = field(default_factory=dict)  # (signature, input shape) -> ms
@@ -249,13 +249,12 @@ class SpeedGuard:
             if cached is not None:
                 self.micro[key] = cached
                 return cached
-            start = time.perf_counter()
-            self.micro[key] = min_ms(lambda model: self.cv.load(model, what=f"timing of {name}"),
-                                     layer_net(layers, bottom, shape),
-                                     {bottom: np.random.default_rng(0).standard_normal(shape).astype(np.float32)})
+            with self.stage("timing"):
+                self.micro[key] = min_ms(lambda model: self.cv.load(model, what=f"timing of {name}"),
+                                         layer_net(layers, bottom, shape),
+                                         {bottom: np.random.default_rng(0).standard_normal(shape).astype(np.float32)})
             if self.disk:
                 self.disk.put(stored, self.micro[key])
-            self.timings["timing"] = self.timings.get("timing", 0.0) + time.perf_counter() - start
         return self.micro[key]
 
     @property
@@ -291,20 +290,19 @@ class SpeedGuard:
             if cached is not None:
                 self.speedups[key] = cached
                 return cached
-            start = time.perf_counter()
             bottom = layer.bottoms[0]
             self.say(f"timing {name}")
             load = lambda model: self.cv.load(model, what=f"timing of {name}")  # noqa: E731
             nets = (layer_net((layer,), bottom, shape), layer_net(replacement, bottom, shape))
             feed = {bottom: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
-            if sum(b.nbytes for b in layer.blobs) > BIG_LAYER_BYTES:  # one big net alive at a time (memory)
-                latency = Latency(*(median_ms(load, n, feed, budget_s=LAYER_BUDGET_S / 2) for n in nets))
-            else:
-                latency = compare(load, *nets, feed, budget_s=LAYER_BUDGET_S)
+            with self.stage("timing"):
+                if sum(b.nbytes for b in layer.blobs) > BIG_LAYER_BYTES:  # one big net alive at a time (memory)
+                    latency = Latency(*(median_ms(load, n, feed, budget_s=LAYER_BUDGET_S / 2) for n in nets))
+                else:
+                    latency = compare(load, *nets, feed, budget_s=LAYER_BUDGET_S)
             self.speedups[key] = latency.speedup
             if self.disk:
                 self.disk.put(stored, latency.speedup)
-            self.timings["timing"] = self.timings.get("timing", 0.0) + time.perf_counter() - start
         return self.speedups[key]
 
     def infer_shapes(self) -> None:

@@ -82,7 +82,7 @@ def test_layer_shapes_for_timing_come_from_the_kept_original(tmp_path, monkeypat
     cv = runner.OpenCVRunner(tmp_path)
     cv.keep(net)
     cv.run(net, {"data": np.zeros((1, 3, 24, 24), np.float32)}, [runner.Source("prob")])
-    guard = timing.SpeedGuard("balanced", cv, net, runner.blob_sources(net)[0], net.input_shapes(), lambda _: None, {})
+    guard = timing.SpeedGuard("balanced", cv, net, runner.blob_sources(net)[0], net.input_shapes(), lambda _: None)
     guard.infer_shapes()
     assert len(loads) == 1
     assert guard.layer_shapes["conv2"] == (1, 16, 10, 10) and guard.layer_shapes["fc1"][:2] == (1, 32)
