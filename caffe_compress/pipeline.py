@@ -33,7 +33,9 @@ log = logging.getLogger(__name__)
 DEFAULT_TRADEOFF = 0.95
 DEFAULT_PROBES = 8
 OBJECTIVES = ("balanced", "speed", "size")
-WALK_FIRST = 4  # budget rungs walked down one by one before the search jumps to the lowest and bisects
+# budget rungs walked down one by one before the search jumps to the lowest and bisects: a miss on the way
+# down usually ends its validation early, while the bisection's rounds are mostly passes (full validation)
+WALK_FIRST = 6
 MAX_SPEED_ROUNDS = 3  # factorizations dropped one at a time while the whole model is slower
 POLISH_CP_ITERATIONS = 30  # extra sweeps for the rank the planner picks
 FORCED_CP_ITERATIONS = 1000  # a rank given with --rank: run to convergence

@@ -424,6 +424,9 @@ def test_a_wide_miss_skips_the_rungs_that_would_still_miss():
     agreement = Check("p", "class", "top-1 agreement", 0.5, 0.99, True)  # no error scale: walks one rung
     assert excess([agreement, Check("y", "dense", "relative error", 0.2, 0.05, False)]) == pytest.approx(4.0)
     assert excess([agreement]) == 1.0
+    psnr = Check("sr", "image", "PSNR vs the original (dB)", 34.0, 46.0, True)  # 12 dB short: error 10^0.6 x
+    assert excess([agreement, psnr]) == pytest.approx(10 ** 0.6)
+    assert excess([Check("sr", "image", "PSNR vs the original (dB)", 47.0, 46.0, True)]) == 1.0
     proportional = lambda rung: 8.0 / 2 ** (rung / 2)  # noqa: E731 -- passes from rung 6 (8 / 2^3 = 1)
     tried = _walk(6, proportional)
     assert tried == [0, 5, 6]  # lands on the last predicted miss, then the pass next to it

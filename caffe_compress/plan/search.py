@@ -341,12 +341,22 @@ def measure_times(candidates: list[Candidate], *, original_ms: Callable[[str], f
 
 
 def excess(checks: Sequence) -> float:
-    """How far a plan missed: the largest measured error / its target over the missed error checks
-    (relative errors, logit changes: lower is better); 1 when none missed that way (an agreement, a PSNR).
-    An early-stopped check's value is a lower bound, so this is one too."""
-    ratios = [c.value / c.target for c in checks if not c.passed and not c.higher_is_better
-              and c.target and c.target > 0 and math.isfinite(c.value)]
+    """How far a plan missed: the largest error / its target over the missed checks that measure an error
+    (relative errors, logit changes; a PSNR is an RMS error in dB: a miss by D dB is an error 10^(D/20)
+    times its target); 1 when none missed that way (an agreement, a similarity). An early-stopped check's
+    value is a bound on the way to its final value, so this is a lower bound too."""
+    ratios = [r for r in map(_error_ratio, checks) if r is not None]
     return max(ratios, default=1.0)
+
+
+def _error_ratio(check) -> float | None:
+    if check.passed or not check.target or not math.isfinite(check.value):
+        return None
+    if not check.higher_is_better:
+        return check.value / check.target if check.target > 0 else None
+    if check.kind == "image":  # PSNR (dB)
+        return 10.0 ** ((check.target - check.value) / 20.0)
+    return None
 
 
 def rungs_to_skip(excess_ratio: float) -> int:
