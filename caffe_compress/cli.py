@@ -222,6 +222,17 @@ def _install_signal_handlers() -> None:
             signal.signal(getattr(signal, name), _raise_terminated)
 
 
+def ignore_termination() -> None:
+    """From here on SIGINT/SIGTERM/SIGHUP are ignored: the run's outcome is settled (its files published or
+    nothing written), so a late signal may neither report "nothing published" nor kill the exiting process
+    (the interpreter resets Python-level handlers to the default while it shuts down)."""
+    import signal
+
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 def _run_fetch(argv: Sequence[str]) -> int:
     from . import zoo
 
@@ -398,6 +409,7 @@ def _run_compress(argv: Sequence[str]) -> int:
         progress=progress, report_path=args.json, format=args.format, plan_only=args.plan_only, retime=args.retime,
         labels=args.labels, classes=[c.strip() for c in args.classes.split(",")] if args.classes else None,
     )
+    ignore_termination()  # published (or nothing to publish): only the report is left to print
     from .report import format_table
 
     try:

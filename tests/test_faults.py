@@ -171,6 +171,31 @@ def test_signals_clean_up(tmp_path, sig, code, delay):
     assert _digest([deploy, model]) == before
 
 
+
+def test_a_signal_after_publishing_does_not_undo_the_run(tmp_path, model, monkeypatch):
+    """SIGTERM while the report prints (the model already published): exit 0 with the files, not "terminated,
+    nothing published" (once seen in CI: a signal during the interpreter's exit killed a finished run)."""
+    from caffe_compress import cli, report
+
+    deploy, weights = model
+    printed = []
+
+    def table_then_signal(rep):
+        os.kill(os.getpid(), signal.SIGTERM)
+        printed.append(rep)
+        return ""
+
+    monkeypatch.setattr(report, "format_table", table_then_signal)
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        code = cli.main([str(deploy), str(weights), "-o", str(tmp_path / "r"), "-q", "--force"])
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+    assert code == 0 and printed
+    assert (tmp_path / "r.prototxt").exists() and (tmp_path / "r.caffemodel").exists()
+
+
 def test_non_ascii_and_newline_names(tmp_path, model):
     deploy, weights = model
     out = tmp_path / "out"
