@@ -7,7 +7,6 @@ most error) and tries again, a bounded number of times; nothing is published bef
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import tempfile
@@ -38,7 +37,6 @@ OBJECTIVES = ("balanced", "speed", "size")
 # down usually ends its validation early, while the bisection's rounds are mostly passes (full validation)
 WALK_FIRST = 6
 MAX_SPEED_ROUNDS = 3  # factorizations dropped one at a time while the whole model is slower
-MAX_RECHOICES = 3  # plans chosen again for one budget after choices measured slow (then such layers stay)
 POLISH_CP_ITERATIONS = 30  # extra sweeps for the rank the planner picks
 FORCED_CP_ITERATIONS = 1000  # a rank given with --rank: run to convergence
 MAX_PROBES = 256
@@ -1001,18 +999,13 @@ class _ClosedLoop:
         """(key, chosen, new_net, plan) for a budget, without the factorizations measured slower;
         None when nothing is factored, a bool when this exact plan was already judged."""
         r, state = self.run, self.state
-        kept: set[str] = set()  # layers left unfactored after MAX_RECHOICES slow choices in this build
-        for attempt in itertools.count():
-            # a choice measured too slow (now or in an earlier round) is not offered again: its layer takes
-            # its next best option (another form or rank, or none) and the budget is shared out anew
-            with r.timer.stage("plan"):
-                chosen, predicted = planner.choose_ranks(
-                    self.candidates, r.tradeoff, forced=r.forced(), budget=budget, objective=r.objective,
-                    min_speedup=r.guard.required, excluded=set(state.slow))
-            for name in kept:
-                chosen.pop(name, None)
-            reasons = dict(self.skipped)
-            reasons.update({name: why for (name, _), why in state.slow.items() if name not in chosen})
+        with r.timer.stage("plan"):
+            chosen, predicted = planner.choose_ranks(self.candidates, r.tradeoff, forced=r.forced(), budget=budget,
+                                                     objective=r.objective, min_speedup=r.guard.required)
+        reasons = dict(self.skipped)
+        for name in [n for n in chosen if (n, chosen[n]) in state.slow]:
+            reasons[name] = state.slow[(name, chosen.pop(name))]
+        while True:
             plan = replace(planner.build_plan(self.net, self.candidates, chosen, reasons, r.tradeoff, predicted),
                            error_budget=budget)
             if not chosen and r.tradeoff > 0 and not r.force:
@@ -1032,9 +1025,8 @@ class _ClosedLoop:
             if not slow:
                 return key, chosen, new_net, plan
             for name, why in slow.items():
-                state.slow[(name, chosen[name])] = why
-                if attempt + 1 >= MAX_RECHOICES:
-                    kept.add(name)
+                state.slow[(name, chosen.pop(name))] = why
+                reasons[name] = why
 
     def guard_slow(self, new_net: Net, chosen: Mapping[str, tuple], predicted: Mapping[str, float]) -> dict:
         return self.run.guard.slow_layers(new_net, chosen, self.run.forced(), predicted)

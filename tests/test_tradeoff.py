@@ -201,32 +201,3 @@ def test_a_held_out_calibration_split_draws_no_probes(tmp_path, monkeypatch):
     got = plan_inputs.make_inputs(net, wants_plan=True, validate_output=True, images=None, calibration=few,
                                   pre=Preprocessing(), probes=8, seed=0)
     assert got.synthetic and got.planning["data"].shape[0] == 4
-
-
-def test_a_choice_measured_slow_gives_way_to_the_layers_next_best(tmp_path, monkeypatch):
-    """A factorization the guard measures too slow is not offered again, and its layer takes its next best
-    option (another form or rank) in a plan chosen anew -- it is not simply left unfactored."""
-    from caffe_compress import compress, timing
-    from caffe_compress.plan import analyse
-
-    deploy, model = small_model(tmp_path)
-    slow_choices = []
-    real = timing.SpeedGuard.slow_layers
-
-    def first_fc1_choice_is_slow(self, new_net, chosen, forced, predicted):
-        if "fc1" in chosen and not slow_choices:
-            slow_choices.append(chosen["fc1"])
-            return {"fc1": "factored form measured 1.50x slower in OpenCV"}
-        return real(self, new_net, chosen, forced, predicted)
-
-    monkeypatch.setattr(timing.SpeedGuard, "slow_layers", first_fc1_choice_is_slow)
-    offered = []
-    choose = analyse.choose_ranks
-    monkeypatch.setattr(analyse, "choose_ranks",
-                        lambda *a, **k: offered.append(set(k.get("excluded", ()))) or choose(*a, **k))
-    report = compress(deploy, model, tradeoff=1.0, output=tmp_path / "o", force=True,
-                      seed=0, progress=None)
-    assert slow_choices, "fc1 was never chosen"
-    assert ("fc1", slow_choices[0]) in offered[-1]  # never offered again
-    fc1 = next(lp for lp in report.layers if lp.layer == "fc1")
-    assert fc1.rank and (fc1.method, fc1.rank) != slow_choices[0], fc1  # factored, another way

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Collection, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -539,15 +539,13 @@ def _lambda_grid() -> list[float]:
 OBJECTIVE_WEIGHTS = {"balanced": (1.0, 0.5), "speed": (0.25, 1.0), "size": (1.0, 0.0)}  # (bytes, time)
 
 
-def _options(cands: Sequence[Candidate], min_speedup: float,
-             excluded: Collection = ()) -> list[tuple[Candidate | None, int | None]]:
-    """Keep (None) and every (form, rank) not predicted slower than the layer by more than allowed, nor
-    ``excluded`` ((method, rank) choices measured too slow)."""
+def _options(cands: Sequence[Candidate], min_speedup: float) -> list[tuple[Candidate | None, int | None]]:
+    """Keep (None) and every (form, rank) not predicted slower than the layer by more than allowed."""
     out: list[tuple[Candidate | None, int | None]] = [(None, None)]
     for c in cands:
         for r in c.ranks:
             speedup = c.speedup(r)
-            if (speedup is None or speedup >= min_speedup) and (c.method, r) not in excluded:
+            if speedup is None or speedup >= min_speedup:
                 out.append((c, r))
     return out
 
@@ -555,7 +553,6 @@ def _options(cands: Sequence[Candidate], min_speedup: float,
 def choose_ranks(
     candidates: Sequence[Candidate], tradeoff: float, *, forced: Mapping[str, Choice] | None = None,
     budget: float | None = None, objective: str = "size", min_speedup: float = 0.0,
-    excluded: Collection[tuple[str, Choice]] = (),
 ) -> tuple[dict[str, Choice], float]:
     """Pick a form and rank per layer for the error budget of ``tradeoff``: ({layer: (method, rank)}, error).
 
@@ -564,8 +561,7 @@ def choose_ranks(
     time by ``objective`` and options predicted slower than ``min_speedup`` x the layer are not offered.
     A higher price never raises any layer's error or lowers its cost; T picks the lowest price whose
     predicted error fits the budget, and a larger budget can only lower that price -- so with the "size"
-    objective (cost = bytes) a larger T never gives a larger file, for any model. ``excluded``: (layer,
-    (method, rank)) choices not offered (measured slower than allowed): the layer takes its next best option.
+    objective (cost = bytes) a larger T never gives a larger file, for any model.
     """
     forced = dict(forced or {})
     budget = error_budget(tradeoff) if budget is None else budget
@@ -583,8 +579,7 @@ def choose_ranks(
         for c in by_layer.get(name, ()):
             if c.method == method and rank in c.output_error:
                 base_sq += contribution(c, rank)
-    free = {name: _options(cands, min_speedup, {choice for layer, choice in excluded if layer == name})
-            for name, cands in by_layer.items() if name not in forced}
+    free = {name: _options(cands, min_speedup) for name, cands in by_layer.items() if name not in forced}
 
     def pick(price: float) -> tuple[dict[str, Choice], float]:
         state: dict[str, Choice] = {}
