@@ -201,3 +201,26 @@ def test_a_held_out_calibration_split_draws_no_probes(tmp_path, monkeypatch):
     got = plan_inputs.make_inputs(net, wants_plan=True, validate_output=True, images=None, calibration=few,
                                   pre=Preprocessing(), probes=8, seed=0)
     assert got.synthetic and got.planning["data"].shape[0] == 4
+
+
+def test_the_plan_after_the_last_speed_drop_is_timed_itself(tmp_path, monkeypatch):
+    """The whole model measured slower three times: three factorizations are dropped, and the latency the
+    report shows is the published plan's own, timed once more (it used to show the previous plan's)."""
+    from caffe_compress import compress, pipeline, timing
+
+    deploy, model = small_model(tmp_path)
+    one_thread = []
+    real = pipeline._Run.latency
+
+    def latency(self, net, new_net, inputs, *, threads=1):
+        if threads != 1:
+            return real(self, net, new_net, inputs, threads=threads)
+        one_thread.append(new_net)
+        slower = len(one_thread) <= pipeline.MAX_SPEED_ROUNDS
+        return timing.Latency(10.0, 12.0 if slower else 9.0 + 0.001 * len(one_thread))
+
+    monkeypatch.setattr(pipeline._Run, "latency", latency)
+    report = compress(deploy, model, tradeoff=1.0, output=tmp_path / "o", force=True, seed=0, progress=None)
+    assert len(one_thread) == pipeline.MAX_SPEED_ROUNDS + 1
+    assert report.latency_ms["compressed_1t"] == 9.0 + 0.001 * len(one_thread)
+    assert one_thread[-1] is not one_thread[-2]  # the last drop's plan, not the one before
