@@ -36,6 +36,8 @@ OBJECTIVES = ("balanced", "speed", "size")
 # budget rungs walked down one by one before the search jumps to the lowest and bisects: a miss on the way
 # down usually ends its validation early, while the bisection's rounds are mostly passes (full validation)
 WALK_FIRST = 6
+REFINE_ROUNDS = 3  # one-layer moves tried after the budget search (_ClosedLoop.refine) ...
+REFINE_MIN_GAIN = 0.1  # ... when they could make the plan at least this much cheaper (the objective's cost)
 MAX_SPEED_ROUNDS = 3  # factorizations dropped one at a time while the whole model is slower
 POLISH_CP_ITERATIONS = 30  # extra sweeps for the rank the planner picks
 FORCED_CP_ITERATIONS = 1000  # a rank given with --rank: run to convergence
@@ -230,6 +232,10 @@ def _kernel_error(kernels: Sequence[np.ndarray], factors: Sequence) -> float:
 # ------------------------------------------------------------------ compress
 
 
+def _chosen_of(plan: planner.Plan) -> dict[str, tuple]:
+    return {lp.layer: (lp.method, lp.rank) for lp in plan.layers if lp.rank}
+
+
 @dataclass
 class _LoopState:
     """The closed loop's rounds: the best passing plan so far stays staged, the others are discarded."""
@@ -243,6 +249,8 @@ class _LoopState:
     best_budget: float = 0.0
     latency: timing.Latency | None = None
     excess: float = 1.0  # the last round's worst error / its target (search.excess)
+    missed_at: dict = field(default_factory=dict)  # budget -> the choice that missed there
+    dropped: dict = field(default_factory=dict)  # layer -> why the whole-model speed check dropped it
 
     def keep(self, staged, new_net, plan, verdict) -> None:
         # a pass after the whole-model speed check dropped a layer replaces the slower plan
@@ -890,7 +898,8 @@ class _ClosedLoop:
 
     Every T walks the same fixed ladder (search.budget_ladder), so a larger T starts higher and stops no
     lower; plans already judged are not written again, and at most MAX_ROUNDS distinct plans are (see
-    search(): at most WALK_FIRST + 1 + log2 of the ladder's length rounds, WALK_FIRST + 1 when nothing passes).
+    search(): at most WALK_FIRST + 1 + log2 of the ladder's length rounds, WALK_FIRST + 1 when nothing passes),
+    then at most REFINE_ROUNDS one-layer moves from the plan that passed (refine()).
     """
 
     run: "_Run"
@@ -914,6 +923,7 @@ class _ClosedLoop:
         try:
             self.search(ladder)
             if state.best is not None:
+                self.refine()
                 self.not_slower()
             if state.best is None and r.force:
                 self.attempt(0.0)  # --force: an unchanged copy when every plan misses
@@ -970,10 +980,12 @@ class _ClosedLoop:
             else:  # passed, or nothing factored (then nothing is below either): look above
                 passing = middle
 
-    def attempt(self, budget: float) -> bool | None:
-        """True: the plan passed (and is kept staged); False: missed; None: nothing to factor."""
+    def attempt(self, budget: float, chosen: Mapping[str, tuple] | None = None) -> bool | None:
+        """True: the plan passed (and is kept staged); False: missed; None: nothing to factor.
+        The plan is the planner's for ``budget``, or ``chosen`` (a refinement: ``budget`` labels it)."""
         release_memory()
-        built = self.build(budget)
+        built = self.build(budget) if chosen is None else self.build_chosen(
+            chosen, planner.predicted_error(self.candidates, chosen), budget)
         if built is None or isinstance(built, bool):
             self.state.excess = 1.0  # (a plan judged before, or none: no new measure of how far it missed)
             return built
@@ -992,17 +1004,23 @@ class _ClosedLoop:
             state.best_budget = budget
             return True
         staged.discard()
+        state.missed_at.setdefault(budget, dict(chosen))
         self.missed(verdict, chosen, budget)
         return False
 
     def build(self, budget: float):
         """(key, chosen, new_net, plan) for a budget, without the factorizations measured slower;
         None when nothing is factored, a bool when this exact plan was already judged."""
-        r, state = self.run, self.state
+        r = self.run
         with r.timer.stage("plan"):
             chosen, predicted = planner.choose_ranks(self.candidates, r.tradeoff, forced=r.forced(), budget=budget,
                                                      objective=r.objective, min_speedup=r.guard.required)
-        reasons = dict(self.skipped)
+        return self.build_chosen(chosen, predicted, budget)
+
+    def build_chosen(self, chosen: Mapping[str, tuple], predicted: float, budget: float):
+        """build() for a given choice of forms and ranks."""
+        r, state = self.run, self.state
+        chosen, reasons = dict(chosen), {**self.skipped, **state.dropped}
         for name in [n for n in chosen if (n, chosen[n]) in state.slow]:
             reasons[name] = state.slow[(name, chosen.pop(name))]
         while True:
@@ -1027,6 +1045,40 @@ class _ClosedLoop:
             for name, why in slow.items():
                 state.slow[(name, chosen.pop(name))] = why
                 reasons[name] = why
+
+    def refine(self) -> None:
+        """From the plan that passed, one layer at a time toward the plan that missed on the rung above:
+        the budget search moves every layer at once, and a class check that allows no changed answer can
+        miss on one layer's account. Each move that lowers the objective's cost is tried, the largest
+        saving first, at most REFINE_ROUNDS new plans; a move that passes is kept, one that misses is tried
+        again half as far. Only when all the moves together would make the plan REFINE_MIN_GAIN cheaper:
+        a round costs a validation pass, and after a search that already ended close, little is left."""
+        r, state = self.run, self.state
+        above = [b for b in state.missed_at if b > state.best_budget]
+        if state.best is None or r.ranks or not above:
+            return
+        label, spent = min(above), 0
+        target = dict(state.missed_at[label])
+        best = _chosen_of(state.best[2])
+        every_move = {**best, **dict(planner.cheaper_steps(self.candidates, best, target, r.objective))}
+        if (planner.objective_cost(self.candidates, every_move, r.objective)
+                > (1 - REFINE_MIN_GAIN) * planner.objective_cost(self.candidates, best, r.objective)):
+            return  # (little to gain: not worth the rounds)
+        while spent < REFINE_ROUNDS:
+            current = _chosen_of(state.best[2])
+            steps = planner.cheaper_steps(self.candidates, current, target, r.objective)
+            if not steps:
+                return
+            name, choice = steps[0]
+            before = state.rounds
+            passed = self.attempt(label, {**current, name: choice}) is True
+            spent += state.rounds - before  # (no round: a plan judged before, or one of slow layers only)
+            if not (passed and state.rounds > before):  # a move that missed: next time half of it
+                middle = planner.halfway(self.candidates, name, current.get(name), choice)
+                if middle is None:
+                    target.pop(name)
+                else:
+                    target[name] = middle
 
     def guard_slow(self, new_net: Net, chosen: Mapping[str, tuple], predicted: Mapping[str, float]) -> dict:
         return self.run.guard.slow_layers(new_net, chosen, self.run.forced(), predicted)
@@ -1057,13 +1109,13 @@ class _ClosedLoop:
             if not chosen:
                 return
             worst = min(chosen, key=lambda n: r.guard.speedup(new_net, n, chosen[n]))
-            state.slow[(worst, chosen[worst])] = (f"dropped: the model with it measured "
-                                                  f"{1 / state.latency.speedup:.2f}x slower in OpenCV")
-            budget = state.best_budget
+            state.slow[(worst, chosen[worst])] = state.dropped[worst] = (
+                f"dropped: the model with it measured {1 / state.latency.speedup:.2f}x slower in OpenCV")
+            rest = {name: choice for name, choice in _chosen_of(plan).items() if name != worst}
             state.discard()
             # plans that passed earlier have no staged files any more: a repeat is written and judged again
             state.tried = {k: v for k, v in state.tried.items() if v is not True}
-            if self.attempt(budget) is not True:
+            if self.attempt(state.best_budget, rest) is not True:  # (the same plan, but for that layer)
                 return
         # the plan after the last drop is the one published: its own latency is what the report shows
         _, new_net, _, _ = state.best

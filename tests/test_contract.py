@@ -435,3 +435,75 @@ def test_a_wide_miss_skips_the_rungs_that_would_still_miss():
     assert 1 in tried and 2 in tried and max(r for r in tried if r < 2) == 1
     assert min(r for r in tried if r >= 2) == 2  # the highest passing rung was found
     assert _walk(1, lambda rung: 1.2) == [0, 1]  # a narrow miss walks one rung
+
+
+def _candidate(layer: str, params: int, ranks=(64, 32, 16, 8, 4)):
+    from caffe_compress.plan.analyse import Candidate
+
+    return Candidate(layer, "InnerProduct", "svd", (params // 100, 100), 1, params, params, tuple(ranks),
+                     {r: r * 110 for r in ranks}, {r: r * 110 for r in ranks}, {r: 1.0 / r for r in ranks},
+                     {r: 1.0 / r for r in ranks})
+
+
+def _refine(candidates, best, missed, passes):
+    """The refinement after a search that passed with ``best`` at budget 1 and missed with ``missed`` on the
+    rung above (budget 2); ``passes(chosen)`` is the verdict of a plan. Returns the plans it tried and the
+    plan it kept."""
+    from types import SimpleNamespace
+
+    from caffe_compress import pipeline
+    from caffe_compress.plan import analyse
+
+    tried = []
+
+    def plan_of(chosen):
+        return SimpleNamespace(layers=[SimpleNamespace(layer=n, method=m, rank=r) for n, (m, r) in chosen.items()])
+
+    class Loop(pipeline._ClosedLoop):
+        def attempt(self, budget, chosen=None):
+            assert budget == 2.0 and chosen is not None
+            key = tuple(sorted(chosen.items()))
+            if key in self.state.tried:
+                return self.state.tried[key]
+            tried.append(dict(chosen))
+            self.state.rounds += 1
+            self.state.tried[key] = passes(chosen)
+            if self.state.tried[key]:
+                self.state.best = (None, None, plan_of(chosen), None)
+            return self.state.tried[key]
+
+    loop = Loop(SimpleNamespace(ranks={}, objective="size"), None, None, list(candidates), {}, [], {}, None)
+    loop.state.best, loop.state.best_budget = (None, None, plan_of(best), None), 1.0
+    loop.state.missed_at = {2.0: dict(missed), 0.5: {}}
+    loop.refine()
+    assert analyse.objective_cost(candidates, pipeline._chosen_of(loop.state.best[2]), "size") <= \
+        analyse.objective_cost(candidates, best, "size")
+    return tried, pipeline._chosen_of(loop.state.best[2])
+
+
+def test_refinement_moves_one_layer_at_a_time_toward_the_plan_that_missed():
+    """After the budget search, each layer is moved alone to its choice in the plan that missed just above,
+    the largest saving first; a move that misses is tried again half as far; at most REFINE_ROUNDS plans."""
+    from caffe_compress import pipeline
+
+    cands = [_candidate("big", 100_000), _candidate("small", 10_000)]
+    best = {"big": ("svd", 64), "small": ("svd", 64)}
+    missed = {"big": ("svd", 4), "small": ("svd", 8)}
+    # the small layer's move is harmless, the big one's only down to rank 16
+    passes = lambda chosen: chosen["big"][1] >= 16  # noqa: E731
+    tried, kept = _refine(cands, best, missed, passes)
+    assert tried[0] == {"big": ("svd", 4), "small": ("svd", 64)}  # the largest saving first
+    assert tried[1] == {"big": ("svd", 64), "small": ("svd", 8)}  # now the largest saving
+    assert tried[2] == {"big": ("svd", 16), "small": ("svd", 8)}  # half as far: the middle rank of 32, 16, 8
+    assert len(tried) == pipeline.REFINE_ROUNDS
+    assert kept == {"big": ("svd", 16), "small": ("svd", 8)}
+
+
+def test_refinement_is_skipped_when_the_plan_above_is_barely_cheaper():
+    cands = [_candidate("big", 100_000), _candidate("small", 10_000)]
+    best = {"big": ("svd", 64), "small": ("svd", 8)}  # 7,040 + 880 parameters
+    tried, kept = _refine(cands, best, {"big": ("svd", 64), "small": ("svd", 4)}, lambda chosen: True)  # -440
+    assert tried == [] and kept == best
+    # nothing missed above the plan that passed: nothing to refine either
+    tried, kept = _refine(cands, best, {}, lambda chosen: True)
+    assert tried == [] and kept == best

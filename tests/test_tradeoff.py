@@ -224,3 +224,34 @@ def test_the_plan_after_the_last_speed_drop_is_timed_itself(tmp_path, monkeypatc
     assert len(one_thread) == pipeline.MAX_SPEED_ROUNDS + 1
     assert report.latency_ms["compressed_1t"] == 9.0 + 0.001 * len(one_thread)
     assert one_thread[-1] is not one_thread[-2]  # the last drop's plan, not the one before
+
+
+def test_a_speed_drop_keeps_the_rest_of_the_plan_as_it_passed(tmp_path, monkeypatch):
+    """The whole model measured slower once: the factorization measured slowest is dropped and every other
+    layer keeps its form and rank (the plan is not chosen anew at the budget, which could miss the contract
+    and leave nothing to publish)."""
+    from caffe_compress import compress, pipeline, timing
+
+    deploy, model = small_model(tmp_path)
+    plans = []
+    real = pipeline._Run.latency
+
+    def latency(self, net, new_net, inputs, *, threads=1):
+        if threads != 1:
+            return real(self, net, new_net, inputs, threads=threads)
+        plans.append(new_net)
+        return timing.Latency(10.0, 12.0 if len(plans) == 1 else 9.0)
+
+    choices = []  # the number of whole-model timings at each choice of ranks for a budget
+    choose = pipeline.planner.choose_ranks
+    monkeypatch.setattr(pipeline._Run, "latency", latency)
+    monkeypatch.setattr(pipeline.planner, "choose_ranks", lambda *a, **k: choices.append(len(plans)) or choose(*a, **k))
+    report = compress(deploy, model, tradeoff=1.0, output=tmp_path / "o", force=True, seed=0, progress=None)
+    assert choices and max(choices) == 0  # not chosen anew after the drop
+    first = {layer.name for layer in plans[0].layers}
+    last = {layer.name for layer in plans[-1].layers}
+    dropped = [lp for lp in report.layers if lp.reason.startswith("dropped")]
+    assert len(dropped) == 1 and not dropped[0].rank
+    factored = {lp.layer for lp in report.layers if lp.rank}
+    assert factored and all(any(n.startswith(f"{name}_") for n in last) for name in factored)
+    assert first - last and last - first <= set()  # only the dropped layer's factors went

@@ -608,6 +608,71 @@ def choose_ranks(
     return chosen, predicted
 
 
+def predicted_error(candidates: Sequence[Candidate], chosen: Mapping[str, Choice]) -> float:
+    """The planner's predicted network-output error of a choice: sqrt of the sum of (gain * layer error)^2."""
+    by_form = {(c.layer, c.method): c for c in candidates}
+    err_sq = 0.0
+    for name, (method, rank) in chosen.items():
+        c = by_form.get((name, method))
+        if c is not None and rank in c.output_error:
+            err_sq += (c.gain * c.output_error[rank]) ** 2
+    return math.sqrt(err_sq)
+
+
+def cheaper_steps(candidates: Sequence[Candidate], current: Mapping[str, Choice], target: Mapping[str, Choice],
+                  objective: str) -> list[tuple[str, Choice]]:
+    """The one-layer moves from ``current`` to ``target``'s choice that lower the objective's cost, the
+    largest saving first: (layer, its choice in ``target``)."""
+    totals, weights = totals_of(candidates), OBJECTIVE_WEIGHTS[objective]
+    by_form = {(c.layer, c.method): c for c in candidates}
+    first = {}
+    for c in candidates:
+        first.setdefault(c.layer, c)
+
+    def cost(name: str, choice: Choice | None) -> float:
+        if choice is None:
+            return first[name].cost(None, totals, weights)
+        return by_form[(name, choice[0])].cost(choice[1], totals, weights)
+
+    steps = []
+    for name, choice in target.items():
+        if name in first and current.get(name) != choice and (name, choice[0]) in by_form:
+            saving = cost(name, current.get(name)) - cost(name, choice)
+            if saving > 0:
+                steps.append((saving, name, choice))
+    return [(name, choice) for _, name, choice in sorted(steps, key=lambda s: -s[0])]
+
+
+def objective_cost(candidates: Sequence[Candidate], chosen: Mapping[str, Choice], objective: str) -> float:
+    """The objective's cost of a choice over the decomposable layers: 0 (free) .. sum of the weights (all
+    layers unfactored)."""
+    totals, weights = totals_of(candidates), OBJECTIVE_WEIGHTS[objective]
+    by_form = {(c.layer, c.method): c for c in candidates}
+    first: dict[str, Candidate] = {}
+    for c in candidates:
+        first.setdefault(c.layer, c)
+    total = 0.0
+    for name, c in first.items():
+        choice = chosen.get(name)
+        if choice is not None and (name, choice[0]) in by_form:
+            total += by_form[(name, choice[0])].cost(choice[1], totals, weights)
+        else:
+            total += c.cost(None, totals, weights)
+    return total
+
+
+def halfway(candidates: Sequence[Candidate], name: str, current: Choice | None, target: Choice) -> Choice | None:
+    """A choice for layer ``name`` between ``current`` and ``target`` (same form as ``target``): the middle
+    of the form's grid ranks above ``target``'s and below ``current``'s (every rank above when ``current``
+    is another form or the layer unfactored); None when there is none."""
+    c = next((c for c in candidates if c.layer == name and c.method == target[0]), None)
+    if c is None:
+        return None
+    top = current[1] if current is not None and current[0] == target[0] else math.inf
+    between = sorted(r for r in c.ranks if target[1] < r < top)
+    return (target[0], between[len(between) // 2]) if between else None
+
+
 def _form_reason(c: Candidate, rank: int, others: Sequence[Candidate]) -> str:
     """Why this form: its measured speed against the layer, and what the other forms offered."""
     speedup = c.speedup(rank)
