@@ -43,6 +43,8 @@ POLISH_CP_ITERATIONS = 30  # extra sweeps for the rank the planner picks
 FORCED_CP_ITERATIONS = 1000  # a rank given with --rank: run to convergence
 MAX_PROBES = 256
 NOTHING_TO_COMPRESS = "nothing to compress within the fidelity contract at this trade-off; try a higher T"
+NOTHING_FASTER = ("nothing written: the plans that met the fidelity contract measured slower than the original in "
+                  "OpenCV, and dropping their slowest factorizations left none that meets it (see the layers' reasons)")
 
 ProgressFn = Callable[[str], None]
 
@@ -853,11 +855,11 @@ class _Run:
                 "min_fidelity": self.min_fidelity,
                 "margin": contract.SYNTHETIC_MARGIN if inputs.synthetic else 1.0}
 
-    def _nothing(self, net, plan, misses, inputs, rounds) -> Report:
+    def _nothing(self, net, plan, misses, inputs, rounds, *, slower: bool = False) -> Report:
         if plan is None:
             plan = planner.build_plan(net, [], {}, {}, self.tradeoff, 0.0)
-        note = NOTHING_TO_COMPRESS
-        if misses:
+        note = NOTHING_FASTER if slower else NOTHING_TO_COMPRESS
+        if misses and not slower:
             note += f" (the smallest plan tried missed it: {misses[-1]})"
         return self._report(net, net, plan, _Verdict((), ()), None, inputs, net.stored_fp16, rounds,
                             note=note)
@@ -931,7 +933,8 @@ class _ClosedLoop:
                 # (every plan missed: the layers' rows still show what the analysis found)
                 plan = state.empty_plan or planner.build_plan(self.net, self.candidates, {}, self.skipped,
                                                               r.tradeoff, 0.0)
-                return r._nothing(self.net, plan, state.misses, self.inputs, state.rounds), None
+                return r._nothing(self.net, plan, state.misses, self.inputs, state.rounds,
+                                  slower=bool(state.dropped)), None
             staged, new_net, plan, verdict = state.best
             r.written_net, r.written_outputs = new_net, verdict.outputs
             report = r._report(self.net, new_net, plan, verdict, staged, self.inputs, self.store_fp16, state.rounds)

@@ -255,3 +255,24 @@ def test_a_speed_drop_keeps_the_rest_of_the_plan_as_it_passed(tmp_path, monkeypa
     factored = {lp.layer for lp in report.layers if lp.rank}
     assert factored and all(any(n.startswith(f"{name}_") for n in last) for name in factored)
     assert first - last and last - first <= set()  # only the dropped layer's factors went
+
+
+def test_nothing_faster_is_said_as_such_and_writes_nothing(tmp_path, monkeypatch):
+    """Every plan that passes measures slower as a whole: its factorizations are dropped until none is left,
+    nothing is written, and the report says why (not "nothing to compress within the fidelity contract")."""
+    from caffe_compress import compress, pipeline, timing
+
+    deploy, model = small_model(tmp_path)
+    real = pipeline._Run.latency
+
+    def latency(self, net, new_net, inputs, *, threads=1):
+        if threads != 1:
+            return real(self, net, new_net, inputs, threads=threads)
+        return timing.Latency(10.0, 12.0)
+
+    monkeypatch.setattr(pipeline._Run, "latency", latency)
+    monkeypatch.setattr(pipeline, "MAX_SPEED_ROUNDS", 10)
+    report = compress(deploy, model, tradeoff=1.0, output=tmp_path / "o", seed=0, progress=None)
+    assert report.note == pipeline.NOTHING_FASTER
+    assert not list(tmp_path.glob("o.*"))
+    assert any(lp.reason.startswith("dropped") for lp in report.layers)
