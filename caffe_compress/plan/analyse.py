@@ -619,24 +619,31 @@ def predicted_error(candidates: Sequence[Candidate], chosen: Mapping[str, Choice
     return math.sqrt(err_sq)
 
 
-def cheaper_steps(candidates: Sequence[Candidate], current: Mapping[str, Choice], target: Mapping[str, Choice],
-                  objective: str) -> list[tuple[str, Choice]]:
-    """The one-layer moves from ``current`` to ``target``'s choice that lower the objective's cost, the
-    largest saving first: (layer, its choice in ``target``)."""
+def _option_cost(candidates: Sequence[Candidate], objective: str):
+    """cost(layer, choice or None): the objective's cost of one layer's option (None, or a form the
+    candidates do not have: the layer unfactored); and the layers, one candidate each."""
     totals, weights = totals_of(candidates), OBJECTIVE_WEIGHTS[objective]
     by_form = {(c.layer, c.method): c for c in candidates}
-    first = {}
+    first: dict[str, Candidate] = {}
     for c in candidates:
         first.setdefault(c.layer, c)
 
     def cost(name: str, choice: Choice | None) -> float:
-        if choice is None:
-            return first[name].cost(None, totals, weights)
-        return by_form[(name, choice[0])].cost(choice[1], totals, weights)
+        c = by_form.get((name, choice[0])) if choice is not None else None
+        return first[name].cost(None, totals, weights) if c is None else c.cost(choice[1], totals, weights)
 
+    return cost, first
+
+
+def cheaper_steps(candidates: Sequence[Candidate], current: Mapping[str, Choice], target: Mapping[str, Choice],
+                  objective: str) -> list[tuple[str, Choice]]:
+    """The one-layer moves from ``current`` to ``target``'s choice that lower the objective's cost, the
+    largest saving first: (layer, its choice in ``target``)."""
+    cost, layers = _option_cost(candidates, objective)
+    forms = {(c.layer, c.method) for c in candidates}
     steps = []
     for name, choice in target.items():
-        if name in first and current.get(name) != choice and (name, choice[0]) in by_form:
+        if name in layers and current.get(name) != choice and (name, choice[0]) in forms:
             saving = cost(name, current.get(name)) - cost(name, choice)
             if saving > 0:
                 steps.append((saving, name, choice))
@@ -646,19 +653,8 @@ def cheaper_steps(candidates: Sequence[Candidate], current: Mapping[str, Choice]
 def objective_cost(candidates: Sequence[Candidate], chosen: Mapping[str, Choice], objective: str) -> float:
     """The objective's cost of a choice over the decomposable layers: 0 (free) .. sum of the weights (all
     layers unfactored)."""
-    totals, weights = totals_of(candidates), OBJECTIVE_WEIGHTS[objective]
-    by_form = {(c.layer, c.method): c for c in candidates}
-    first: dict[str, Candidate] = {}
-    for c in candidates:
-        first.setdefault(c.layer, c)
-    total = 0.0
-    for name, c in first.items():
-        choice = chosen.get(name)
-        if choice is not None and (name, choice[0]) in by_form:
-            total += by_form[(name, choice[0])].cost(choice[1], totals, weights)
-        else:
-            total += c.cost(None, totals, weights)
-    return total
+    cost, layers = _option_cost(candidates, objective)
+    return sum(cost(name, chosen.get(name)) for name in layers)
 
 
 def halfway(candidates: Sequence[Candidate], name: str, current: Choice | None, target: Choice) -> Choice | None:
