@@ -249,7 +249,7 @@ def format_table(report: Report) -> str:
                      f"({report.timing_cache['path']}), {report.timing_cache['measured']} measured now "
                      "(--retime measures all again)")
     if report.rounds > 1:
-        lines.append(f"closed loop: {report.rounds} plans measured to find the largest budget that meets the contract")
+        lines.append(f"closed loop: {report.rounds} plans measured to find the cheapest that meets the contract (budget search, then one-layer moves)")
     timing = ", ".join(f"{k} {v:.2f}s" for k, v in report.timings.items() if not k.startswith("_") and "/" not in k)
     lines.append(f"time: {timing}; peak memory {report.timings.get('_peak_rss_mb', 0):.0f} MB")
     if report.onnx_parity is not None:
