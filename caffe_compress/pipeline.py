@@ -1108,7 +1108,7 @@ class _ClosedLoop:
                 state.latency = r.latency(self.net, new_net, self.inputs)
             if r.objective == "size" or state.latency.speedup >= timing.LATENCY_TOLERANCE:
                 return
-            chosen = {lp.layer: (lp.method, lp.rank) for lp in plan.layers if lp.rank and lp.layer not in r.ranks}
+            chosen = {name: choice for name, choice in _chosen_of(plan).items() if name not in r.ranks}
             if not chosen:
                 return
             worst = min(chosen, key=lambda n: r.guard.speedup(new_net, n, chosen[n]))

@@ -203,23 +203,30 @@ def test_a_held_out_calibration_split_draws_no_probes(tmp_path, monkeypatch):
     assert got.synthetic and got.planning["data"].shape[0] == 4
 
 
-def test_the_plan_after_the_last_speed_drop_is_timed_itself(tmp_path, monkeypatch):
-    """The whole model measured slower three times: three factorizations are dropped, and the latency the
-    report shows is the published plan's own, timed once more (it used to show the previous plan's)."""
-    from caffe_compress import compress, pipeline, timing
+def _one_thread_latency(monkeypatch, compressed_ms):
+    """Whole-model 1-thread timings faked: the original 10 ms, the k-th timed plan compressed_ms(k) ms (the
+    default-thread ones stay real). Returns the timed plans, in order."""
+    from caffe_compress import pipeline, timing
 
-    deploy, model = small_model(tmp_path)
-    one_thread = []
-    real = pipeline._Run.latency
+    timed, real = [], pipeline._Run.latency
 
     def latency(self, net, new_net, inputs, *, threads=1):
         if threads != 1:
             return real(self, net, new_net, inputs, threads=threads)
-        one_thread.append(new_net)
-        slower = len(one_thread) <= pipeline.MAX_SPEED_ROUNDS
-        return timing.Latency(10.0, 12.0 if slower else 9.0 + 0.001 * len(one_thread))
+        timed.append(new_net)
+        return timing.Latency(10.0, compressed_ms(len(timed)))
 
     monkeypatch.setattr(pipeline._Run, "latency", latency)
+    return timed
+
+
+def test_the_plan_after_the_last_speed_drop_is_timed_itself(tmp_path, monkeypatch):
+    """The whole model measured slower three times: three factorizations are dropped, and the latency the
+    report shows is the published plan's own, timed once more (it used to show the previous plan's)."""
+    from caffe_compress import compress, pipeline
+
+    deploy, model = small_model(tmp_path)
+    one_thread = _one_thread_latency(monkeypatch, lambda k: 12.0 if k <= pipeline.MAX_SPEED_ROUNDS else 9.0 + 0.001 * k)
     report = compress(deploy, model, tradeoff=1.0, output=tmp_path / "o", force=True, seed=0, progress=None)
     assert len(one_thread) == pipeline.MAX_SPEED_ROUNDS + 1
     assert report.latency_ms["compressed_1t"] == 9.0 + 0.001 * len(one_thread)
@@ -230,21 +237,12 @@ def test_a_speed_drop_keeps_the_rest_of_the_plan_as_it_passed(tmp_path, monkeypa
     """The whole model measured slower once: the factorization measured slowest is dropped and every other
     layer keeps its form and rank (the plan is not chosen anew at the budget, which could miss the contract
     and leave nothing to publish)."""
-    from caffe_compress import compress, pipeline, timing
+    from caffe_compress import compress, pipeline
 
     deploy, model = small_model(tmp_path)
-    plans = []
-    real = pipeline._Run.latency
-
-    def latency(self, net, new_net, inputs, *, threads=1):
-        if threads != 1:
-            return real(self, net, new_net, inputs, threads=threads)
-        plans.append(new_net)
-        return timing.Latency(10.0, 12.0 if len(plans) == 1 else 9.0)
-
+    plans = _one_thread_latency(monkeypatch, lambda k: 12.0 if k == 1 else 9.0)
     choices = []  # the number of whole-model timings at each choice of ranks for a budget
     choose = pipeline.planner.choose_ranks
-    monkeypatch.setattr(pipeline._Run, "latency", latency)
     monkeypatch.setattr(pipeline.planner, "choose_ranks", lambda *a, **k: choices.append(len(plans)) or choose(*a, **k))
     report = compress(deploy, model, tradeoff=1.0, output=tmp_path / "o", force=True, seed=0, progress=None)
     assert choices and max(choices) == 0  # not chosen anew after the drop
@@ -260,17 +258,10 @@ def test_a_speed_drop_keeps_the_rest_of_the_plan_as_it_passed(tmp_path, monkeypa
 def test_nothing_faster_is_said_as_such_and_writes_nothing(tmp_path, monkeypatch):
     """Every plan that passes measures slower as a whole: its factorizations are dropped until none is left,
     nothing is written, and the report says why (not "nothing to compress within the fidelity contract")."""
-    from caffe_compress import compress, pipeline, timing
+    from caffe_compress import compress, pipeline
 
     deploy, model = small_model(tmp_path)
-    real = pipeline._Run.latency
-
-    def latency(self, net, new_net, inputs, *, threads=1):
-        if threads != 1:
-            return real(self, net, new_net, inputs, threads=threads)
-        return timing.Latency(10.0, 12.0)
-
-    monkeypatch.setattr(pipeline._Run, "latency", latency)
+    _one_thread_latency(monkeypatch, lambda k: 12.0)
     monkeypatch.setattr(pipeline, "MAX_SPEED_ROUNDS", 10)
     report = compress(deploy, model, tradeoff=1.0, output=tmp_path / "o", seed=0, progress=None)
     assert report.note == pipeline.NOTHING_FASTER

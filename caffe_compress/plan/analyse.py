@@ -574,11 +574,7 @@ def choose_ranks(
     def contribution(c: Candidate | None, rank: int | None) -> float:
         return 0.0 if c is None else (c.gain * c.output_error[rank]) ** 2
 
-    base_sq = 0.0
-    for name, (method, rank) in forced.items():
-        for c in by_layer.get(name, ()):
-            if c.method == method and rank in c.output_error:
-                base_sq += contribution(c, rank)
+    base_sq = _error_sq(candidates, forced)
     free = {name: _options(cands, min_speedup) for name, cands in by_layer.items() if name not in forced}
 
     def pick(price: float) -> tuple[dict[str, Choice], float]:
@@ -608,15 +604,20 @@ def choose_ranks(
     return chosen, predicted
 
 
-def predicted_error(candidates: Sequence[Candidate], chosen: Mapping[str, Choice]) -> float:
-    """The planner's predicted network-output error of a choice: sqrt of the sum of (gain * layer error)^2."""
+def _error_sq(candidates: Sequence[Candidate], chosen: Mapping[str, Choice]) -> float:
+    """Sum over the chosen layers of (gain * layer output error)^2 (a form or rank not analysed adds 0)."""
     by_form = {(c.layer, c.method): c for c in candidates}
     err_sq = 0.0
     for name, (method, rank) in chosen.items():
         c = by_form.get((name, method))
         if c is not None and rank in c.output_error:
             err_sq += (c.gain * c.output_error[rank]) ** 2
-    return math.sqrt(err_sq)
+    return err_sq
+
+
+def predicted_error(candidates: Sequence[Candidate], chosen: Mapping[str, Choice]) -> float:
+    """The planner's predicted network-output error of a choice: sqrt of the sum of (gain * layer error)^2."""
+    return math.sqrt(_error_sq(candidates, chosen))
 
 
 def _option_cost(candidates: Sequence[Candidate], objective: str):
