@@ -409,7 +409,6 @@ class _Run:
     progress: Progress
     cv: OpenCVRunner
     timer: _Timer = field(default_factory=_Timer)
-    _original_ms: float | None = None
     net: Net | None = None
     report_path: Path | None = None
     guard: timing.SpeedGuard | None = None
@@ -484,10 +483,8 @@ class _Run:
             raise
         specs, reference = self.reference(net, inputs)
         self.decisive_first(specs, reference)
-        if wants_plan:  # timed now, while little else is held (it loads the whole original into OpenCV)
-            self.time_original(net, inputs)
-            if self.objective != "size":
-                self.guard.infer_shapes()  # (from the loaded original, for the layer timings)
+        if wants_plan and self.objective != "size":
+            self.guard.infer_shapes()  # (from the loaded original, for the layer timings)
         self.cv.forget()  # (not kept while the layer inputs are recorded: its buffers would add to that peak)
         release_memory()
         candidates, skipped = self.plan(net, inputs, wants_plan, ws)
@@ -772,40 +769,25 @@ class _Run:
     def _load_for_timing(self, model: Net):
         return self.cv.load_kept(model, what="timing")
 
-    def time_original(self, net: Net, inputs: plan_inputs.Inputs) -> None:
-        """The original's latency, 1 thread and default threads (medians; one network alive at a time)."""
-        with self.timer.stage("timing"):
-            self.say("timing the original model")
-            feed = self._latency_feed(net, inputs)
-            self._original_ms = self.net_ms(net, feed)
-            if not self.plan_only:  # (the report's default-thread figure: measured now, while little is held)
-                self.net_ms(net, feed, threads=timing.default_threads(), budget_s=timing.NET_BUDGET_S / 2)
-
-    def net_ms(self, model: Net, feed: Mapping[str, np.ndarray], *, threads: int = 1,
-               budget_s: float = timing.NET_BUDGET_S / 2) -> float:
-        """A whole net's median latency, measured once per structure on this machine (the timing cache): the
-        real run after --plan-only, or a rerun, makes the same speed decisions."""
-        key = timing.DiskCache.key("net", timing.signature(model.layers),
-                                   {k: list(v.shape) for k, v in feed.items()}, threads)
-        disk = self.guard.disk if self.guard is not None else None
-        cached = disk.get(key) if disk else None
-        if cached is not None:
-            return cached
-        value = timing.median_ms(self._load_for_timing, model, feed, threads=threads, budget_s=budget_s)
-        if disk:
-            disk.put(key, value)
-        return value
-
-    def latency(self, net: Net, new_net: Net, inputs: plan_inputs.Inputs, *, threads: int = 1) -> timing.Latency:
-        """Latency of the original (timed once per run) and the rewritten net on one input of the declared shape."""
+    def latency(self, net: Net, new_net: Net, inputs: plan_inputs.Inputs, *, threads: int = 1,
+                budget_s: float = timing.NET_BUDGET_S / 2) -> timing.Latency:
+        """The original's and the rewritten net's median latency on one input of the declared shape, in
+        alternating runs (both see the same machine state); measured once per pair of structures on this
+        machine (the timing cache): the real run after --plan-only, or a rerun, makes the same decisions."""
         self.say("timing the written model against the original")
         feed = self._latency_feed(net, inputs)
-        if self._original_ms is None:
-            self.time_original(net, inputs)
-        if threads != 1:
-            original = self.net_ms(net, feed, threads=threads, budget_s=timing.NET_BUDGET_S / 2)  # measured early
-            return timing.Latency(original, self.net_ms(new_net, feed, threads=threads, budget_s=timing.NET_BUDGET_S / 2))
-        return timing.Latency(self._original_ms, self.net_ms(new_net, feed))
+        key = timing.DiskCache.key("pair", timing.signature(net.layers), timing.signature(new_net.layers),
+                                   {k: list(v.shape) for k, v in feed.items()}, threads)
+        disk = self.guard.disk if self.guard is not None else None
+        cached = [disk.get(f"{key}:{side}") for side in ("original", "compressed")] if disk else [None]
+        if None not in cached:
+            return timing.Latency(*cached)
+        latency = timing.compare(self._load_for_timing, net, new_net, feed, threads=threads, budget_s=budget_s,
+                                 max_runs=timing.NET_MAX_RUNS)
+        if disk:
+            disk.put(f"{key}:original", latency.original_ms)
+            disk.put(f"{key}:compressed", latency.compressed_ms)
+        return latency
 
     def write_and_verify(self, net, new_net, prefix, store_fp16, specs, reference, inputs):
         self.say("writing the model")
@@ -941,7 +923,7 @@ class _ClosedLoop:
             if state.latency is not None and not r.plan_only:  # (reported only: --plan-only skips it)
                 threads = timing.default_threads()
                 with r.timer.stage("timing"):
-                    default = r.latency(self.net, new_net, self.inputs, threads=threads)
+                    default = r.latency(self.net, new_net, self.inputs, threads=threads, budget_s=timing.NET_BUDGET_S / 4)
                 report = replace(report, latency_ms={
                     "original_1t": state.latency.original_ms, "compressed_1t": state.latency.compressed_ms,
                     "original_default": default.original_ms, "compressed_default": default.compressed_ms,

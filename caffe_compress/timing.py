@@ -23,6 +23,7 @@ from .net import Layer, Net
 log = logging.getLogger(__name__)
 
 MIN_RUNS, MAX_RUNS = 3, 15
+NET_MAX_RUNS = 101  # whole-net pairs: a small net gets many alternating runs within the budget (noise)
 TIMING_SIDE = 128  # layers are timed on maps at most this high and wide
 SPEED_MARGIN = 1.1  # --objective speed: a factored layer must be at least this much faster
 LATENCY_TOLERANCE = 0.97  # a speed ratio below this is "slower" (noise allowance)
@@ -80,14 +81,15 @@ def median_ms(load: Callable[[Net], object], net: Net, inputs: Mapping[str, np.n
 
 
 def compare(load: Callable[[Net], object], original: Net, compressed: Net, inputs: Mapping[str, np.ndarray], *,
-            budget_s: float = NET_BUDGET_S, threads: int = 1) -> Latency:
-    """Median latency (ms) of two nets on ``inputs``, alternating runs after a warm-up."""
+            budget_s: float = NET_BUDGET_S, threads: int = 1, max_runs: int = MAX_RUNS) -> Latency:
+    """Median latency (ms) of two nets on ``inputs``, alternating runs after a warm-up (both nets see the
+    same machine state: a median of one taken early and one taken late can differ by 30% on a small net)."""
     with _threads(threads):
         nets = [load(original), load(compressed)]
         feed = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in inputs.items()}
         first = [_forward_once(n, feed) for n in nets]  # warm-up (allocation, fusion)
         first = [_forward_once(n, feed) for n in nets]
-        runs = int(np.clip(budget_s / max(sum(first), 1e-6), MIN_RUNS, MAX_RUNS))
+        runs = int(np.clip(budget_s / max(sum(first), 1e-6), MIN_RUNS, max_runs))
         times: list[list[float]] = [[first[0]], [first[1]]]
         for _ in range(runs - 1):
             for i, n in enumerate(nets):
