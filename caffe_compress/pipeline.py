@@ -20,7 +20,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from . import export, io, rewrite, timing, validate
-from .runner import OpenCVRunner, blob_sources, compared_blobs
+from .runner import RUN_CHUNK, OpenCVRunner, blob_sources, compared_blobs
 from .decompose import cp_conv, cp_reconstruct, spatial_reconstruct, tucker_reconstruct
 from .errors import ExportError, MissingDependencyError, ModelError, RankError, UsageError, ValidationError, WriteError
 from .net import Layer, Net, conv_geometry
@@ -38,6 +38,10 @@ OBJECTIVES = ("balanced", "speed", "size")
 WALK_FIRST = 6
 REFINE_ROUNDS = 3  # one-layer moves tried after the budget search (_ClosedLoop.refine) ...
 REFINE_MIN_GAIN = 0.1  # ... when they could make the plan at least this much cheaper (the objective's cost)
+# A round is first judged on the first third of the validation inputs in the decisive order (where a plan
+# that misses shows it): the plans that pass there are kept, and only the one finally chosen is judged on
+# the rest (falling back to the one before when it misses there): a pass then costs a third of a full pass.
+SCREEN_SHARE = 3
 MAX_SPEED_ROUNDS = 3  # factorizations dropped one at a time while the whole model is slower
 POLISH_CP_ITERATIONS = 30  # extra sweeps for the rank the planner picks
 FORCED_CP_ITERATIONS = 1000  # a rank given with --rank: run to convergence
@@ -240,9 +244,12 @@ def _chosen_of(plan: planner.Plan) -> dict[str, tuple]:
 
 @dataclass
 class _LoopState:
-    """The closed loop's rounds: the best passing plan so far stays staged, the others are discarded."""
+    """The closed loop's rounds: the best passing plan so far stays staged, the others are discarded; while
+    the best one's verdict is provisional (screened), the ones that passed before it stay staged too."""
 
     best: tuple | None = None  # (staged, new_net, plan, verdict)
+    best_key: tuple = ()  # its chosen ranks (the key of ``tried``)
+    fallbacks: list = field(default_factory=list)  # (best, best_key, best_budget) of earlier passes
     tried: dict = field(default_factory=dict)  # chosen ranks -> passed
     slow: dict = field(default_factory=dict)  # (layer, rank) -> why its factored form is not used
     misses: list = field(default_factory=list)
@@ -254,12 +261,27 @@ class _LoopState:
     missed_at: dict = field(default_factory=dict)  # budget -> the choice that missed there
     dropped: dict = field(default_factory=dict)  # layer -> why the whole-model speed check dropped it
 
-    def keep(self, staged, new_net, plan, verdict) -> None:
-        # a pass after the whole-model speed check dropped a layer replaces the slower plan
-        self.discard()
-        self.best = (staged, new_net, plan, verdict)
+    def keep(self, staged, new_net, plan, verdict, key: tuple, budget: float) -> None:
+        if self.best is not None:  # (kept until the new one's verdict is complete: see confirmed())
+            self.fallbacks.append((self.best, self.best_key, self.best_budget))
+        self.best, self.best_key, self.best_budget = (staged, new_net, plan, verdict), key, budget
+
+    def confirmed(self) -> None:
+        """The best plan's verdict is complete: the earlier passes are no longer needed."""
+        for best, _, _ in self.fallbacks:
+            best[0].discard()
+        self.fallbacks.clear()
+
+    def fall_back(self) -> None:
+        """The best plan missed after all: the one that passed before it (if any) is the best again."""
+        if self.best is not None:
+            self.best[0].discard()
+        self.best = None
+        if self.fallbacks:
+            self.best, self.best_key, self.best_budget = self.fallbacks.pop()
 
     def discard(self) -> None:
+        self.confirmed()
         if self.best is not None:
             self.best[0].discard()
             self.best = None
@@ -270,6 +292,9 @@ class _Verdict:
     checks: tuple[contract.Check, ...]
     agreements: tuple[validate.OutputAgreement, ...]
     outputs: Mapping = field(default_factory=dict, compare=False)  # the judged model's compared outputs
+    # a provisional verdict: the inputs judged so far (the first ones in the validation order; ``outputs``
+    # then holds their values, in that order); 0 when every input was judged
+    screened: int = 0
 
     @property
     def passed(self) -> bool:
@@ -789,7 +814,9 @@ class _Run:
             disk.put(f"{key}:compressed", latency.compressed_ms)
         return latency
 
-    def write_and_verify(self, net, new_net, prefix, store_fp16, specs, reference, inputs):
+    def write_and_verify(self, net, new_net, prefix, store_fp16, specs, reference, inputs, *, screen: bool = False):
+        """Write the plan and validate it on every input, or (``screen``) on the first SCREEN_SHARE of them in
+        the decisive order: a provisional verdict that complete() finishes."""
         self.say("writing the model")
         with self.timer.stage("write"):
             staged = io.stage(new_net, prefix, protect=(Path(self.deploy), Path(self.weights)), fp16=store_fp16)
@@ -798,30 +825,76 @@ class _Run:
                 return _Verdict((), ()), staged
             self.say("validating with OpenCV")
             with self.timer.stage("validate"):
-                _, sources = blob_sources(new_net)
-                names = compared_blobs(net)
-                what = f"compressed model {staged.prototxt}"
-                lost: list = []
-
-                def stop(partial, count) -> bool:  # a miss already certain: the round ends early
-                    lost.extend(contract.certain_misses(specs, self.reference_in_order,
-                                                        {n: partial[s] for n, s in zip(names, sources)}, count,
-                                                        total=total, **self.judging(inputs)))
-                    return bool(lost)
-
-                enforced = not (self.ranks and self.tradeoff == 0)  # forced ranks at T = 0: measured in full
-                total = next(iter(inputs.validation.values())).shape[0]
-                values = self.cv.run(new_net, inputs.validation, sources, what=what,
-                                     files=(staged.temp_prototxt, staged.temp_caffemodel),
-                                     stop=stop if enforced else None, order=self.validation_order)
-                if lost:
-                    return _Verdict(tuple(lost), ()), staged
-                compressed = self.in_input_order({name: values[s] for name, s in zip(names, sources)})
-                verdict = replace(self.judge(specs, reference, compressed, inputs), outputs=compressed)
-            return verdict, staged
+                rows = self.screen_rows(specs, inputs) if screen else None
+                return self.verify(net, new_net, staged, specs, reference, inputs, end=rows), staged
         except BaseException:
             staged.discard()
             raise
+
+    def complete(self, net, new_net, staged: io.StagedModel, verdict: "_Verdict", specs, reference,
+                 inputs) -> "_Verdict":
+        """The full verdict of a provisional one: the inputs it has not judged yet (ending early at a certain
+        miss), then every check on every input."""
+        self.say("validating on the remaining inputs")
+        with self.timer.stage("validate"):
+            return self.verify(net, new_net, staged, specs, reference, inputs, before=verdict)
+
+    def screen_rows(self, specs, inputs) -> int | None:
+        """How many inputs a screened round judges (whole chunks), or None: all of them (few inputs, forced
+        ranks measured in full, or no output with one value per input to judge on part of them)."""
+        total = next(iter(inputs.validation.values())).shape[0]
+        rows = -(-total // SCREEN_SHARE)
+        rows = -(-rows // RUN_CHUNK) * RUN_CHUNK
+        per_input = any(self.reference_in_order[s.name].shape[0] == total for s in specs)
+        if rows >= total or not per_input or (self.ranks and self.tradeoff == 0):
+            return None
+        return rows
+
+    def verify(self, net, new_net, staged: io.StagedModel, specs, reference, inputs, *, end: int | None = None,
+               before: "_Verdict | None" = None) -> "_Verdict":
+        """Run the staged model on the validation inputs in the decisive order, from where ``before`` (a
+        provisional verdict) stopped, up to ``end`` (None: all); a certain miss ends the run early."""
+        _, sources = blob_sources(new_net)
+        names = compared_blobs(net)
+        total = next(iter(inputs.validation.values())).shape[0]
+        order = self.validation_order if self.validation_order is not None else np.arange(total)
+        start, end = (before.screened if before else 0), (end or total)
+        earlier = dict(before.outputs) if before else {}
+        lost: list = []
+
+        def joined(partial) -> dict:
+            return {n: np.concatenate([earlier[n], partial[s]]) if n in earlier else partial[s]
+                    for n, s in zip(names, sources)}
+
+        def stop(partial, count) -> bool:  # a miss already certain: the round ends early
+            lost.extend(contract.certain_misses(specs, self.reference_in_order, joined(partial), start + count,
+                                                total=total, **self.judging(inputs)))
+            return bool(lost)
+
+        enforced = not (self.ranks and self.tradeoff == 0)  # forced ranks at T = 0: measured in full
+        values = self.cv.run(new_net, inputs.validation, sources, what=f"compressed model {staged.prototxt}",
+                             files=(staged.temp_prototxt, staged.temp_caffemodel),
+                             stop=stop if enforced else None, order=order[start:end])
+        if lost:
+            return _Verdict(tuple(lost), ())
+        got = joined(values)
+        if end < total:
+            screened = self.screened(specs, got, end, inputs)
+            if screened.passed:
+                return screened
+            # (a miss on a share of the inputs is an estimate, unlike a certain one: the rest decide it now)
+            return self.verify(net, new_net, staged, specs, reference, inputs, before=screened)
+        compressed = self.in_input_order(got)
+        return replace(self.judge(specs, reference, compressed, inputs), outputs=compressed)
+
+    def screened(self, specs, got: Mapping[str, np.ndarray], count: int, inputs) -> "_Verdict":
+        """The provisional verdict on the first ``count`` inputs in the validation order (``got`` in that
+        order): every check of an output with one value per input, on those inputs alone."""
+        total = next(iter(inputs.validation.values())).shape[0]
+        ref = {k: v[:count] if v.shape[0] == total else v for k, v in self.reference_in_order.items()}
+        per_input = [s for s in specs if self.reference_in_order[s.name].shape[0] == total]
+        checks = tuple(contract.check_all(per_input, ref, got, **self.judging(inputs)))
+        return _Verdict(checks, (), outputs=dict(got), screened=count)
 
     def judge(self, specs, reference, compressed: Mapping[str, np.ndarray], inputs) -> "_Verdict":
         """The fidelity verdict of ``compressed`` outputs against the original's ``reference``."""
@@ -895,6 +968,7 @@ class _ClosedLoop:
     reference: dict
     inputs: plan_inputs.Inputs
     state: _LoopState = field(default_factory=_LoopState)
+    screening: bool = True  # rounds judged on a share of the inputs first (SCREEN_SHARE), then confirm()
 
     @property
     def store_fp16(self) -> bool:
@@ -909,6 +983,8 @@ class _ClosedLoop:
             self.search(ladder)
             if state.best is not None:
                 self.refine()
+            self.confirm(ladder)
+            if state.best is not None:
                 r.cv.keep(self.net)  # the original: loaded once for all its whole-model timings
                 try:
                     self.not_slower()
@@ -935,6 +1011,29 @@ class _ClosedLoop:
         except BaseException:
             state.discard()
             raise
+
+    def confirm(self, ladder: Sequence[float]) -> None:
+        """Judge the chosen plan on the validation inputs its screened round did not see; when it misses
+        there, the plan that passed before it is judged in turn, and when none is left the search runs again
+        with every round judged in full. Every plan published, and every later round, is judged on all."""
+        r, state = self.run, self.state
+        screened = False
+        while state.best is not None and state.best[3].screened:
+            screened = True
+            staged, new_net, plan, verdict = state.best
+            full = r.complete(self.net, new_net, staged, verdict, self.specs, self.reference, self.inputs)
+            if full.passed:
+                state.best = (staged, new_net, plan, full)
+                break
+            state.tried[state.best_key] = False
+            budget = state.best_budget
+            state.fall_back()
+            self.missed(full, _chosen_of(plan), budget)
+        state.confirmed()
+        self.screening = False
+        if screened and state.best is None:
+            state.tried = {k: v for k, v in state.tried.items() if v is not True}
+            self.search(ladder)
 
     def default_latency(self) -> timing.Latency | None:
         """The published plan's latency with OpenCV's default thread count, for the report (--plan-only
@@ -991,15 +1090,14 @@ class _ClosedLoop:
         r, state = self.run, self.state
         r.say(f"round {state.rounds + 1}: {len(chosen)} layers factored (budget {budget:.3g})")
         verdict, staged = r.write_and_verify(self.net, new_net, self.prefix, self.store_fp16, self.specs,
-                                             self.reference, self.inputs)
+                                             self.reference, self.inputs, screen=self.screening)
         state.rounds += 1
         state.excess = search.excess(verdict.checks)
         # --rank alone (T = 0) is the user's own choice of loss: measured and reported, not enforced.
         passed = verdict.passed or bool(r.ranks and r.tradeoff == 0)
         state.tried[key] = passed
         if passed:
-            state.keep(staged, new_net, plan, verdict)
-            state.best_budget = budget
+            state.keep(staged, new_net, plan, verdict, key, budget)
             return True
         staged.discard()
         state.missed_at.setdefault(budget, dict(chosen))

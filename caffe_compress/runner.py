@@ -164,7 +164,7 @@ class OpenCVRunner:
 
         stop : called after each chunk with the values so far and their sample count; True ends the run
             there (the values then cover only the first samples).
-        order : run the samples in this order (the values come back in it); the inputs are not copied.
+        order : run these samples, in this order (the values come back in it); the inputs are not copied.
         """
         try:
             return self._run(net, inputs, sources, what=what, error=error, files=files, every=False, stop=stop,
@@ -183,7 +183,7 @@ class OpenCVRunner:
             cv_net = self.load_kept(tapped, what=what, error=error)
         wanted = list(dict.fromkeys(names[s] for s in sources if not s.is_input))
         values: dict = {}
-        count = next(iter(inputs.values())).shape[0] if inputs else 0
+        count = (len(order) if order is not None else next(iter(inputs.values())).shape[0]) if inputs else 0
         for start in range(0, count, RUN_CHUNK) if wanted else ():
             # in chunks: OpenCV keeps every intermediate blob of a batch alive (peak memory)
             rows = slice(start, start + RUN_CHUNK) if order is None else order[start:start + RUN_CHUNK]

@@ -142,3 +142,115 @@ def test_detection_scores_and_boxes_bounds_never_fire_on_a_pass(objects):
                 fired += 1
                 assert not next(c for c in full if c.output == check.output).passed, (trial, count, check)
     assert fired > 0
+
+
+def test_a_screened_then_completed_verdict_is_the_full_verdict(tmp_path, monkeypatch):
+    """Rounds are judged on a third of the validation inputs first and the chosen plan on the rest: the
+    published plan, its checks and its agreement figures are those of judging every round in full."""
+    from caffe_compress import compress, pipeline
+    from test_contract import embedder
+
+    deploy, model = embedder(tmp_path)
+    completed = []
+    real = pipeline._Run.complete
+    monkeypatch.setattr(pipeline._Run, "complete", lambda self, *a: completed.append(a[3].screened) or real(self, *a))
+    screened = compress(deploy, model, tradeoff=0.95, output=tmp_path / "s", seed=0, progress=None)
+    monkeypatch.setattr(pipeline, "SCREEN_SHARE", 1)  # every round judged on every input
+    full = compress(deploy, model, tradeoff=0.95, output=tmp_path / "f", seed=0, progress=None)
+    assert completed and all(0 < n < 128 for n in completed)
+    assert screened.output_caffemodel and full.output_caffemodel
+    assert [(lp.layer, lp.method, lp.rank) for lp in screened.layers] == \
+        [(lp.layer, lp.method, lp.rank) for lp in full.layers]
+    assert screened.contract == full.contract and screened.validation == full.validation
+    assert (tmp_path / "s.caffemodel").read_bytes() == (tmp_path / "f.caffemodel").read_bytes()
+
+
+class _Staged:
+    def __init__(self, name):
+        self.name, self.discarded = name, False
+
+    def discard(self):
+        self.discarded = True
+
+
+def _confirm(chain, passes_in_full):
+    """confirm() after a search whose screened passes were ``chain`` (oldest first); ``passes_in_full(name)``
+    is a plan's verdict on the remaining inputs. Returns (the plans completed in order, the loop)."""
+    from types import SimpleNamespace
+
+    from caffe_compress import pipeline
+    from caffe_compress.plan import contract
+
+    completed, searched = [], []
+
+    def complete(net, new_net, staged, verdict, *rest):
+        completed.append(staged.name)
+        ok = passes_in_full(staged.name)
+        check = contract.Check("y", "dense", "relative error", 0.01 if ok else 1.0, 0.05, False)
+        return pipeline._Verdict((check,), ())
+
+    class Loop(pipeline._ClosedLoop):
+        def search(self, ladder):
+            searched.append(self.screening)
+
+    run = SimpleNamespace(ranks={}, say=lambda *a: None, complete=complete)
+    loop = Loop(run, None, None, [], {}, [], {}, None)
+    for i, name in enumerate(chain):
+        plan = SimpleNamespace(layers=[SimpleNamespace(layer="fc", method="svd", rank=len(chain) - i)])
+        screened = pipeline._Verdict((), (), screened=48)
+        loop.state.keep(_Staged(name), None, plan, screened, (("fc", ("svd", len(chain) - i)),), float(i))
+        loop.state.tried[(("fc", ("svd", len(chain) - i)),)] = True
+    stageds = [loop.state.best[0]] + [b[0][0] for b in loop.state.fallbacks]
+    loop.confirm([1.0])
+    return completed, searched, loop, {s.name: s.discarded for s in stageds}
+
+
+def test_the_chosen_plan_is_judged_on_the_rest_and_the_earlier_passes_are_discarded():
+    completed, searched, loop, discarded = _confirm(["a", "b", "c"], lambda name: True)
+    assert completed == ["c"] and searched == []
+    assert loop.state.best[0].name == "c" and loop.state.best[3].screened == 0  # the full verdict
+    assert discarded == {"a": True, "b": True, "c": False} and not loop.state.fallbacks
+    assert loop.screening is False  # every later round (speed drops, --force) is judged in full
+
+
+def test_a_plan_that_misses_on_the_rest_falls_back_to_the_one_before():
+    """The chosen plan passed its screened share but misses on the other inputs: the plan that passed before
+    it is judged on the rest in turn, and kept when it passes there."""
+    completed, searched, loop, discarded = _confirm(["a", "b", "c"], lambda name: name != "c")
+    assert completed == ["c", "b"] and searched == []
+    assert loop.state.best[0].name == "b" and loop.state.best_budget == 1.0
+    assert discarded == {"a": True, "b": False, "c": True}
+    assert loop.state.tried[(("fc", ("svd", 1)),)] is False  # c: not to be tried again as a pass
+    assert loop.state.misses  # said, as any miss
+
+
+def test_when_every_screened_pass_misses_on_the_rest_the_search_runs_again_in_full():
+    completed, searched, loop, discarded = _confirm(["a", "b"], lambda name: False)
+    assert completed == ["b", "a"] and all(discarded.values()) and loop.state.best is None
+    assert searched == [False]  # once more, every round judged on every input
+    assert True not in loop.state.tried.values()
+
+
+def test_a_round_that_misses_on_its_screened_share_is_judged_on_every_input(tmp_path, monkeypatch):
+    """Missing on a third of the inputs is an estimate (a certain miss ends a round on its own): such a
+    round is judged on the rest at once, so the search decides on the full verdict, as without screening."""
+    from caffe_compress import compress, pipeline
+    from caffe_compress.plan import contract as contract_module
+    from test_contract import embedder
+
+    deploy, model = embedder(tmp_path)
+    real_check_all = contract_module.check_all
+    judged = []
+
+    def check_all(specs, original, compressed, *a, **k):
+        rows = next(iter(compressed.values())).shape[0]
+        judged.append(rows)
+        checks = real_check_all(specs, original, compressed, *a, **k)
+        if rows < 128:  # every screened share misses
+            checks = [pipeline.replace(c, value=-1.0 if c.higher_is_better else float("inf")) for c in checks]
+        return checks
+
+    monkeypatch.setattr(pipeline.contract, "check_all", check_all)
+    report = compress(deploy, model, tradeoff=0.95, output=tmp_path / "o", seed=0, progress=None)
+    assert any(n < 128 for n in judged) and judged[-1] == 128
+    assert report.output_caffemodel and all(c.passed for c in report.contract)  # the full verdicts decided
