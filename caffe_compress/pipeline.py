@@ -434,6 +434,7 @@ class _Run:
     progress: Progress
     cv: OpenCVRunner
     timer: _Timer = field(default_factory=_Timer)
+    _net_ms: dict = field(default_factory=dict)  # whole-net medians measured in this run (net_ms)
     net: Net | None = None
     report_path: Path | None = None
     guard: timing.SpeedGuard | None = None
@@ -508,8 +509,10 @@ class _Run:
             raise
         specs, reference = self.reference(net, inputs)
         self.decisive_first(specs, reference)
-        if wants_plan and self.objective != "size":
-            self.guard.infer_shapes()  # (from the loaded original, for the layer timings)
+        if wants_plan:  # (a big original is timed now, while little else is held)
+            self.time_original(net, inputs)
+            if self.objective != "size":
+                self.guard.infer_shapes()  # (from the loaded original, for the layer timings)
         self.cv.forget()  # (not kept while the layer inputs are recorded: its buffers would add to that peak)
         release_memory()
         candidates, skipped = self.plan(net, inputs, wants_plan, ws)
@@ -794,13 +797,44 @@ class _Run:
     def _load_for_timing(self, model: Net):
         return self.cv.load_kept(model, what="timing")
 
+    def time_original(self, net: Net, inputs: plan_inputs.Inputs) -> None:
+        """A big original's latency (timing.BIG_NET_BYTES), 1 thread and default threads, measured early while
+        little else is held; a smaller one is timed alternating with each plan (latency())."""
+        if not timing.big_net(net):
+            return
+        with self.timer.stage("timing"):
+            self.say("timing the original model")
+            feed = self._latency_feed(net, inputs)
+            self.net_ms(net, feed)
+            if not self.plan_only:  # (the report's default-thread figure)
+                self.net_ms(net, feed, threads=timing.default_threads(), budget_s=timing.NET_BUDGET_S / 4)
+
+    def net_ms(self, model: Net, feed: Mapping[str, np.ndarray], *, threads: int = 1,
+               budget_s: float = timing.NET_BUDGET_S / 2) -> float:
+        """A whole net's median latency, measured alone once per structure on this machine (kept for the run,
+        and in the timing cache: the real run after --plan-only, or a rerun, makes the same decisions)."""
+        key = timing.DiskCache.key("net", timing.signature(model.layers),
+                                   {k: list(v.shape) for k, v in feed.items()}, threads)
+        disk = self.guard.disk if self.guard is not None else None
+        cached = self._net_ms.get(key) or (disk.get(key) if disk else None)
+        if cached is None:
+            cached = timing.median_ms(self._load_for_timing, model, feed, threads=threads, budget_s=budget_s)
+            if disk:
+                disk.put(key, cached)
+        self._net_ms[key] = cached
+        return cached
+
     def latency(self, net: Net, new_net: Net, inputs: plan_inputs.Inputs, *, threads: int = 1,
                 budget_s: float = timing.NET_BUDGET_S / 2) -> timing.Latency:
         """The original's and the rewritten net's median latency on one input of the declared shape, in
-        alternating runs (both see the same machine state); measured once per pair of structures on this
-        machine (the timing cache): the real run after --plan-only, or a rerun, makes the same decisions."""
+        alternating runs (both see the same machine state), or for a big original (timing.BIG_NET_BYTES) one
+        net at a time; measured once per structure on this machine (the timing cache): the real run after
+        --plan-only, or a rerun, makes the same decisions."""
         self.say("timing the written model against the original")
         feed = self._latency_feed(net, inputs)
+        if timing.big_net(net):
+            return timing.Latency(self.net_ms(net, feed, threads=threads, budget_s=budget_s),
+                                  self.net_ms(new_net, feed, threads=threads, budget_s=budget_s))
         key = timing.DiskCache.key("pair", timing.signature(net.layers), timing.signature(new_net.layers),
                                    {k: list(v.shape) for k, v in feed.items()}, threads)
         disk = self.guard.disk if self.guard is not None else None

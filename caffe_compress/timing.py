@@ -32,6 +32,10 @@ LAYER_BUDGET_S = 0.6  # seconds spent timing one pair of layers (the check of a 
 MICRO_BUDGET_S = 0.03  # seconds spent on one planning micro-benchmark (min of 3..20 runs)
 BIG_LAYER_BYTES = 8 << 20  # a layer with more weight bytes is timed one net at a time, not alternating
 CHECK_BAND = 1.3  # a chosen factorization predicted at least this much faster is not timed again
+# A whole net with more weight bytes is timed one net at a time, the original early while little else is held:
+# two loaded together would add the model to the run's peak memory (GenderNet: +65 MB), and its latency (tens
+# of ms) is steady enough for medians taken apart. Smaller nets are timed alternating with the original.
+BIG_NET_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,11 @@ def compare(load: Callable[[Net], object], original: Net, compressed: Net, input
             for i, n in enumerate(nets):
                 times[i].append(_forward_once(n, feed))
     return Latency(1000.0 * float(np.median(times[0])), 1000.0 * float(np.median(times[1])))
+
+
+def big_net(net: Net) -> bool:
+    """Whether ``net`` is timed one net at a time (BIG_NET_BYTES)."""
+    return 4 * net.param_count > BIG_NET_BYTES
 
 
 def default_threads() -> int:

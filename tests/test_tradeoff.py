@@ -297,3 +297,33 @@ def test_whole_model_latency_alternates_the_two_nets_and_is_cached_per_pair(tmp_
         assert len(set(seq[0::2])) == 1 and len(set(seq[1::2])) == 1  # original, compressed, original, ...
     again = compress(deploy, model, tradeoff=1.0, output=tmp_path / "p", force=True, seed=0, progress=None)
     assert len(runs) == 2 and again.latency_ms == first.latency_ms
+
+
+def test_a_big_model_is_timed_one_net_at_a_time_the_original_early(tmp_path, monkeypatch):
+    """Above timing.BIG_NET_BYTES the two nets are not loaded together (that would add the model to the run's
+    peak memory): the original is timed before planning, while little else is held, and the plan alone."""
+    from caffe_compress import compress, pipeline, timing
+
+    deploy, model = small_model(tmp_path)
+    monkeypatch.setattr(timing, "BIG_NET_BYTES", 0)  # every net is big
+    events = []
+    real_net_ms, real_write, real_compare = pipeline._Run.net_ms, pipeline._Run.write_and_verify, timing.compare
+
+    def net_ms(self, net, *a, **k):
+        events.append("original" if net is self.net else "plan")
+        return real_net_ms(self, net, *a, **k)
+
+    def write_and_verify(self, *a, **k):
+        events.append("round")
+        return real_write(self, *a, **k)
+
+    def compare(*a, max_runs=timing.MAX_RUNS, **k):
+        assert max_runs != timing.NET_MAX_RUNS, "whole nets timed together"
+        return real_compare(*a, max_runs=max_runs, **k)
+
+    monkeypatch.setattr(pipeline._Run, "net_ms", net_ms)
+    monkeypatch.setattr(pipeline._Run, "write_and_verify", write_and_verify)
+    monkeypatch.setattr(timing, "compare", compare)
+    report = compress(deploy, model, tradeoff=1.0, output=tmp_path / "o", force=True, seed=0, progress=None)
+    assert report.latency_ms and "plan" in events
+    assert events.index("original") < events.index("round")  # before planning and validation
