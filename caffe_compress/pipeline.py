@@ -262,8 +262,10 @@ class _LoopState:
     dropped: dict = field(default_factory=dict)  # layer -> why the whole-model speed check dropped it
 
     def keep(self, staged, new_net, plan, verdict, key: tuple, budget: float) -> None:
-        if self.best is not None:  # (kept until the new one's verdict is complete: see confirmed())
+        if verdict.screened and self.best is not None:  # (kept until the new one's verdict is complete)
             self.fallbacks.append((self.best, self.best_key, self.best_budget))
+        elif not verdict.screened:
+            self.discard()
         self.best, self.best_key, self.best_budget = (staged, new_net, plan, verdict), key, budget
 
     def confirmed(self) -> None:
