@@ -268,6 +268,10 @@ class _LoopState:
             self.discard()
         self.best, self.best_key, self.best_budget = (staged, new_net, plan, verdict), key, budget
 
+    def forget_passes(self) -> None:
+        """Plans that passed have no staged files any more (discarded): a repeat is written and judged again."""
+        self.tried = {k: v for k, v in self.tried.items() if v is not True}
+
     def confirmed(self) -> None:
         """The best plan's verdict is complete: the earlier passes are no longer needed."""
         for best, _, _ in self.fallbacks:
@@ -436,7 +440,7 @@ class _Run:
     progress: Progress
     cv: OpenCVRunner
     timer: _Timer = field(default_factory=_Timer)
-    _net_ms: dict = field(default_factory=dict)  # whole-net medians measured in this run (net_ms)
+    _net_ms: dict = field(default_factory=dict)  # whole-net timings measured in this run (_measured)
     net: Net | None = None
     report_path: Path | None = None
     guard: timing.SpeedGuard | None = None
@@ -813,25 +817,29 @@ class _Run:
 
     def net_ms(self, model: Net, feed: Mapping[str, np.ndarray], *, threads: int = 1,
                budget_s: float = timing.NET_BUDGET_S / 2) -> float:
-        """A whole net's median latency, measured alone once per structure on this machine (kept for the run,
-        and in the timing cache: the real run after --plan-only, or a rerun, makes the same decisions)."""
+        """A whole net's median latency, measured alone (see _measured)."""
         key = timing.DiskCache.key("net", timing.signature(model.layers),
                                    {k: list(v.shape) for k, v in feed.items()}, threads)
+        return self._measured(key, lambda: timing.median_ms(self._load_for_timing, model, feed, threads=threads,
+                                                            budget_s=budget_s))
+
+    def _measured(self, key: str, measure: Callable[[], float]) -> float:
+        """A whole-net timing measured once per structure on this machine: kept for the run and in the timing
+        cache (the real run after --plan-only, or a rerun, makes the same decisions)."""
         disk = self.guard.disk if self.guard is not None else None
-        cached = self._net_ms.get(key) or (disk.get(key) if disk else None)
-        if cached is None:
-            cached = timing.median_ms(self._load_for_timing, model, feed, threads=threads, budget_s=budget_s)
+        value = self._net_ms.get(key) or (disk.get(key) if disk else None)
+        if value is None:
+            value = measure()
             if disk:
-                disk.put(key, cached)
-        self._net_ms[key] = cached
-        return cached
+                disk.put(key, value)
+        self._net_ms[key] = value
+        return value
 
     def latency(self, net: Net, new_net: Net, inputs: plan_inputs.Inputs, *, threads: int = 1,
                 budget_s: float = timing.NET_BUDGET_S / 2) -> timing.Latency:
         """The original's and the rewritten net's median latency on one input of the declared shape, in
         alternating runs (both see the same machine state), or for a big original (timing.BIG_NET_BYTES) one
-        net at a time; measured once per structure on this machine (the timing cache): the real run after
-        --plan-only, or a rerun, makes the same decisions."""
+        net at a time; each measured once per structure (_measured)."""
         self.say("timing the written model against the original")
         feed = self._latency_feed(net, inputs)
         if timing.big_net(net):
@@ -839,16 +847,16 @@ class _Run:
                                   self.net_ms(new_net, feed, threads=threads, budget_s=budget_s))
         key = timing.DiskCache.key("pair", timing.signature(net.layers), timing.signature(new_net.layers),
                                    {k: list(v.shape) for k, v in feed.items()}, threads)
-        disk = self.guard.disk if self.guard is not None else None
-        cached = [disk.get(f"{key}:{side}") for side in ("original", "compressed")] if disk else [None]
-        if None not in cached:
-            return timing.Latency(*cached)
-        latency = timing.compare(self._load_for_timing, net, new_net, feed, threads=threads, budget_s=budget_s,
-                                 max_runs=timing.NET_MAX_RUNS)
-        if disk:
-            disk.put(f"{key}:original", latency.original_ms)
-            disk.put(f"{key}:compressed", latency.compressed_ms)
-        return latency
+        pair: list[timing.Latency] = []
+
+        def measured() -> timing.Latency:  # (the two sides come from one alternating run)
+            if not pair:
+                pair.append(timing.compare(self._load_for_timing, net, new_net, feed, threads=threads,
+                                           budget_s=budget_s, max_runs=timing.NET_MAX_RUNS))
+            return pair[0]
+
+        return timing.Latency(self._measured(f"{key}:original", lambda: measured().original_ms),
+                              self._measured(f"{key}:compressed", lambda: measured().compressed_ms))
 
     def write_and_verify(self, net, new_net, prefix, store_fp16, specs, reference, inputs, *, screen: bool = False):
         """Write the plan and validate it on every input, or (``screen``) on the first SCREEN_SHARE of them in
@@ -875,14 +883,21 @@ class _Run:
         with self.timer.stage("validate"):
             return self.verify(net, new_net, staged, specs, reference, inputs, before=verdict)
 
+    @staticmethod
+    def validation_count(inputs) -> int:
+        return next(iter(inputs.validation.values())).shape[0]
+
+    def per_input(self, specs, total: int) -> list:
+        """The outputs with one value per validation input (not, e.g., SSD priors)."""
+        return [s for s in specs if self.reference_in_order[s.name].shape[0] == total]
+
     def screen_rows(self, specs, inputs) -> int | None:
         """How many inputs a screened round judges (whole chunks), or None: all of them (few inputs, forced
         ranks measured in full, or no output with one value per input to judge on part of them)."""
-        total = next(iter(inputs.validation.values())).shape[0]
+        total = self.validation_count(inputs)
         rows = -(-total // SCREEN_SHARE)
         rows = -(-rows // RUN_CHUNK) * RUN_CHUNK
-        per_input = any(self.reference_in_order[s.name].shape[0] == total for s in specs)
-        if rows >= total or not per_input or (self.ranks and self.tradeoff == 0):
+        if rows >= total or not self.per_input(specs, total) or (self.ranks and self.tradeoff == 0):
             return None
         return rows
 
@@ -892,7 +907,7 @@ class _Run:
         provisional verdict) stopped, up to ``end`` (None: all); a certain miss ends the run early."""
         _, sources = blob_sources(new_net)
         names = compared_blobs(net)
-        total = next(iter(inputs.validation.values())).shape[0]
+        total = self.validation_count(inputs)
         order = self.validation_order if self.validation_order is not None else np.arange(total)
         start, end = (before.screened if before else 0), (end or total)
         earlier = dict(before.outputs) if before else {}
@@ -926,10 +941,9 @@ class _Run:
     def screened(self, specs, got: Mapping[str, np.ndarray], count: int, inputs) -> "_Verdict":
         """The provisional verdict on the first ``count`` inputs in the validation order (``got`` in that
         order): every check of an output with one value per input, on those inputs alone."""
-        total = next(iter(inputs.validation.values())).shape[0]
+        total = self.validation_count(inputs)
         ref = {k: v[:count] if v.shape[0] == total else v for k, v in self.reference_in_order.items()}
-        per_input = [s for s in specs if self.reference_in_order[s.name].shape[0] == total]
-        checks = tuple(contract.check_all(per_input, ref, got, **self.judging(inputs)))
+        checks = tuple(contract.check_all(self.per_input(specs, total), ref, got, **self.judging(inputs)))
         return _Verdict(checks, (), outputs=dict(got), screened=count)
 
     def judge(self, specs, reference, compressed: Mapping[str, np.ndarray], inputs) -> "_Verdict":
@@ -1068,7 +1082,7 @@ class _ClosedLoop:
         state.confirmed()
         self.screening = False
         if screened and state.best is None:
-            state.tried = {k: v for k, v in state.tried.items() if v is not True}
+            state.forget_passes()
             self.search(ladder)
 
     def default_latency(self) -> timing.Latency | None:
@@ -1245,8 +1259,7 @@ class _ClosedLoop:
                 f"dropped: the model with it measured {1 / state.latency.speedup:.2f}x slower in OpenCV")
             rest = {name: choice for name, choice in _chosen_of(plan).items() if name != worst}
             state.discard()
-            # plans that passed earlier have no staged files any more: a repeat is written and judged again
-            state.tried = {k: v for k, v in state.tried.items() if v is not True}
+            state.forget_passes()
             if self.attempt(state.best_budget, rest) is not True:  # (the same plan, but for that layer)
                 return
         # the plan after the last drop is the one published: its own latency is what the report shows

@@ -196,10 +196,8 @@ def _task_metric(model: Model, orig_cv, comp_cv, batch, labels, ref, comp) -> st
         a, b = ref[name].reshape(len(labels), -1), comp[name].reshape(len(labels), -1)
         agree = float(np.mean(a.argmax(1) == b.argmax(1)))
         text = f"top-1 agreement {100 * agree:.1f}%"
-        # where the original is confident (p >= 0.9; logits through a softmax), as the class contract counts
-        p = np.exp(a - a.max(1, keepdims=True)) if not np.allclose(a.sum(1), 1.0, atol=1e-3) else a
-        p = p / p.sum(1, keepdims=True)
-        sure = p.max(1) >= 0.9
+        # where the original is confident (logits through a softmax), the inputs the class contract counts
+        sure = contract._probabilities(a.astype(np.float64)).max(1) >= contract.CONFIDENT
         if sure.any():
             text += (f" ({100 * float(np.mean(a.argmax(1)[sure] == b.argmax(1)[sure])):.1f}% on the "
                      f"{int(sure.sum())} confident)")
