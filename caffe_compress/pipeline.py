@@ -817,11 +817,11 @@ class _Run:
 
     def net_ms(self, model: Net, feed: Mapping[str, np.ndarray], *, threads: int = 1,
                budget_s: float = timing.NET_BUDGET_S / 2) -> float:
-        """A whole net's median latency, measured alone (see _measured)."""
+        """A big net's median latency (timing.big_net), measured alone (see _measured)."""
         key = timing.DiskCache.key("net", timing.signature(model.layers),
                                    {k: list(v.shape) for k, v in feed.items()}, threads)
         return self._measured(key, lambda: timing.median_ms(self._load_for_timing, model, feed, threads=threads,
-                                                            budget_s=budget_s))
+                                                            budget_s=budget_s, max_runs=timing.BIG_NET_RUNS))
 
     def _measured(self, key: str, measure: Callable[[], float]) -> float:
         """A whole-net timing measured once per structure on this machine: kept for the run and in the timing

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 MIN_RUNS, MAX_RUNS = 3, 15
 NET_MAX_RUNS = 101  # whole-net pairs: a small net gets many alternating runs within the budget (noise)
+BIG_NET_RUNS = 9  # a big net (BIG_NET_BYTES), timed alone: tens of ms per run, steady enough for a median of 9
 TIMING_SIDE = 128  # layers are timed on maps at most this high and wide
 SPEED_MARGIN = 1.1  # --objective speed: a factored layer must be at least this much faster
 LATENCY_TOLERANCE = 0.97  # a speed ratio below this is "slower" (noise allowance)
@@ -71,14 +72,14 @@ def _forward_once(cv_net, inputs: Mapping[str, np.ndarray]) -> float:
 
 
 def median_ms(load: Callable[[Net], object], net: Net, inputs: Mapping[str, np.ndarray], *,
-              budget_s: float = NET_BUDGET_S / 2, threads: int = 1) -> float:
+              budget_s: float = NET_BUDGET_S / 2, threads: int = 1, max_runs: int = MAX_RUNS) -> float:
     """Median latency (ms) of one net, loaded alone (one OpenCV network alive: peak memory)."""
     with _threads(threads):
         cv_net = load(net)
         feed = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in inputs.items()}
         _forward_once(cv_net, feed)  # warm-up (allocation, fusion)
         times = [_forward_once(cv_net, feed)]
-        runs = int(np.clip(budget_s / max(times[0], 1e-6), MIN_RUNS, MAX_RUNS))
+        runs = int(np.clip(budget_s / max(times[0], 1e-6), MIN_RUNS, max_runs))
         times += [_forward_once(cv_net, feed) for _ in range(runs - 1)]
         del cv_net
     return 1000.0 * float(np.median(times))

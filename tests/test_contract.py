@@ -330,6 +330,33 @@ def test_natural_probes_look_like_pictures():
     assert np.corrcoef(a, b)[0, 1] > 0.8
 
 
+def _discs_as_drawn_before(rng, h, w, r_min, r_max):
+    """The disc loop as first written (rng.uniform, _natural_colour, _covers_a_pixel on every disc)."""
+    discs = []
+    for _ in range(400):
+        u = rng.random()
+        r = 1.0 / math.sqrt(u / r_max ** 2 + (1.0 - u) / r_min ** 2)
+        cy, cx = rng.uniform(-r, h + r), rng.uniform(-r, w + r)
+        y0, y1 = max(int(cy - r), 0), min(int(cy + r) + 1, h)
+        x0, x1 = max(int(cx - r), 0), min(int(cx + r) + 1, w)
+        if y0 >= y1 or x0 >= x1 or not probe._covers_a_pixel(cy, cx, r, y0, y1, x0, x1):
+            continue
+        colour = probe._natural_colour(rng)
+        tilt_y = rng.normal()
+        discs.append((y0, y1, x0, x1, cy, cx, r, *colour, tilt_y, rng.normal()))
+    return discs
+
+
+@pytest.mark.parametrize("seed,h,w", [(0, 128, 128), (1, 37, 90), (2, 8, 8)])
+def test_the_written_out_disc_loop_draws_the_same_discs(seed, h, w):
+    # probes (and so every plan) depend on the exact random stream: the fast loop must not change it
+    size = max(h, w)
+    r_min, r_max = max(1.0, size / 60.0), size / 1.5
+    fast = probe._discs(np.random.default_rng(seed), h, w, r_min, r_max)
+    slow = _discs_as_drawn_before(np.random.default_rng(seed), h, w, r_min, r_max)
+    assert len(fast) > 50 and fast == slow
+
+
 def test_a_convention_that_leaves_the_outputs_constant_is_not_believed():
     from caffe_compress import validate
     from caffe_compress.errors import ValidationError
