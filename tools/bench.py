@@ -15,8 +15,9 @@ Budgets (ratios within this run, since machines are noisy), exit 1 when one is m
      float32 512 x 18816 matrix, peak RSS <= 400 MB, >= 3x faster with 1 thread, and top-1 accuracy on
      the UTKFace dev faces (../shared/data/utkface-dev, never used to plan) within 0.5 points;
   3. every zoo model compresses in <= 20 s at every T;
-  4. `caffe-compress plan` on GenderNet at T = 0.95 takes < 10 s, with an empty timing cache and with the
-     one it left, and predicts exactly the bytes the real run then writes.
+  4. `caffe-compress plan` on GenderNet at T = 0.95 takes < 10 s, with an empty timing cache (the median of
+     COLD_PLANS runs: one run's wall time on a noisy VM swings by +-10%) and with the one it left, and
+     predicts exactly the bytes the real run then writes.
 GenderNet at T = 0.95 is also compressed with --seed 1..N-1 (--seeds N, default 6), data-free and
 calibrated: the min / median / max over seeds of size, speed and accuracy show how much a result
 depends on the probe draw and the CP starts (not budgets: the default seed's row is the one judged).
@@ -194,25 +195,31 @@ def bench_model(name: str, files: tuple[Path, Path], tradeoffs, tmp: Path, runs:
     return rows
 
 
+COLD_PLANS = 3  # cold plan-only runs: on a noisy 2-core VM one run's wall time swings by +-10%; the median
+
+
 def plan_only_rows(files: tuple[Path, Path], tmp: Path) -> list:
-    """`caffe-compress plan` on GenderNet at T = 0.95 with an empty timing cache, then again with the cache
-    it left (a second plan on the device), then the real run with that cache: wall times, and whether the
-    plan's predicted size is the written one."""
-    cache = tempfile.mkdtemp(prefix="bench-timings-")
-    try:
-        out = []
-        for label, plan_only in (("plan, empty timing cache", True), ("plan, warm timing cache", True),
-                                 ("compress, warm timing cache", False)):
-            run = compress_in_child(files[0], files[1], 0.95, tmp / f"plan-{len(out)}", cache=cache,
-                                    plan_only=plan_only)
-            totals = run["report"]["totals"]
-            out.append({"what": label, "wall_s": run["wall_s"], "peak_rss_mb": run["peak_rss_mb"],
-                        "bytes_after": totals["bytes_after"], "ratio": totals["ratio"]})
-            print(f"  gendernet T=0.95 {label}: {run['wall_s']:.1f} s, {totals['bytes_after']:,} bytes "
-                  f"({totals['ratio']:.2f}x)", flush=True)
-        return out
-    finally:
-        shutil.rmtree(cache, ignore_errors=True)
+    """`caffe-compress plan` on GenderNet at T = 0.95 with an empty timing cache (COLD_PLANS times, each with a
+    cache of its own), then again with the cache the last one left (a second plan on the device), then the
+    real run with that cache: wall times, and whether the plan's predicted size is the written one."""
+    out = []
+    for i in range(COLD_PLANS):
+        cache = tempfile.mkdtemp(prefix="bench-timings-")
+        try:
+            labels = [(f"plan, empty timing cache ({i + 1}/{COLD_PLANS})", True)]
+            if i == COLD_PLANS - 1:
+                labels += [("plan, warm timing cache", True), ("compress, warm timing cache", False)]
+            for label, plan_only in labels:
+                run = compress_in_child(files[0], files[1], 0.95, tmp / f"plan-{len(out)}", cache=cache,
+                                        plan_only=plan_only)
+                totals = run["report"]["totals"]
+                out.append({"what": label, "wall_s": run["wall_s"], "peak_rss_mb": run["peak_rss_mb"],
+                            "bytes_after": totals["bytes_after"], "ratio": totals["ratio"]})
+                print(f"  gendernet T=0.95 {label}: {run['wall_s']:.1f} s, {totals['bytes_after']:,} bytes "
+                      f"({totals['ratio']:.2f}x)", flush=True)
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
+    return out
 
 
 def seed_rows(files: tuple[Path, Path], seeds: int, tmp: Path, runs: int, threads: int, extra=(),
@@ -277,10 +284,14 @@ def budgets_of(rows: list, svd_s: float, plans: list = ()) -> dict:
             out["gendernet_accuracy_points"] = {"value": change, "budget": f">= -{ACCURACY_POINTS}",
                                                 "ok": change >= -ACCURACY_POINTS}
     if plans:
-        cold = plans[0]
-        out["gendernet_plan_only_s"] = {"value": cold["wall_s"], "budget": f"< {PLAN_SECONDS}",
-                                        "where": "plan with an empty timing cache",
-                                        "ok": all(p["wall_s"] < PLAN_SECONDS for p in plans if p["what"].startswith("plan"))}
+        cold = sorted(p["wall_s"] for p in plans if p["what"].startswith("plan, empty"))
+        warm = [p["wall_s"] for p in plans if p["what"].startswith("plan, warm")]
+        median = statistics.median(cold)
+        out["gendernet_plan_only_s"] = {
+            "value": median, "budget": f"< {PLAN_SECONDS}",
+            "where": f"plan with an empty timing cache, median of {len(cold)}: "
+                     + ", ".join(f"{w:.1f}" for w in cold) + " s; with a warm one " + ", ".join(f"{w:.1f}" for w in warm) + " s",
+            "ok": median < PLAN_SECONDS and all(w < PLAN_SECONDS for w in warm)}
         same = len({p["bytes_after"] for p in plans}) == 1
         out["gendernet_plan_is_the_run"] = {"value": float(same), "budget": "1 (same bytes)",
                                             "where": ", ".join(f"{p['bytes_after']:,}" for p in plans), "ok": same}
