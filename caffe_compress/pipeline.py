@@ -1195,27 +1195,24 @@ class _ClosedLoop:
                 reasons[name] = why
 
     def refine(self) -> None:
-        """From the plan that passed, one layer at a time toward the plans that missed on the rungs above:
+        """From the plan that passed, one layer at a time toward the plan that missed on the rung above:
         the budget search moves every layer at once, and a class check that allows no changed answer can
-        miss on one layer's account. Each layer moves toward its choice in the nearest missed plan that
-        has a cheaper one (refine_target). Each move that lowers the objective's cost is tried, the largest
-        saving first, at most REFINE_ROUNDS new plans (one more for each layer only a farther missed plan
-        offers); a move that passes is kept, one that misses is tried again half as far. Only when all the
-        moves together would make the plan REFINE_MIN_GAIN cheaper: a round costs a validation pass, and
-        after a search that already ended close, little is left."""
+        miss on one layer's account. Each move that lowers the objective's cost is tried, the largest
+        saving first, at most REFINE_ROUNDS new plans; a move that passes is kept, one that misses is tried
+        again half as far. Only when all the moves together would make the plan REFINE_MIN_GAIN cheaper:
+        a round costs a validation pass, and after a search that already ended close, little is left."""
         r, state = self.run, self.state
-        above = sorted(b for b in state.missed_at if b > state.best_budget)
+        above = [b for b in state.missed_at if b > state.best_budget]
         if state.best is None or r.ranks or not above:
             return
-        label, spent = above[0], 0
+        label, spent = min(above), 0
+        target = dict(state.missed_at[label])
         best = _chosen_of(state.best[2])
-        target = self.refine_target(best, [state.missed_at[b] for b in above])
-        rounds = REFINE_ROUNDS + len(set(target) - set(state.missed_at[label]))
         every_move = {**best, **dict(planner.cheaper_steps(self.candidates, best, target, r.objective))}
         if (planner.objective_cost(self.candidates, every_move, r.objective)
                 > (1 - REFINE_MIN_GAIN) * planner.objective_cost(self.candidates, best, r.objective)):
             return  # (little to gain: not worth the rounds)
-        while spent < rounds:
+        while spent < REFINE_ROUNDS:
             current = _chosen_of(state.best[2])
             steps = planner.cheaper_steps(self.candidates, current, target, r.objective)
             if not steps:
@@ -1230,21 +1227,6 @@ class _ClosedLoop:
                     target.pop(name)
                 else:
                     target[name] = middle
-
-    def refine_target(self, best: Mapping[str, tuple], missed: Sequence[Mapping[str, tuple]]) -> dict:
-        """{layer: choice}: each layer's choice in the nearest (lowest-budget) of the ``missed`` plans where it
-        is cheaper than in ``best``. Not the nearest missed plan's alone: the budget search shares one error
-        budget among the layers, and the plan one rung up may leave alone a layer (GenderNet's slowest
-        convolution) that a rung further up factors; which of the two the search met can turn on estimates
-        a fraction of a percent apart (with CP's top rank 0.6% less exact, GenderNet's default plan lost
-        its conv2 factorization this way: 6.69x smaller, 1.7x faster -> 5.76x, ~1.0x)."""
-        target: dict = {}
-        for plan in missed:  # nearest first
-            for name, choice in plan.items():
-                if name not in target and planner.cheaper_steps(self.candidates, best, {name: choice},
-                                                                self.run.objective):
-                    target[name] = choice
-        return target
 
     def guard_slow(self, new_net: Net, chosen: Mapping[str, tuple], predicted: Mapping[str, float]) -> dict:
         return self.run.guard.slow_layers(new_net, chosen, self.run.forced(), predicted)

@@ -472,10 +472,10 @@ def _candidate(layer: str, params: int, ranks=(64, 32, 16, 8, 4)):
                      {r: 1.0 / r for r in ranks})
 
 
-def _refine(candidates, best, missed, passes, farther=()):
+def _refine(candidates, best, missed, passes):
     """The refinement after a search that passed with ``best`` at budget 1 and missed with ``missed`` on the
-    rung above (budget 2), and with the ``farther`` plans on the rungs above that (budgets 4, 8, ...);
-    ``passes(chosen)`` is the verdict of a plan. Returns the plans it tried and the plan it kept."""
+    rung above (budget 2); ``passes(chosen)`` is the verdict of a plan. Returns the plans it tried and the
+    plan it kept."""
     from types import SimpleNamespace
 
     from caffe_compress import pipeline
@@ -501,7 +501,7 @@ def _refine(candidates, best, missed, passes, farther=()):
 
     loop = Loop(SimpleNamespace(ranks={}, objective="size"), None, None, list(candidates), {}, [], {}, None)
     loop.state.best, loop.state.best_budget = (None, None, plan_of(best), None), 1.0
-    loop.state.missed_at = {2.0: dict(missed), 0.5: {}, **{2.0 ** (i + 2): dict(p) for i, p in enumerate(farther)}}
+    loop.state.missed_at = {2.0: dict(missed), 0.5: {}}
     loop.refine()
     assert analyse.objective_cost(candidates, pipeline._chosen_of(loop.state.best[2]), "size") <= \
         analyse.objective_cost(candidates, best, "size")
@@ -524,28 +524,6 @@ def test_refinement_moves_one_layer_at_a_time_toward_the_plan_that_missed():
     assert tried[2] == {"big": ("svd", 16), "small": ("svd", 8)}  # half as far: the middle rank of 32, 16, 8
     assert len(tried) == pipeline.REFINE_ROUNDS
     assert kept == {"big": ("svd", 16), "small": ("svd", 8)}
-
-
-def test_refinement_also_moves_a_layer_that_only_a_farther_missed_plan_factors():
-    """The plan one rung up may leave alone a layer that a rung further up factors (the budget search shares
-    one error budget among the layers): that layer moves too, toward its choice in the nearest missed plan
-    that has a cheaper one, with one more round for it; the other layers still move toward the nearest."""
-    from caffe_compress import pipeline
-
-    cands = [_candidate("big", 100_000), _candidate("small", 10_000),
-             _candidate("left", 60_000, ranks=(512, 256, 128, 64, 32, 16, 8, 4))]
-    best = {"big": ("svd", 64), "small": ("svd", 64)}
-    nearest = {"big": ("svd", 32), "small": ("svd", 64)}  # "left" unfactored one rung up
-    farther = [{"big": ("svd", 8), "left": ("svd", 16)}, {"big": ("svd", 4), "left": ("svd", 4)}]
-    passes = lambda chosen: chosen.get("left", ("svd", 64))[1] >= 16  # noqa: E731
-    tried, kept = _refine(cands, best, nearest, passes, farther)
-    assert tried[0] == {**best, "left": ("svd", 16)}  # the largest saving: factoring "left" at all
-    assert tried[1] == {"big": ("svd", 32), "small": ("svd", 64), "left": ("svd", 16)}  # big: the nearest's 32
-    assert kept == {"big": ("svd", 32), "small": ("svd", 64), "left": ("svd", 16)}
-    # one round more than the nearest plan alone would have had, for the one layer only farther plans offer
-    tried, _ = _refine(cands, best, nearest, lambda chosen: False, farther)  # left: 16, 128, 512; big: 32
-    assert len(tried) == pipeline.REFINE_ROUNDS + 1
-    assert not any(t.get("big") in (("svd", 8), ("svd", 4)) for t in tried)  # never past the nearest's move
 
 
 def test_refinement_is_skipped_when_the_plan_above_is_barely_cheaper():
