@@ -519,8 +519,9 @@ class _Run:
             self.time_original(net, inputs)
             if self.objective != "size":
                 self.guard.infer_shapes()  # (from the loaded original, for the layer timings)
+        self.cv.forget()  # (not kept while the layer inputs are recorded: its buffers would add to that peak)
+        release_memory()
         candidates, skipped = self.plan(net, inputs, wants_plan, ws)
-        self.cv.forget()  # (when plan() had nothing to record)
         release_memory()
         report, staged = _ClosedLoop(self, net, prefix, candidates, skipped, specs, reference, inputs).execute()
         if staged is not None:
@@ -762,10 +763,7 @@ class _Run:
             sources = {layer.name: first_input[layer.name] for layer, _ in decomposable}
             layer_inputs, reference = search.collect_inputs(run, net, inputs.planning, sources, out_sources,
                                                             seed=self.seed)
-        # (the original stays loaded from the response probes through the recording of layer inputs, then
-        # goes: its buffers would add to the analysis' peak)
-        self.cv.forget()
-        release_memory()
+            release_memory()
         self.progress.stage("analysing layers", len(decomposable))
         with self.timer.stage("analyse"):
             candidates, more = search.analyse_layers(decomposable, layer_inputs, ranks=self.ranks, forms=self.forms, ws=ws,

@@ -106,7 +106,6 @@ class OpenCVRunner:
         self.scratch = scratch
         self._keep: Net | None = None  # the net whose OpenCV network stays loaded between runs
         self._kept = None
-        self._last: tuple | None = None  # (kept net, taps, network): the kept net run with taps
 
     def keep(self, net: Net) -> None:
         """Keep ``net`` loaded once it has run (the original, run several times while the inputs are
@@ -115,7 +114,7 @@ class OpenCVRunner:
         self._keep = net
 
     def forget(self) -> None:
-        self._keep = self._kept = self._last = None
+        self._keep = self._kept = None
 
     def load_kept(self, net: Net, *, what: str, error=ValidationError):
         """The kept network when ``net`` is the one to keep (loaded on first use), else a fresh load."""
@@ -178,19 +177,9 @@ class OpenCVRunner:
 
     def _run(self, net, inputs, sources, *, what, error, files, every, stop=None, order=None) -> dict:
         tapped, names = with_taps(net, list(sources), every=every)
-        taps = (tuple(sources), every)
         if files is not None and tapped is net:
             cv_net = self.load_files(files, what=what, error=error)
-        elif self._last is not None and self._last[0] is net and self._last[1] == taps:
-            cv_net = self._last[2]  # (the kept net with the same taps again: the chunks of one pass)
-        elif tapped is not net and net is self._keep:
-            # the kept net with taps of its own: that one stays loaded instead (one network alive at a time)
-            self._kept = self._last = None
-            cv_net = self.load(tapped, what=what, error=error)
-            self._last = (net, taps, cv_net)
         else:
-            if net is self._keep:
-                self._last = None
             cv_net = self.load_kept(tapped, what=what, error=error)
         wanted = list(dict.fromkeys(names[s] for s in sources if not s.is_input))
         values: dict = {}

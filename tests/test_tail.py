@@ -191,39 +191,3 @@ def test_trials_start_at_the_layer_and_give_the_whole_model_gain(tmp_path, monke
     for name in cut:
         assert abs(cut[name] - whole[name]) <= 1e-5 * abs(whole[name]), (name, cut, whole)
 
-
-def test_the_kept_original_with_taps_loads_once_for_all_its_chunks(tmp_path, monkeypatch):
-    """Recording layer inputs runs the kept original in several passes: it is loaded once, with its taps
-    (a Slice's second top) loaded once instead of it, never both at a time."""
-    from caffe_compress import runner, validate
-    from nets import write_model
-
-    rng = np.random.default_rng(3)
-    weights = {"conv1": [rng.standard_normal((8, 3, 3, 3)).astype(np.float32), np.zeros(8, np.float32)],
-               "early": [rng.standard_normal((4, 4, 1, 1)).astype(np.float32), np.zeros(4, np.float32)],
-               "conv2": [rng.standard_normal((8, 8, 3, 3)).astype(np.float32), np.zeros(8, np.float32)],
-               "conv3": [rng.standard_normal((8, 8, 3, 3)).astype(np.float32), np.zeros(8, np.float32)],
-               "side": [rng.standard_normal((4, 4, 1, 1)).astype(np.float32), np.zeros(4, np.float32)],
-               "fc1": [rng.standard_normal((10, 8 * 16 * 16)).astype(np.float32) * 0.01, np.zeros(10, np.float32)]}
-    net = io.load(*write_model(tmp_path, "residual", RESIDUAL, weights))
-    loads = []
-    real = validate.load_opencv_net
-    monkeypatch.setattr(validate, "load_opencv_net", lambda *a, **k: loads.append(1) or real(*a, **k))
-    cv = runner.OpenCVRunner(tmp_path)
-    cv.keep(net)
-    x = rng.standard_normal((3, 3, 16, 16)).astype(np.float32)
-    plain = [runner.Source("prob"), runner.Source("conv2")]
-    first = cv.run(net, {"data": x[:1]}, plain)
-    rest = cv.run(net, {"data": x[1:]}, plain)
-    assert len(loads) == 1
-    tapped = [runner.Source("slice", 1), runner.Source("prob")]  # ("slice.1" is not resolved: a tap layer)
-    parts = [cv.run(net, {"data": x[i:i + 1]}, tapped) for i in range(3)]
-    assert len(loads) == 2 and cv._kept is None  # the tapped net instead of the original, loaded once
-    cv.run(net, {"data": x[:1]}, plain)
-    assert len(loads) == 3 and cv._last is None  # the original again, the tapped one gone
-    whole = cv.run(net, {"data": x}, tapped)
-    for i, part in enumerate(parts):
-        assert np.allclose(part[tapped[0]], whole[tapped[0]][i:i + 1], atol=1e-5)
-    assert np.allclose(np.concatenate([first[plain[0]], rest[plain[0]]]), whole[tapped[1]], atol=1e-6)
-    cv.forget()
-    assert cv._kept is None and cv._last is None
