@@ -190,4 +190,3 @@ def test_trials_start_at_the_layer_and_give_the_whole_model_gain(tmp_path, monke
     assert set(cut) == set(whole) and all(g != 1.0 for g in cut.values())
     for name in cut:
         assert abs(cut[name] - whole[name]) <= 1e-5 * abs(whole[name]), (name, cut, whole)
-
