@@ -645,7 +645,7 @@ class _Run:
                 exported = export.export_and_judge(
                     self.net, self.written_net, self.cv, inputs.validation if self.validate_output else None,
                     fp16=report.storage == "float16", judge=judge, caffe_outputs=self.written_outputs,
-                    enforce=not (self.ranks and self.tradeoff == 0))
+                    enforce=self.enforced)
                 staged.add(path, exported.data)
         except (ExportError, ValidationError) as exc:
             return report, str(exc)
@@ -677,6 +677,12 @@ class _Run:
             net = io.load(self.deploy, self.weights)
         _check_layer_options(net, self.ranks, self.keep, self.forms)
         return net
+
+    @property
+    def enforced(self) -> bool:
+        """Whether the contract decides: --rank alone (T = 0) is the user's own choice of loss, measured on
+        every input and reported, not enforced."""
+        return not (self.ranks and self.tradeoff == 0)
 
     def forced(self) -> dict[str, tuple]:
         """The user's forced ranks as plan choices {layer: (form, rank)}."""
@@ -897,7 +903,7 @@ class _Run:
         total = self.validation_count(inputs)
         rows = -(-total // SCREEN_SHARE)
         rows = -(-rows // RUN_CHUNK) * RUN_CHUNK
-        if rows >= total or not self.per_input(specs, total) or (self.ranks and self.tradeoff == 0):
+        if rows >= total or not self.per_input(specs, total) or not self.enforced:
             return None
         return rows
 
@@ -922,10 +928,9 @@ class _Run:
                                                 total=total, **self.judging(inputs)))
             return bool(lost)
 
-        enforced = not (self.ranks and self.tradeoff == 0)  # forced ranks at T = 0: measured in full
         values = self.cv.run(new_net, inputs.validation, sources, what=f"compressed model {staged.prototxt}",
                              files=(staged.temp_prototxt, staged.temp_caffemodel),
-                             stop=stop if enforced else None, order=order[start:end])
+                             stop=stop if self.enforced else None, order=order[start:end])
         if lost:
             return _Verdict(tuple(lost), ())
         got = joined(values)
@@ -956,7 +961,7 @@ class _Run:
 
     def judging(self, inputs) -> dict:
         """The trade-off the contract is judged at, and its options."""
-        return {"tradeoff": DEFAULT_TRADEOFF if (self.ranks and self.tradeoff == 0) else self.tradeoff,
+        return {"tradeoff": self.tradeoff if self.enforced else DEFAULT_TRADEOFF,
                 "min_fidelity": self.min_fidelity,
                 "margin": contract.SYNTHETIC_MARGIN if inputs.synthetic else 1.0}
 
@@ -1143,8 +1148,7 @@ class _ClosedLoop:
                                              self.reference, self.inputs, screen=self.screening)
         state.rounds += 1
         state.excess = search.excess(verdict.checks)
-        # --rank alone (T = 0) is the user's own choice of loss: measured and reported, not enforced.
-        passed = verdict.passed or bool(r.ranks and r.tradeoff == 0)
+        passed = verdict.passed or not r.enforced
         state.tried[key] = passed
         if passed:
             state.keep(staged, new_net, plan, verdict, key, budget)
