@@ -519,8 +519,6 @@ class _Run:
             self.time_original(net, inputs)
             if self.objective != "size":
                 self.guard.infer_shapes()  # (from the loaded original, for the layer timings)
-        self.cv.forget()  # (not kept while the layer inputs are recorded: its buffers would add to that peak)
-        release_memory()
         candidates, skipped = self.plan(net, inputs, wants_plan, ws)
         release_memory()
         report, staged = _ClosedLoop(self, net, prefix, candidates, skipped, specs, reference, inputs).execute()
@@ -743,7 +741,15 @@ class _Run:
         return specs, reference
 
     # -- probe -> analyse -> sensitivity
+    def release_original(self) -> None:
+        """Drop the kept original (not kept while the layer inputs are recorded: its buffers would add to that
+        peak)."""
+        self.cv.forget()
+        release_memory()
+
     def plan(self, net: Net, inputs: plan_inputs.Inputs, wants_plan: bool, ws: planner.Workspace):
+        """The candidates (layer inputs recorded, forms analysed, sensitivity and times measured) and the
+        layers left alone; the kept original is released on the way (release_original)."""
         first_input, out_sources = blob_sources(net)
         decomposable, skipped = [], {}
         for layer in net.layers:
@@ -759,6 +765,7 @@ class _Run:
                 skipped[layer.name] = "nothing is factored at T = 0"
             decomposable.append((layer, method))
         if not wants_plan or not decomposable:
+            self.release_original()
             return [], skipped
 
         def run(model: Net, feed, sources):
@@ -768,7 +775,7 @@ class _Run:
             self.say("recording layer inputs")
             sources = {layer.name: first_input[layer.name] for layer, _ in decomposable}
             layer_inputs, reference = search.collect_inputs(run, net, inputs.planning, sources, out_sources,
-                                                            seed=self.seed)
+                                                            seed=self.seed, measured=self.release_original)
             release_memory()
         self.progress.stage("analysing layers", len(decomposable))
         with self.timer.stage("analyse"):

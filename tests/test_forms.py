@@ -126,3 +126,34 @@ def test_form_option_is_checked(tmp_path):
         compress(deploy, model, forms={"conv": "tucker2"}, output=tmp_path / "o")
     with pytest.raises(UsageError, match="--form: no layer named 'nope'"):
         compress(deploy, model, forms={"nope": "cp"}, output=tmp_path / "o")
+
+
+@pytest.mark.parametrize("form", ["tucker2", "spatial-svd"])
+@pytest.mark.parametrize("shape,groups", [((24, 16, 3, 3), 1), ((12, 10, 5, 3), 1), ((16, 8, 3, 3), 2)])
+def test_analysis_errors_equal_the_truncated_kernels_outputs(form, shape, groups):
+    """The analysis sums what truncation drops block by block; every grid rank must give what the truncated
+    kernel itself gives on the patches (output and weight error), groups included."""
+    from caffe_compress.decompose import spatial_factors, tucker2_conv
+    from caffe_compress.net import Layer
+    from caffe_compress.plan import analyse as A
+
+    t, sg, kh, kw = shape[0], shape[1] // groups, shape[2], shape[3]
+    rng = np.random.default_rng(5)
+    weight = rng.standard_normal((t, sg, kh, kw)).astype(np.float32)
+    conv = {"num_output": t, "kernel_h": kh, "kernel_w": kw, "group": groups}
+    layer = Layer("c", "Convolution", ("x",), ("c",), {"convolution_param": conv},
+                  (weight, rng.standard_normal(t).astype(np.float32)))
+    data = A.conv_data(layer, np.abs(rng.standard_normal((300, shape[1], kh, kw))).astype(np.float32))
+    ws = A.Workspace()
+    analysed = (A._tucker_errors if form == "tucker2" else A._spatial_errors)(layer, data, ws, 1, t, None)
+    assert len(analysed) >= 3
+    for total, (out_err, w_err) in analysed.items():
+        approx = []
+        for i, k in enumerate(data.kernels):
+            if form == "tucker2":
+                approx.append(tucker_reconstruct(tucker2_conv(k, total // groups, sweeps=0, bases=ws.hosvd["c"][i])))
+            else:
+                approx.append(spatial_reconstruct(spatial_factors(ws.spatial["c"][i], k.shape, total // groups)))
+        direct = data.errors(approx)
+        assert out_err == pytest.approx(direct[0], rel=1e-4, abs=1e-6)
+        assert w_err == pytest.approx(direct[1], rel=1e-4, abs=1e-6)

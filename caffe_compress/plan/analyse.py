@@ -460,18 +460,92 @@ def _tucker_errors(layer, data: ConvData, ws: Workspace, low: int, bias: int, fo
     g = len(data.kernels)
     group_ranks = _grid_below_break_even(METHOD_TUCKER, layer.blobs[0].shape, g, bias, low, max(t // g, sg),
                                          fine=False)
-    return _errors_at(group_ranks, forced, g, data, lambda r: [
-        tucker_reconstruct(f) for f in ws.tucker_factors(layer.name, data.kernels, r)])
+    if forced is not None:
+        group_ranks = (forced // g,)
+    if layer.name not in ws.hosvd:
+        ws.hosvd[layer.name] = [hosvd_bases(k) for k in data.kernels]
+    return _summed_tails(data, group_ranks, [
+        _tucker_tails(gp, k, bases, group_ranks) for gp, k, bases in zip(data.group_patches, data.kernels,
+                                                                           ws.hosvd[layer.name])])
+
+
+def _summed_tails(data: ConvData, group_ranks: Sequence[int], per_group: Sequence[Mapping]) -> dict:
+    """{total rank: (layer-output error, weight error)} from each group's {rank: (output, weight) tail energies}."""
+    g = len(per_group)
+    return {r * g: (_relative(sum(tails[r][0] for tails in per_group), data.ref),
+                    _relative(sum(tails[r][1] for tails in per_group), data.weight_sq)) for r in group_ranks}
+
+
+def _tucker_tails(patches: np.ndarray, kernel: np.ndarray, bases, ranks: Sequence[int]) -> dict:
+    """{rank: (||output of what the truncation drops||^2, its weight energy)} of one group's HOSVD Tucker-2.
+
+    In the channel bases (U_out, U_in) the kernel is K' = U_out^T K U_in and the patches X' = X U_in; at
+    ranks (R_in, R_out) (tucker_ranks) the approximation keeps K'[:R_out, :R_in]. What it drops, on the
+    patches: the whole rotated output a >= R_out, and the inputs b >= R_in of the outputs a < R_out
+    (U_out is orthogonal: norms carry over). The b blocks are added from the last one down: the grid costs
+    about one product of the patches with the kernel, not one per rank."""
+    t, s, kh, kw = kernel.shape
+    k2 = kh * kw
+    u_out, u_in = bases
+    p = patches.shape[0]
+    x = (patches.reshape(p, s, k2).transpose(0, 2, 1) @ u_in.astype(np.float32)).reshape(p, k2, s)  # X'
+    rotated = np.einsum("tsk,ta,sb->kba", kernel.reshape(t, s, k2).astype(np.float64), u_out, u_in,
+                        optimize=True)  # K' as (k2, S, T)
+    full = (x.reshape(p, k2 * s) @ rotated.astype(np.float32).reshape(k2 * s, t)).astype(np.float64)
+    out_energy = np.sum(full * full, axis=0)  # per rotated output
+    weight_energy = np.sum(rotated * rotated, axis=0)  # (S, T)
+    tail = np.zeros((p, t))
+    out = {}
+    end = s
+    for r in sorted(set(ranks), reverse=True):
+        r_in, r_out = tucker_ranks(r, t, s)
+        if r_in < end:
+            block = x[:, :, r_in:end].reshape(p, k2 * (end - r_in))
+            tail += block @ rotated[:, r_in:end].astype(np.float32).reshape(k2 * (end - r_in), t)
+            end = r_in
+        d_sq = float(np.sum(out_energy[r_out:])) + float(np.sum(tail[:, :r_out] ** 2))
+        w_sq = float(np.sum(weight_energy)) - float(np.sum(weight_energy[:r_in, :r_out]))
+        out[r] = (d_sq, w_sq)
+    return out
 
 
 def _spatial_errors(layer, data: ConvData, ws: Workspace, low: int, bias: int, forced: int | None):
     t, sg, kh, kw = layer.blobs[0].shape
     g = len(data.kernels)
-    ws.spatial[layer.name] = [spatial_basis(k) for k in data.kernels]
+    bases = ws.spatial[layer.name] = [spatial_basis(k) for k in data.kernels]
     group_ranks = _grid_below_break_even(METHOD_SPATIAL, layer.blobs[0].shape, g, bias, low,
                                          min(sg * kh, t // g * kw), fine=True)
-    return _errors_at(group_ranks, forced, g, data, lambda r: [
-        spatial_reconstruct(f) for f in ws.spatial_factors(layer.name, layer.blobs[0].shape, r)])
+    if forced is not None:
+        group_ranks = (forced // g,)
+    return _summed_tails(data, group_ranks, [
+        _spatial_tails(gp, basis, (sg, kh, kw), group_ranks) for gp, basis in zip(data.group_patches, bases)])
+
+
+def _spatial_tails(patches: np.ndarray, basis, in_shape: tuple[int, int, int], ranks: Sequence[int]) -> dict:
+    """{rank: (||output of the discarded components||^2, their weight energy)} of one group's spatial SVD.
+
+    Truncation at rank r discards the components r.. of the basis (M = U S V^T, M[(s, i), (t, j)] =
+    kernel[t, s, i, j]); on patches X their output is sum_j Q_j[:, r:] (S V^T)_j[r:] with Q_j = X[.., j] U.
+    One projection of the patches onto U, then the components in blocks from the last one down: the
+    whole grid costs about two products of the patches with the kernel, not one per rank."""
+    sg, kh, kw = in_shape
+    m = basis.s.size
+    p = patches.shape[0]
+    x = patches.reshape(p, sg * kh, kw).transpose(0, 2, 1).reshape(p * kw, sg * kh)
+    q = (x @ basis.u.astype(np.float32, copy=False)).reshape(p, kw, m)  # (P, kw, m)
+    t = basis.vt.shape[1] // kw
+    h = (basis.s[:, None] * basis.vt).astype(np.float32).reshape(m, t, kw)  # (m, T, kw): S V^T per tap
+    tail = np.zeros((p, t))
+    out = {}
+    end = m
+    for r in sorted(set(ranks), reverse=True):
+        if r < end:
+            block_q = q[:, :, r:end].reshape(p, kw * (end - r))
+            block_h = h[r:end].transpose(2, 0, 1).reshape(kw * (end - r), t)
+            tail += block_q @ block_h
+            end = r
+        out[r] = (float(np.sum(tail * tail)), float(np.sum(basis.s[r:] ** 2)))
+    return out
 
 
 def analyse_convolution(
