@@ -128,12 +128,13 @@ def test_form_option_is_checked(tmp_path):
         compress(deploy, model, forms={"nope": "cp"}, output=tmp_path / "o")
 
 
-@pytest.mark.parametrize("form", ["tucker2", "spatial-svd"])
+@pytest.mark.parametrize("form", ["tucker2", "spatial-svd", "cp"])
 @pytest.mark.parametrize("shape,groups", [((24, 16, 3, 3), 1), ((12, 10, 5, 3), 1), ((16, 8, 3, 3), 2)])
 def test_analysis_errors_equal_the_truncated_kernels_outputs(form, shape, groups):
-    """The analysis sums what truncation drops block by block; every grid rank must give what the truncated
-    kernel itself gives on the patches (output and weight error), groups included."""
-    from caffe_compress.decompose import spatial_factors, tucker2_conv
+    """The analysis finds each grid rank's errors without forming the approximate kernel (the truncations
+    sum what they drop block by block, CP runs the patches through its factors); every rank must give what
+    the approximate kernel itself gives on the patches (output and weight error), groups included."""
+    from caffe_compress.decompose import cp_reconstruct, spatial_factors, tucker2_conv
     from caffe_compress.net import Layer
     from caffe_compress.plan import analyse as A
 
@@ -145,12 +146,17 @@ def test_analysis_errors_equal_the_truncated_kernels_outputs(form, shape, groups
                   (weight, rng.standard_normal(t).astype(np.float32)))
     data = A.conv_data(layer, np.abs(rng.standard_normal((300, shape[1], kh, kw))).astype(np.float32))
     ws = A.Workspace()
-    analysed = (A._tucker_errors if form == "tucker2" else A._spatial_errors)(layer, data, ws, 1, t, None)
+    if form == "cp":
+        analysed = A._cp_errors(layer, data, ws, 1, t, None, seed=0, cp_iterations=20)
+    else:
+        analysed = (A._tucker_errors if form == "tucker2" else A._spatial_errors)(layer, data, ws, 1, t, None)
     assert len(analysed) >= 3
     for total, (out_err, w_err) in analysed.items():
         approx = []
         for i, k in enumerate(data.kernels):
-            if form == "tucker2":
+            if form == "cp":
+                approx.append(cp_reconstruct(ws.cp["c"][total][i]))
+            elif form == "tucker2":
                 approx.append(tucker_reconstruct(tucker2_conv(k, total // groups, sweeps=0, bases=ws.hosvd["c"][i])))
             else:
                 approx.append(spatial_reconstruct(spatial_factors(ws.spatial["c"][i], k.shape, total // groups)))

@@ -443,16 +443,33 @@ def _cp_errors(layer, data: ConvData, ws: Workspace, low: int, bias: int, forced
     if forced is not None:
         group_ranks = (forced // g,)
     store: dict[int, list[ConvFactors]] = {}
-    errs = {}
+    tails: list[dict] = [{} for _ in range(g)]
     prev: list[ConvFactors | None] = [None] * g
+    exact = [gp @ k.reshape(k.shape[0], -1).T for gp, k in zip(data.group_patches, data.kernels)]  # (no bias)
     for idx, rg in enumerate(group_ranks):
         iters = cp_iterations if idx == 0 or forced else max(cp_iterations // 3, 8)
         facs = [cp_conv(k, rg, seed=seed, n_iter_max=iters, tol=1e-6, init=prev[i]) for i, k in enumerate(data.kernels)]
         prev = list(facs)
         store[rg * g] = facs
-        errs[rg * g] = data.errors([cp_reconstruct(f) for f in facs])
+        for tail, gp, y, k, f in zip(tails, data.group_patches, exact, data.kernels, facs):
+            tail[rg] = _cp_residual(gp, y, k, f)
     ws.cp[layer.name] = store
-    return errs
+    return _summed_tails(data, group_ranks, tails)
+
+
+def _cp_residual(patches: np.ndarray, exact: np.ndarray, kernel: np.ndarray, f: ConvFactors) -> tuple[float, float]:
+    """(||output error||^2, ||weight error||^2) of one group's CP factors on the patches, from the factors:
+    the patches through the 1x1 then the two spatial factors (a weighted sum over the taps) then the last
+    1x1, against ``exact`` (the patches through the kernel, no bias) -- the approximate kernel is never
+    formed."""
+    t, s, kh, kw = kernel.shape
+    p, r = patches.shape[0], f.rank
+    through_first = patches.reshape(p, s, kh * kw).transpose(0, 2, 1) @ f.first[:, :, 0, 0].T  # (P, kh*kw, R)
+    taps = (f.vertical[:, 0, :, 0].T[:, None, :] * f.horizontal[:, 0, 0, :].T[None, :, :]).reshape(kh * kw, r)
+    approx = np.einsum("pkr,kr->pr", through_first, taps) @ f.last[:, :, 0, 0].T
+    d = exact.astype(np.float64) - approx
+    kernel_sq = float(np.sum(np.square(kernel, dtype=np.float64)))
+    return float(np.sum(d * d)), (f.relative_error ** 2) * kernel_sq
 
 
 def _tucker_errors(layer, data: ConvData, ws: Workspace, low: int, bias: int, forced: int | None):
