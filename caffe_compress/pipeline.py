@@ -43,6 +43,9 @@ REFINE_MIN_GAIN = 0.1  # ... when they could make the plan at least this much ch
 # the rest (falling back to the one before when it misses there): a pass then costs a third of a full pass.
 SCREEN_SHARE = 3
 MAX_SPEED_ROUNDS = 3  # factorizations dropped one at a time while the whole model is slower
+# The original stays loaded while the layer inputs are recorded when they take at most this much (GenderNet:
+# 12 MB); larger activations (res10 SSD) are recorded after it is released, so as not to add to the peak.
+KEEP_ORIGINAL_BYTES = 32 << 20
 POLISH_CP_ITERATIONS = 30  # extra sweeps for the rank the planner picks
 FORCED_CP_ITERATIONS = 1000  # a rank given with --rank: run to convergence
 MAX_PROBES = 256
@@ -747,6 +750,12 @@ class _Run:
         self.cv.forget()
         release_memory()
 
+    def recording(self, activation_bytes: int) -> None:
+        """The layer inputs about to be recorded take ``activation_bytes``: the kept original stays loaded for
+        them when they are small (one load fewer), else it goes first (peak memory)."""
+        if activation_bytes > KEEP_ORIGINAL_BYTES:
+            self.release_original()
+
     def plan(self, net: Net, inputs: plan_inputs.Inputs, wants_plan: bool, ws: planner.Workspace):
         """The candidates (layer inputs recorded, forms analysed, sensitivity and times measured) and the
         layers left alone; the kept original is released on the way (release_original)."""
@@ -775,7 +784,8 @@ class _Run:
             self.say("recording layer inputs")
             sources = {layer.name: first_input[layer.name] for layer, _ in decomposable}
             layer_inputs, reference = search.collect_inputs(run, net, inputs.planning, sources, out_sources,
-                                                            seed=self.seed, measured=self.release_original)
+                                                            seed=self.seed, measured=self.recording)
+            self.release_original()
             release_memory()
         self.progress.stage("analysing layers", len(decomposable))
         with self.timer.stage("analyse"):

@@ -53,20 +53,20 @@ def conv_out_shape(layer: Layer, in_shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def collect_inputs(run: Run, net: Net, inputs: Mapping[str, np.ndarray], sources: Mapping[str, Hashable],
                    outputs: Sequence[Hashable], *, seed: int,
-                   measured: Callable[[], None] | None = None) -> tuple[dict[str, LayerInput], dict]:
+                   measured: Callable[[int], None] | None = None) -> tuple[dict[str, LayerInput], dict]:
     """Run the original net on ``inputs`` in chunks; keep sampled patches per layer and the outputs.
 
     sources : {layer name: source of its input blob}; outputs : sources of the compared outputs.
-    measured : called once one sample has sized the chunks (the caller may then release a network it kept
-        loaded for that first sample, before the chunks' activations add to the peak memory).
+    measured : called with the bytes the recorded blobs take over all samples, once one sample has measured
+        them (the caller may release a network it kept loaded, before large activations add to the peak).
     """
     count = next(iter(inputs.values())).shape[0]
     rng = np.random.default_rng(seed)
     wanted = list(dict.fromkeys([*sources.values(), *outputs]))
     first = run(net, {k: v[:1] for k, v in inputs.items()}, wanted)
-    if measured is not None:
-        measured()
     per_sample = sum(v.nbytes for v in first.values())
+    if measured is not None:
+        measured(per_sample * count)
     chunk = max(1, min(count, ACTIVATION_BYTES // max(per_sample, 1)))
     pieces: dict[str, list] = {name: [] for name in sources}
     shapes: dict[str, tuple[int, ...]] = {}
