@@ -75,8 +75,31 @@ def _solve(gram: np.ndarray, mttkrp: np.ndarray) -> np.ndarray:
         return mttkrp @ np.linalg.pinv(g)
 
 
+class CPKernel:
+    """A kernel prepared once for CP-ALS at several ranks (a rank grid): its norm, the unit-norm kernel in
+    float64 and its mode-S unfolding in each working precision (made on first use)."""
+
+    def __init__(self, kernel: np.ndarray) -> None:
+        if kernel.ndim != 4:
+            raise ValueError(f"kernel must be 4-D (T, S, kh, kw), got shape {kernel.shape}")
+        self.shape = kernel.shape
+        self.x64 = np.asarray(kernel, dtype=np.float64)
+        self.norm = float(np.linalg.norm(self.x64))
+        self.finite = self.norm != 0.0 and np.isfinite(self.norm)
+        self.unit = self.x64 / self.norm if self.finite else None
+        self._unfolded: dict = {}
+
+    def unfolded(self, work) -> np.ndarray:
+        """(S, T*kh*kw) mode-S unfolding of the unit kernel in ``work`` precision."""
+        if work not in self._unfolded:
+            t, s, kh, kw = self.shape
+            x = self.unit.astype(work)  # unit norm: keeps float32 BLAS well scaled
+            self._unfolded[work] = np.ascontiguousarray(x.transpose(1, 0, 2, 3).reshape(s, t * kh * kw))
+        return self._unfolded[work]
+
+
 def cp_conv(
-    kernel: np.ndarray,
+    kernel: np.ndarray | CPKernel,
     rank: int,
     *,
     seed: int = 0,
@@ -84,29 +107,26 @@ def cp_conv(
     tol: float = 1e-9,
     init: ConvFactors | None = None,
 ) -> ConvFactors:
-    """CP-ALS of ``kernel`` (T, S, kh, kw) at ``rank``.
+    """CP-ALS of ``kernel`` (T, S, kh, kw) at ``rank`` (a :class:`CPKernel` when several ranks are run).
 
     Deterministic for a given ``seed`` and thread count. ``init`` warm-starts
     from other factors (extra components are drawn at random, surplus ones are
     dropped, the largest kept). Stops when the relative error improves by less
     than ``tol`` in a sweep.
     """
-    if kernel.ndim != 4:
-        raise ValueError(f"kernel must be 4-D (T, S, kh, kw), got shape {kernel.shape}")
-    t, s, kh, kw = kernel.shape
+    prepared = kernel if isinstance(kernel, CPKernel) else CPKernel(kernel)
+    t, s, kh, kw = prepared.shape
     if rank < 1:
         raise RankError(f"rank {rank} must be >= 1")
-    x64 = np.asarray(kernel, dtype=np.float64)
-    norm_x = float(np.linalg.norm(x64))
+    norm_x = prepared.norm
     rng = np.random.default_rng(seed)
-    if norm_x == 0.0 or not np.isfinite(norm_x):
+    if not prepared.finite:
         zeros = np.zeros
         return _pack(zeros((t, rank)), zeros((s, rank)), zeros((kh, rank)), zeros((kw, rank)), 0.0, 0)
     # float64 where it is cheap (and exact recovery needs the digits); float32
     # BLAS for large kernels, where the two GEMMs per sweep dominate.
     work = np.float64 if t * s * kh * kw * rank <= 2e7 else np.float32
-    x = (x64 / norm_x).astype(work)  # unit norm: keeps float32 BLAS well scaled
-    x_s = np.ascontiguousarray(x.transpose(1, 0, 2, 3).reshape(s, t * kh * kw))  # (S, T*kh*kw)
+    x_s = prepared.unfolded(work)  # (S, T*kh*kw)
 
     if init is not None and init.rank > 0:
         a, b, c, d = _unpack(init)
@@ -123,11 +143,11 @@ def cp_conv(
                 for f in (a, b, c, d)
             )
     else:
-        x_t = x64.reshape(t, -1) / norm_x
-        a = _leading_vectors(x_t, rank, rng)
-        b = _leading_vectors(x64.transpose(1, 0, 2, 3).reshape(s, -1) / norm_x, rank, rng)
-        c = _leading_vectors(x64.transpose(2, 0, 1, 3).reshape(kh, -1) / norm_x, rank, rng)
-        d = _leading_vectors(x64.transpose(3, 0, 1, 2).reshape(kw, -1) / norm_x, rank, rng)
+        unit = prepared.unit
+        a = _leading_vectors(unit.reshape(t, -1), rank, rng)
+        b = _leading_vectors(unit.transpose(1, 0, 2, 3).reshape(s, -1), rank, rng)
+        c = _leading_vectors(unit.transpose(2, 0, 1, 3).reshape(kh, -1), rank, rng)
+        d = _leading_vectors(unit.transpose(3, 0, 1, 2).reshape(kw, -1), rank, rng)
 
     k = kh * kw
     best = None
@@ -170,7 +190,7 @@ def cp_conv(
     a, b, c, d = best
     # Exact error of the kept iterate (the running estimate loses digits near 0).
     approx = np.einsum("tr,sr,ir,jr->tsij", a, b, c, d, optimize=True)
-    rel = float(np.linalg.norm(x64 / norm_x - approx))
+    rel = float(np.linalg.norm(prepared.unit - approx))
     return _pack(a * norm_x, b, c, d, rel, iterations)
 
 

@@ -32,8 +32,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ..decompose import (
-    ConvFactors, LinearFactors, SpatialFactors, SpectralBasis, TuckerFactors, cp_conv, cp_reconstruct, spatial_basis,
-    spatial_factors, spatial_reconstruct, spectral_basis, tucker2_conv, tucker_ranks, tucker_reconstruct,
+    ConvFactors, CPKernel, LinearFactors, SpatialFactors, SpectralBasis, TuckerFactors, cp_conv, cp_reconstruct,
+    spatial_basis, spatial_factors, spatial_reconstruct, spectral_basis, tucker2_conv, tucker_ranks, tucker_reconstruct,
 )
 from ..decompose.tucker import HOOI_SWEEPS, hosvd_bases
 from ..errors import UsageError
@@ -446,9 +446,10 @@ def _cp_errors(layer, data: ConvData, ws: Workspace, low: int, bias: int, forced
     tails: list[dict] = [{} for _ in range(g)]
     prev: list[ConvFactors | None] = [None] * g
     exact = [gp @ k.reshape(k.shape[0], -1).T for gp, k in zip(data.group_patches, data.kernels)]  # (no bias)
+    prepared = [CPKernel(k) for k in data.kernels]  # (one preparation for the whole grid)
     for idx, rg in enumerate(group_ranks):
         iters = cp_iterations if idx == 0 or forced else max(cp_iterations // 3, 8)
-        facs = [cp_conv(k, rg, seed=seed, n_iter_max=iters, tol=1e-6, init=prev[i]) for i, k in enumerate(data.kernels)]
+        facs = [cp_conv(k, rg, seed=seed, n_iter_max=iters, tol=1e-6, init=prev[i]) for i, k in enumerate(prepared)]
         prev = list(facs)
         store[rg * g] = facs
         for tail, gp, y, k, f in zip(tails, data.group_patches, exact, data.kernels, facs):
