@@ -20,8 +20,9 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from . import export, io, rewrite, timing, validate
+from .memory import peak_rss_mb, release_memory  # noqa: F401 (peak_rss_mb: the pipeline's report, and tools)
 from .runner import RUN_CHUNK, OpenCVRunner, blob_sources, compared_blobs
-from .decompose import cp_conv, cp_reconstruct, spatial_reconstruct, tucker_reconstruct
+from .decompose import LinearFactors, cp_conv, cp_reconstruct, spatial_reconstruct, tucker_reconstruct
 from .errors import ExportError, MissingDependencyError, ModelError, RankError, UsageError, ValidationError, WriteError
 from .net import Layer, Net, conv_geometry
 from .plan import analyse as planner, contract, inputs as plan_inputs, search
@@ -54,39 +55,6 @@ NOTHING_FASTER = ("nothing written: the plans that met the fidelity contract mea
                   "OpenCV, and dropping their slowest factorizations left none that meets it (see the layers' reasons)")
 
 ProgressFn = Callable[[str], None]
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MB (0 where unknown).
-
-    Linux: VmHWM of this program image. getrusage's ru_maxrss is avoided there
-    because it also counts the parent's memory at fork time, before exec.
-    """
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        import resource
-    except ImportError:  # not on POSIX
-        return 0.0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def release_memory() -> None:
-    """Hand freed heap back to the OS between rounds (glibc keeps it otherwise, and the high-water mark
-    creeps up round after round as big blobs are allocated and freed)."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 class _Timer:
@@ -194,6 +162,10 @@ class _Factorizer:
         if method == planner.METHOD_TUCKER:  # the analysis' HOSVD factors: same layers, no HOOI sweeps
             factors = self.ws.tucker_factors(name, rewrite.conv_group_kernels(layer), rank, polish=False)
             return rewrite.decompose_tucker(self.net, layer, factors)
+        if method == planner.METHOD_SVD:  # the basis rows as they are: a big layer's scaled copy would add to the
+            basis = self.ws.bases[name][0]  # peak (GenderNet's fc6 at its top rank: 37 MB), and speed needs shapes
+            return rewrite.decompose_inner_product(
+                self.net, layer, LinearFactors(basis.vt[:rank], basis.u[:, :rank].astype(np.float32), 0.0))
         return self._factor(name, method, rank)[0]
 
     def _factor(self, name: str, method: str, rank: int) -> tuple[tuple[Layer, ...], float | None]:
@@ -802,6 +774,8 @@ class _Run:
                 lambda model, feed, srcs: self.cv.run(model, feed, srcs, what="sensitivity trial"),
                 net, candidates, inputs=inputs.planning, reference=reference, layer_inputs=layer_inputs,
                 compared_blobs=compared_blobs(net), skip=skip, ws=ws, say=self.say)
+        del layer_inputs, reference  # (not held while the layers are timed: a big layer's trial net adds to the peak)
+        release_memory()
         if self.objective != "size":
             self.progress.stage("timing layers and factored forms in OpenCV",
                                 sum(not search.negligible(c, totals) for c in candidates))

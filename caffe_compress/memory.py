@@ -1,0 +1,35 @@
+"""This process's memory: its peak resident size, and handing freed heap back to the OS."""
+from __future__ import annotations
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MB (0 where unknown).
+
+    Linux: VmHWM of this program image. getrusage's ru_maxrss is avoided there
+    because it also counts the parent's memory at fork time, before exec.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return 0.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def release_memory() -> None:
+    """Hand freed heap back to the OS between rounds (glibc keeps it otherwise, and the high-water mark
+    creeps up round after round as big blobs are allocated and freed)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
