@@ -1,4 +1,5 @@
 """The trade-off knob: monotone file size, JSON report keys, exit codes, validation figures."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -327,3 +328,33 @@ def test_a_big_model_is_timed_one_net_at_a_time_the_original_early(tmp_path, mon
     report = compress(deploy, model, tradeoff=1.0, output=tmp_path / "o", force=True, seed=0, progress=None)
     assert report.latency_ms and "plan" in events
     assert events.index("original") < events.index("round")  # before planning and validation
+
+
+def test_a_forms_times_come_from_its_small_ranks_and_extend_the_line():
+    """Planning times: both ends of the rank grid are timed, but never a factored form above TIMED_BYTES
+    (a trial net that costs more to load than to run); the rest follows the measured line, above it too."""
+    from caffe_compress.plan import search
+    from caffe_compress.plan.analyse import Candidate
+
+    ranks = (1024, 512, 256, 128, 64, 32, 16)
+    n, k = 4096, 16384  # rank r: r * (n + k) parameters; 4 bytes each
+    cand = Candidate("fc", "InnerProduct", "svd", (n, k), 1, n * k, n * k, ranks,
+                     {r: r * (n + k) for r in ranks}, {r: r * (n + k) for r in ranks},
+                     {r: 0.5 for r in ranks}, {r: 0.5 for r in ranks})
+    timed = search.timing_ranks(cand)
+    assert timed[0] == 16 and all(4 * cand.params_at[r] <= search.TIMED_BYTES for r in timed)
+    assert timed[-1] == max(r for r in ranks if 4 * cand.params_at[r] <= search.TIMED_BYTES) < 1024
+    asked = []
+
+    def factored_ms(c, r):
+        asked.append(r)
+        return 0.1 + 0.01 * r
+
+    out, = search.measure_times([cand], original_ms=lambda name: 50.0, factored_ms=factored_ms, say=lambda m: None)
+    assert sorted(asked) == sorted(timed)
+    assert out.time_before == 50.0
+    for r in ranks:
+        assert out.time_at[r] == pytest.approx(0.1 + 0.01 * r)
+    # a grid whose every factored form is big still gets a line (its two smallest ranks)
+    huge = dataclasses.replace(cand, params_at={r: 10 ** 9 for r in ranks})
+    assert search.timing_ranks(huge) == (16, 32)

@@ -28,6 +28,7 @@ Say = Callable[[str], None]
 
 CP_ITERATIONS = 20  # ALS sweeps at the top of a layer's rank grid (fewer further down)
 NEGLIGIBLE_COST_SHARE = 0.005  # a layer below 0.5% of params+MACs gets no sensitivity trial
+TIMED_BYTES = 8 << 20  # the largest factored form a planning micro-benchmark loads (see timing_ranks)
 ACTIVATION_BYTES = 64 << 20  # activations held at once while probing (samples run in chunks)
 GAIN_SAMPLES = 4  # planning samples a sensitivity trial runs (the gain is a ratio: a few samples settle it)
 MAX_ROUNDS = 12  # distinct plans the closed loop writes and measures at most
@@ -317,18 +318,37 @@ def negligible(cand: Candidate, totals) -> bool:
     return cand.cost(None, replace(totals, time_ms=0.0)) < NEGLIGIBLE_COST_SHARE
 
 
-def timing_ranks(ranks: Sequence[int], method: str) -> tuple[int, ...]:
+def timing_ranks(cand: Candidate) -> tuple[int, ...]:
     """The grid ranks that are timed: both ends (every layer of a form is linear in the rank), and the
-    middle for Tucker-2, whose core is quadratic (times in between are interpolated)."""
-    ordered = sorted(set(ranks))
-    middle = (ordered[len(ordered) // 2],) if method == METHOD_TUCKER else ()
-    return tuple(sorted({ordered[0], *middle, ordered[-1]}))
+    middle for Tucker-2, whose core is quadratic (times in between are interpolated). The top end is the
+    largest rank whose factored weights take at most TIMED_BYTES: a bigger trial net costs more to load
+    than to run (GenderNet's fc6 at its top rank: 37 MB), and above it the line is extended."""
+    ordered = sorted(set(cand.ranks))
+    small = [r for r in ordered if 4 * cand.params_at[r] <= TIMED_BYTES]
+    if len(small) < 2:  # (two points make the line)
+        small = ordered[:2]
+    middle = (small[len(small) // 2],) if cand.method == METHOD_TUCKER else ()
+    return tuple(sorted({small[0], *middle, small[-1]}))
+
+
+def _times_at(ranks: Sequence[int], points: Mapping[int, float]) -> dict[int, float]:
+    """Times at ``ranks`` from measured ``points``: linear between them, the last segment extended above."""
+    xs = sorted(points)
+    ys = [points[x] for x in xs]
+    out = {}
+    for r in ranks:
+        if r > xs[-1] and len(xs) > 1:
+            slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+            out[r] = float(ys[-1] + slope * (r - xs[-1]))
+        else:
+            out[r] = float(np.interp(r, xs, ys))
+    return out
 
 
 def measure_times(candidates: list[Candidate], *, original_ms: Callable[[str], float],
                   factored_ms: Callable[[Candidate, int], float], say: Say) -> list[Candidate]:
     """Each candidate with its layer's measured time, and its form's time at every grid rank: measured at
-    timing_ranks, linear in between (every layer of a form is linear in the rank, Tucker-2's core
+    timing_ranks, linear in between and beyond (every layer of a form is linear in the rank, Tucker-2's core
     quadratic: the chord over-estimates it, on the safe side). Negligible layers are not timed."""
     totals = totals_of(candidates)
     out = []
@@ -338,10 +358,8 @@ def measure_times(candidates: list[Candidate], *, original_ms: Callable[[str], f
             continue
         say(f"timing {cand.layer} ({cand.method})")
         base = original_ms(cand.layer)
-        points = {r: factored_ms(cand, r) for r in timing_ranks(cand.ranks, cand.method)}
-        xs = sorted(points)
-        time_at = {r: float(np.interp(r, xs, [points[x] for x in xs])) for r in cand.ranks}
-        out.append(replace(cand, time_before=base, time_at=time_at))
+        points = {r: factored_ms(cand, r) for r in timing_ranks(cand)}
+        out.append(replace(cand, time_before=base, time_at=_times_at(cand.ranks, points)))
     return out
 
 
