@@ -391,6 +391,20 @@ def test_probe_pictures_are_drawn_once_per_seed_and_extend_their_stream():
     assert not np.array_equal(more, probe.PictureSource().pictures((1, 3, 24, 24), 6, 6))
 
 
+@pytest.mark.parametrize("channels", [3, 1])
+def test_probe_slices_are_the_convention_applied_to_the_pictures_bit_for_bit(channels):
+    """Probes convert their 8-bit pictures by table lookup: every slice must equal Convention.apply."""
+    pictures = probe.PictureSource().pictures((1, channels, 20, 17), 9, 2)
+    odd = probe.Convention("odd", (10.5, 131.25, -3.0), (0.013, 0.5, 1.0 / 3.0), "uneven channels")
+    for convention in (*probe.COMMON_CONVENTIONS, odd):
+        probes = probe.Pictures(pictures, convention)
+        for index in (slice(None), slice(2, 7), 4, np.array([8, 0, 3])):
+            part = pictures[index]
+            want = convention.apply((part if part.ndim == 4 else part[None]).astype(np.float32))
+            got = probes[index]
+            assert got.dtype == np.float32 and np.array_equal(got, want)
+
+
 def test_near_zero_first_layer_biases_give_the_default_under_every_probe_draw():
     """Biases ~10x below a trained net's under the most favourable convention are no evidence: the
     inferred convention must not depend on which pictures were drawn (it decided GenderNet's plan)."""

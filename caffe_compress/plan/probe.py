@@ -316,6 +316,7 @@ class Pictures:
     def __init__(self, pictures: np.ndarray, convention: Convention) -> None:
         self.pictures = pictures
         self.convention = convention
+        self._lut: np.ndarray | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -326,7 +327,20 @@ class Pictures:
 
     def __getitem__(self, index) -> np.ndarray:
         part = self.pictures[index]
-        return self.convention.apply(part.astype(np.float32) if part.ndim == 4 else part[None].astype(np.float32))
+        part = part if part.ndim == 4 else part[None]
+        table = self._table(part.shape[1])
+        out = np.empty(part.shape, dtype=np.float32)
+        for c in range(part.shape[1]):
+            np.take(table[c], part[:, c], out=out[:, c])
+        return out
+
+    def _table(self, channels: int) -> np.ndarray:
+        """(channels, 256) float32: each byte value in the convention (Convention.apply of it, to the bit),
+        so a slice is one lookup, not a float64 pass over every pixel."""
+        if self._lut is None or self._lut.shape[0] != channels:
+            values = np.broadcast_to(np.arange(256, dtype=np.float32)[None, :, None, None], (1, 256, channels, 1))
+            self._lut = np.ascontiguousarray(self.convention.apply(values.transpose(0, 2, 1, 3))[0, :, :, 0])
+        return self._lut
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         return self[:] if dtype is None else self[:].astype(dtype)
