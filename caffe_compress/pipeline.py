@@ -57,6 +57,10 @@ NOTHING_FASTER = ("nothing written: the plans that met the fidelity contract mea
 ProgressFn = Callable[[str], None]
 
 
+class _LargeActivations(Exception):
+    """The layer inputs are too large to record before the validation inputs are made (record_early)."""
+
+
 class _Timer:
     def __init__(self) -> None:
         self.timings: dict[str, float] = {}
@@ -431,6 +435,8 @@ class _Run:
     reference_in_order: dict | None = None  # the original's outputs in that order
     written_net: Net | None = None  # the net of the staged model that passed
     written_outputs: Mapping | None = None  # its compared outputs in OpenCV
+    wants_plan: bool = False  # T > 0 or forced ranks: something may be factored
+    early: tuple | None = None  # (planning feed, (layer inputs, outputs)) recorded while probing (record_early)
 
     def say(self, detail: str) -> None:
         self.progress.item(detail)
@@ -476,7 +482,7 @@ class _Run:
         self.factorizer = _Factorizer(net, ws, self.ranks, self.seed, self.timer.timings, self.say)
         self.guard = timing.SpeedGuard(self.objective, self.cv, net, blob_sources(net)[0], net.input_shapes(),
                                        self.say, self.timer.stage, disk=timing.DiskCache.default(reuse=not self.retime))
-        wants_plan = self.tradeoff > 0 or bool(self.ranks)
+        wants_plan = self.wants_plan = self.tradeoff > 0 or bool(self.ranks)
         self.progress.stage("probing the original model in OpenCV")
         self.cv.keep(net)  # loaded once for the response probes, the validation inputs and its timing
         try:
@@ -681,11 +687,14 @@ class _Run:
                                  "(its weights or activations overflow)")
 
     def responds(self, net: Net, feed: Mapping[str, np.ndarray]) -> bool:
-        """Whether some output of the original varies over the samples of ``feed``."""
+        """Whether some output of the original varies over the samples of ``feed`` (the first planning
+        probes in a convention: their layer inputs are recorded on the way, see record_early)."""
         _, sources = blob_sources(net)
         if not sources:
             return True  # nothing to compare: reference() says so
-        values = self.cv.run(net, feed, sources, what=str(self.deploy), error=ModelError)
+        values = self.record_early(net, feed)
+        if values is None:
+            values = self.cv.run(net, feed, sources, what=str(self.deploy), error=ModelError)
         for source, value in values.items():
             if not np.all(np.isfinite(value)):
                 raise ModelError(f"{self.deploy}: the original model outputs NaN/Inf in '{source.layer}' on probe "
@@ -728,10 +737,9 @@ class _Run:
         if activation_bytes > KEEP_ORIGINAL_BYTES:
             self.release_original()
 
-    def plan(self, net: Net, inputs: plan_inputs.Inputs, wants_plan: bool, ws: planner.Workspace):
-        """The candidates (layer inputs recorded, forms analysed, sensitivity and times measured) and the
-        layers left alone; the kept original is released on the way (release_original)."""
-        first_input, out_sources = blob_sources(net)
+    def decomposable(self, net: Net, wants_plan: bool) -> tuple[list[tuple[Layer, str]], dict[str, str]]:
+        """The layers a plan may factor (with their primary form), and why the others are left alone."""
+        first_input, _ = blob_sources(net)
         decomposable, skipped = [], {}
         for layer in net.layers:
             method, reason = planner.describe_layer(layer, keep=layer.name in self.keep)
@@ -745,20 +753,66 @@ class _Run:
             if not wants_plan:
                 skipped[layer.name] = "nothing is factored at T = 0"
             decomposable.append((layer, method))
+        return decomposable, skipped
+
+    def record(self, net: Net, feed: Mapping[str, np.ndarray], decomposable, *, measured) -> tuple[dict, dict]:
+        """The decomposable layers' sampled inputs and the compared outputs of the original on ``feed``
+        (search.collect_inputs)."""
+        first_input, out_sources = blob_sources(net)
+
+        def run(model: Net, part, sources):
+            return self.cv.run(model, part, sources, what=f"{self.deploy} (probing)", error=ModelError)
+
+        sources = {layer.name: first_input[layer.name] for layer, _ in decomposable}
+        return search.collect_inputs(run, net, feed, sources, out_sources, seed=self.seed, measured=measured)
+
+    def record_early(self, net: Net, feed: Mapping[str, np.ndarray]) -> dict | None:
+        """The original's outputs on the convention probes, recording the layer inputs on the way when
+        they are small (KEEP_ORIGINAL_BYTES): the probes that test a convention are the planning probes, so
+        the recording is not run again (recorded_early); None when there is nothing to record, or too much."""
+        if not self.wants_plan:
+            return None
+        decomposable, _ = self.decomposable(net, True)
+        if not decomposable:
+            return None
+
+        def small(activation_bytes: int) -> None:
+            if activation_bytes > KEEP_ORIGINAL_BYTES:
+                raise _LargeActivations
+
+        try:
+            layer_inputs, outputs = self.record(net, feed, decomposable, measured=small)
+        except _LargeActivations:
+            return None
+        self.early = ({k: np.array(v) for k, v in feed.items()}, (layer_inputs, outputs))
+        return outputs
+
+    def recorded_early(self, planning: Mapping[str, np.ndarray]) -> tuple[dict, dict] | None:
+        """The early recording (record_early) when it was made on exactly these planning inputs."""
+        early, self.early = self.early, None
+        if early is None:
+            return None
+        feed, recorded = early
+        same = feed.keys() == planning.keys() and all(
+            np.array_equal(feed[k], np.asarray(planning[k][:])) for k in feed)
+        return recorded if same else None
+
+    def plan(self, net: Net, inputs: plan_inputs.Inputs, wants_plan: bool, ws: planner.Workspace):
+        """The candidates (layer inputs recorded, forms analysed, sensitivity and times measured) and the
+        layers left alone; the kept original is released on the way (release_original)."""
+        decomposable, skipped = self.decomposable(net, wants_plan)
         if not wants_plan or not decomposable:
+            self.early = None
             self.release_original()
             return [], skipped
-
-        def run(model: Net, feed, sources):
-            return self.cv.run(model, feed, sources, what=f"{self.deploy} (probing)", error=ModelError)
-
         with self.timer.stage("probe"):
-            self.say("recording layer inputs")
-            sources = {layer.name: first_input[layer.name] for layer, _ in decomposable}
-            layer_inputs, reference = search.collect_inputs(run, net, inputs.planning, sources, out_sources,
-                                                            seed=self.seed, measured=self.recording)
+            recorded = self.recorded_early(inputs.planning)
+            if recorded is None:
+                self.say("recording layer inputs")
+                recorded = self.record(net, inputs.planning, decomposable, measured=self.recording)
+            layer_inputs, reference = recorded
+            del recorded
             self.release_original()
-            release_memory()
         self.progress.stage("analysing layers", len(decomposable))
         with self.timer.stage("analyse"):
             candidates, more = search.analyse_layers(decomposable, layer_inputs, ranks=self.ranks, forms=self.forms, ws=ws,

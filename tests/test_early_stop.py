@@ -255,3 +255,29 @@ def test_a_round_that_misses_on_its_screened_share_is_judged_on_every_input(tmp_
     report = compress(deploy, model, tradeoff=0.95, output=tmp_path / "o", seed=0, progress=None)
     assert any(n < 128 for n in judged) and judged[-1] == 128
     assert report.output_caffemodel and all(c.passed for c in report.contract)  # the full verdicts decided
+
+
+def test_layer_inputs_recorded_while_probing_give_the_plan_a_late_recording_gives(tmp_path, monkeypatch):
+    """The probes that test the input convention are the planning probes: their layer inputs are recorded
+    then, and planning reuses them (no second recording) -- the same plan, checks and model as recording
+    them later (the path a model with large activations takes)."""
+    from caffe_compress import compress, pipeline
+    from caffe_compress.plan import search
+    from test_contract import embedder
+
+    deploy, model = embedder(tmp_path)
+    feeds = []
+    real = search.collect_inputs
+    monkeypatch.setattr(search, "collect_inputs", lambda run, net, feed, *a, **k: feeds.append(feed) or
+                        real(run, net, feed, *a, **k))
+    early = compress(deploy, model, tradeoff=0.95, output=tmp_path / "e", seed=0, progress=None, objective="size")
+    assert len(feeds) == 1 and not hasattr(feeds[0]["data"], "convention")  # recorded once, while probing
+    feeds.clear()
+    monkeypatch.setattr(pipeline, "KEEP_ORIGINAL_BYTES", 0)  # too large to record early
+    late = compress(deploy, model, tradeoff=0.95, output=tmp_path / "l", seed=0, progress=None, objective="size")
+    assert len(feeds) == 2 and hasattr(feeds[1]["data"], "convention")  # tried while probing, then recorded
+    assert early.output_caffemodel and late.output_caffemodel
+    assert [(lp.layer, lp.method, lp.rank, lp.output_error) for lp in early.layers] == \
+        [(lp.layer, lp.method, lp.rank, lp.output_error) for lp in late.layers]
+    assert early.contract == late.contract
+    assert (tmp_path / "e.caffemodel").read_bytes() == (tmp_path / "l.caffemodel").read_bytes()
