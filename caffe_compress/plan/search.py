@@ -201,8 +201,10 @@ def measure_gains(run: Run, net: Net, candidates: list[Candidate], *, inputs: Ma
             end_err = relative_output_error({"y": tail.run_tail(own, x)},
                                             {"y": tail.run_tail(own, x, {cand.layer: approx})})
         elif head is not None and head.before(cand.layer):
-            if head_input is None:
-                head_input = run(head.prefix, feed, [head.source])[head.source]
+            if head_input is None:  # (recorded already when the head's first layer is a candidate)
+                recorded = layer_inputs.get(head.chain[0].name)
+                head_input = recorded.rows[:GAIN_SAMPLES] if recorded is not None and recorded.rows is not None \
+                    else run(head.prefix, feed, [head.source])[head.source]
             x = cuts.trial(cand.layer, approx, [head.source], end=len(head.prefix.layers))[head.source]
             end_err = relative_output_error({"y": tail.run_tail(head.chain, head_input)},
                                             {"y": tail.run_tail(head.chain, x)})
