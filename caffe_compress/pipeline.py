@@ -433,6 +433,7 @@ class _Run:
     labelled: object = None  # evaluate.Labelled, read before any work
     validation_order: np.ndarray | None = None  # the order validation rounds run the inputs in
     reference_in_order: dict | None = None  # the original's outputs in that order
+    changed: np.ndarray | None = None  # per position of that order: an earlier plan changed its answer (run_order)
     written_net: Net | None = None  # the net of the staged model that passed
     written_outputs: Mapping | None = None  # its compared outputs in OpenCV
     wants_plan: bool = False  # T > 0 or forced ranks: something may be factored
@@ -530,6 +531,7 @@ class _Run:
         (contract.decisive_order), and the original's outputs in that order (the inputs are not copied)."""
         order = contract.decisive_order(specs, reference) if reference else None
         self.validation_order = order
+        self.changed = np.zeros(len(order), dtype=bool) if order is not None else None
         self.reference_in_order = reference if order is None else \
             {k: v[order] if v.shape[0] == len(order) else v for k, v in reference.items()}
 
@@ -963,22 +965,33 @@ class _Run:
         start, end = (before.screened if before else 0), (end or total)
         earlier = dict(before.outputs) if before else {}
         lost: list = []
+        segment = self.run_order(specs, start, end, total)  # (positions in the decisive order, as run)
+        positions = np.concatenate([np.arange(start), segment, np.arange(end, total)])
+        reordered = bool(np.any(segment != np.arange(start, end)))
+        reference_as_run = {k: v[positions] if v.shape[0] == total else v
+                            for k, v in self.reference_in_order.items()} if reordered else self.reference_in_order
 
         def joined(partial) -> dict:
             return {n: np.concatenate([earlier[n], partial[s]]) if n in earlier else partial[s]
                     for n, s in zip(names, sources)}
 
         def stop(partial, count) -> bool:  # a miss already certain: the round ends early
-            lost.extend(contract.certain_misses(specs, self.reference_in_order, joined(partial), start + count,
+            done = joined(partial)
+            self.remember_changes(specs, reference_as_run, done, positions[:start + count])
+            lost.extend(contract.certain_misses(specs, reference_as_run, done, start + count,
                                                 total=total, **self.judging(inputs)))
             return bool(lost)
 
         values = self.cv.run(new_net, inputs.validation, sources, what=f"compressed model {staged.prototxt}",
                              files=(staged.temp_prototxt, staged.temp_caffemodel),
-                             stop=stop if self.enforced else None, order=order[start:end])
+                             stop=stop if self.enforced else None, order=order[segment])
         if lost:
             return _Verdict(tuple(lost), ())
+        if reordered:  # (the segment's outputs in the decisive order again)
+            back = np.argsort(segment, kind="stable")
+            values = {k: v[back] if v.shape[0] == len(segment) else v for k, v in values.items()}
         got = joined(values)
+        self.remember_changes(specs, self.reference_in_order, got, np.arange(end))
         if end < total:
             screened = self.screened(specs, got, end, inputs)
             if screened.passed:
@@ -987,6 +1000,25 @@ class _Run:
             return self.verify(net, new_net, staged, specs, reference, inputs, before=screened)
         compressed = self.in_input_order(got)
         return replace(self.judge(specs, reference, compressed, inputs), outputs=compressed)
+
+    def run_order(self, specs, start: int, end: int, total: int) -> np.ndarray:
+        """The positions start..end of the decisive order in the order to run them: where a miss can only be a
+        changed class (contract.decided_by_changes), the inputs whose answer an earlier plan changed go first
+        -- a plan near it tends to change the same ones, so a missing round ends after one chunk. The same
+        inputs are run either way (a screened round's share is unchanged), so the verdict is too."""
+        segment = np.arange(start, end)
+        if self.changed is None or not contract.decided_by_changes(self.per_input(specs, total)):
+            return segment
+        first = self.changed[segment]
+        return np.concatenate([segment[first], segment[~first]])
+
+    def remember_changes(self, specs, reference: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray],
+                         positions: np.ndarray) -> None:
+        """Mark the counted inputs (decisive-order ``positions``, as ``got`` holds them) whose answer changed."""
+        if self.changed is None or not contract.decided_by_changes(self.per_input(specs, len(self.changed))):
+            return
+        changed = contract.changed_answers(specs, reference, got, len(positions))
+        self.changed[positions[changed]] = True
 
     def screened(self, specs, got: Mapping[str, np.ndarray], count: int, inputs) -> "_Verdict":
         """The provisional verdict on the first ``count`` inputs in the validation order (``got`` in that

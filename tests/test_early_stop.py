@@ -281,3 +281,47 @@ def test_layer_inputs_recorded_while_probing_give_the_plan_a_late_recording_give
         [(lp.layer, lp.method, lp.rank, lp.output_error) for lp in late.layers]
     assert early.contract == late.contract
     assert (tmp_path / "e.caffemodel").read_bytes() == (tmp_path / "l.caffemodel").read_bytes()
+
+
+@pytest.mark.slow
+def test_inputs_an_earlier_plan_changed_are_judged_first_and_change_no_verdict(gendernet, monkeypatch):
+    """A class output misses only by changed answers: the inputs an earlier round changed run first (a plan
+    near it changes the same ones, so its miss shows after one chunk). Same plan, checks and figures as the
+    plain decisive order, on fewer validation forwards (GenderNet data-free, T = 0.95)."""
+    from caffe_compress import compress, pipeline
+    from caffe_compress.runner import OpenCVRunner
+
+    judged = []
+    real = OpenCVRunner.run
+
+    def run(self, net, inputs, sources, **kw):
+        out = real(self, net, inputs, sources, **kw)
+        if kw.get("files"):  # (a staged plan's validation)
+            judged[-1] += next(iter(out.values())).shape[0]
+        return out
+
+    monkeypatch.setattr(OpenCVRunner, "run", run)
+    reports = []
+    for reorder in (True, False):
+        if not reorder:
+            monkeypatch.setattr(pipeline._Run, "run_order", lambda self, specs, start, end, total: np.arange(start, end))
+        judged.append(0)
+        # (--objective size: measured timings, which vary between the two runs, play no part)
+        reports.append(compress(gendernet.deploy, gendernet.weights, tradeoff=0.95, seed=0, progress=None,
+                                objective="size", plan_only=True))
+    first, plain = reports
+    assert [(lp.layer, lp.method, lp.rank) for lp in first.layers] == \
+        [(lp.layer, lp.method, lp.rank) for lp in plain.layers]
+    assert first.bytes_after == plain.bytes_after
+    assert first.contract == plain.contract and first.validation == plain.validation
+    assert judged[0] < judged[1], judged
+
+
+def test_changed_answers_are_the_counted_inputs_whose_class_changed():
+    p = np.array([[0.95, 0.05], [0.55, 0.45], [0.97, 0.03], [0.02, 0.98]] * 4)  # counted: all but the 0.55s
+    q = p.copy()
+    q[[0, 1, 3]] = q[[0, 1, 3]][:, ::-1]  # inputs 0, 1 and 3 change class; 1 is not counted
+    changed = contract.changed_answers([spec("class")], {"y": p}, {"y": q[:6]}, 6)
+    assert changed.tolist() == [True, False, False, True, False, False]
+    assert contract.decided_by_changes([spec("class"), spec("class", "z")])
+    assert not contract.decided_by_changes([spec("class"), spec("dense", "z")]) and not contract.decided_by_changes([])

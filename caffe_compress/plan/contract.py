@@ -500,6 +500,32 @@ def _boxes_bound(spec: OutputSpec, specs: Sequence[OutputSpec], original: Mappin
                  t["relative"], False)
 
 
+def decided_by_changes(specs: Sequence[OutputSpec]) -> bool:
+    """Whether these outputs (one value per input) can miss only by changed answers: class outputs alone.
+    A miss then measures no error (search.excess is 1 whichever inputs showed it), so the order the inputs
+    are judged in decides only how soon a miss is seen."""
+    return bool(specs) and all(spec.kind == "class" for spec in specs)
+
+
+def changed_answers(specs: Sequence[OutputSpec], original: Mapping[str, np.ndarray],
+                    partial: Mapping[str, np.ndarray], count: int) -> np.ndarray:
+    """(count,) bool: the first ``count`` inputs a class check counts (see _counted, over all of
+    ``original``) whose top-1 answer ``partial`` changed."""
+    out = np.zeros(count, dtype=bool)
+    for spec in specs:
+        if spec.kind != "class" or spec.name not in partial or partial[spec.name].shape[0] < count:
+            continue
+        a = original[spec.name].astype(np.float64)
+        n = a.shape[0]
+        if n < count:
+            continue
+        pa = _probabilities(a.reshape(n, -1))
+        counted, _ = _counted(pa)
+        b = _probabilities(partial[spec.name][:count].astype(np.float64).reshape(count, -1))
+        out |= counted[:count] & (pa[:count].argmax(axis=1) != b.argmax(axis=1))
+    return out
+
+
 def decisive_order(specs: Sequence[OutputSpec], original: Mapping[str, np.ndarray]) -> np.ndarray | None:
     """An order of the validation inputs that decides a missing round soonest, or None: for a class
     output, the counted (confident) inputs the original is least sure of first -- where a compressed
