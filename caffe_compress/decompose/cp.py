@@ -128,26 +128,7 @@ def cp_conv(
     work = np.float64 if t * s * kh * kw * rank <= 2e7 else np.float32
     x_s = prepared.unfolded(work)  # (S, T*kh*kw)
 
-    if init is not None and init.rank > 0:
-        a, b, c, d = _unpack(init)
-        a = a / norm_x ** 0.25
-        b, c, d = (f / norm_x ** 0.25 for f in (b, c, d))
-        weight = np.linalg.norm(a, axis=0) * np.linalg.norm(b, axis=0) * np.linalg.norm(c, axis=0) * np.linalg.norm(d, axis=0)
-        keep = np.argsort(weight)[::-1][:rank]
-        a, b, c, d = (f[:, keep] for f in (a, b, c, d))
-        extra = rank - a.shape[1]
-        if extra > 0:
-            scale = 0.1 * float(np.median(weight)) ** 0.25 if weight.size else 0.1
-            a, b, c, d = (
-                np.concatenate([f, scale * rng.standard_normal((f.shape[0], extra))], axis=1)
-                for f in (a, b, c, d)
-            )
-    else:
-        unit = prepared.unit
-        a = _leading_vectors(unit.reshape(t, -1), rank, rng)
-        b = _leading_vectors(unit.transpose(1, 0, 2, 3).reshape(s, -1), rank, rng)
-        c = _leading_vectors(unit.transpose(2, 0, 1, 3).reshape(kh, -1), rank, rng)
-        d = _leading_vectors(unit.transpose(3, 0, 1, 2).reshape(kw, -1), rank, rng)
+    a, b, c, d = _start(prepared, rank, init, rng)
 
     k = kh * kw
     best = None
@@ -192,6 +173,29 @@ def cp_conv(
     approx = np.einsum("tr,sr,ir,jr->tsij", a, b, c, d, optimize=True)
     rel = float(np.linalg.norm(prepared.unit - approx))
     return _pack(a * norm_x, b, c, d, rel, iterations)
+
+
+def _start(prepared: CPKernel, rank: int, init: ConvFactors | None, rng: np.random.Generator) -> tuple:
+    """The factors ALS starts from, at the unit kernel's scale: ``init``'s largest components (surplus ones
+    dropped, missing ones drawn small at random), or each unfolding's leading singular vectors."""
+    t, s, kh, kw = prepared.shape
+    if init is not None and init.rank > 0:
+        root = prepared.norm ** 0.25
+        a, b, c, d = (f / root for f in _unpack(init))
+        weight = np.linalg.norm(a, axis=0) * np.linalg.norm(b, axis=0) * np.linalg.norm(c, axis=0) * np.linalg.norm(d, axis=0)
+        keep = np.argsort(weight)[::-1][:rank]
+        a, b, c, d = (f[:, keep] for f in (a, b, c, d))
+        extra = rank - a.shape[1]
+        if extra > 0:
+            scale = 0.1 * float(np.median(weight)) ** 0.25 if weight.size else 0.1
+            a, b, c, d = (np.concatenate([f, scale * rng.standard_normal((f.shape[0], extra))], axis=1)
+                          for f in (a, b, c, d))
+        return a, b, c, d
+    unit = prepared.unit
+    return (_leading_vectors(unit.reshape(t, -1), rank, rng),
+            _leading_vectors(unit.transpose(1, 0, 2, 3).reshape(s, -1), rank, rng),
+            _leading_vectors(unit.transpose(2, 0, 1, 3).reshape(kh, -1), rank, rng),
+            _leading_vectors(unit.transpose(3, 0, 1, 2).reshape(kw, -1), rank, rng))
 
 
 def _balanced(a, b, c, d):
