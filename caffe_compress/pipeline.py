@@ -436,7 +436,7 @@ class _Run:
     changed: np.ndarray | None = None  # per position of that order: an earlier plan changed its answer (run_order)
     written_net: Net | None = None  # the net of the staged model that passed
     written_outputs: Mapping | None = None  # its compared outputs in OpenCV
-    wants_plan: bool = False  # T > 0 or forced ranks: something may be factored
+    plans_on_probes: bool = False  # something may be factored, planned on natural-image probes (no --calibration)
     early: tuple | None = None  # (planning feed, (layer inputs, outputs)) recorded while probing (record_early)
 
     def say(self, detail: str) -> None:
@@ -483,7 +483,8 @@ class _Run:
         self.factorizer = _Factorizer(net, ws, self.ranks, self.seed, self.timer.timings, self.say)
         self.guard = timing.SpeedGuard(self.objective, self.cv, net, blob_sources(net)[0], net.input_shapes(),
                                        self.say, self.timer.stage, disk=timing.DiskCache.default(reuse=not self.retime))
-        wants_plan = self.wants_plan = self.tradeoff > 0 or bool(self.ranks)
+        wants_plan = self.tradeoff > 0 or bool(self.ranks)
+        self.plans_on_probes = wants_plan and calibration is None  # (record_early)
         self.progress.stage("probing the original model in OpenCV")
         self.cv.keep(net)  # loaded once for the response probes, the validation inputs and its timing
         try:
@@ -772,7 +773,7 @@ class _Run:
         """The original's outputs on the convention probes, recording the layer inputs on the way when
         they are small (KEEP_ORIGINAL_BYTES): the probes that test a convention are the planning probes, so
         the recording is not run again (recorded_early); None when there is nothing to record, or too much."""
-        if not self.wants_plan:
+        if not self.plans_on_probes:
             return None
         decomposable, _ = self.decomposable(net, True)
         if not decomposable:
