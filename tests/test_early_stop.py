@@ -281,6 +281,14 @@ def test_layer_inputs_recorded_while_probing_give_the_plan_a_late_recording_give
         [(lp.layer, lp.method, lp.rank, lp.output_error) for lp in late.layers]
     assert early.contract == late.contract
     assert (tmp_path / "e.caffemodel").read_bytes() == (tmp_path / "l.caffemodel").read_bytes()
+    # planned on --calibration images (validation probes still drawn): nothing is recorded while probing
+    from test_tradeoff import _images
+
+    feeds.clear()
+    monkeypatch.setattr(pipeline, "KEEP_ORIGINAL_BYTES", 32 << 20)
+    compress(deploy, model, tradeoff=0.95, output=tmp_path / "c", seed=0, progress=None, objective="size",
+             calibration=_images(tmp_path / "calibration"))
+    assert len(feeds) == 1 and not hasattr(feeds[0]["data"], "convention")  # the calibration images, once
 
 
 @pytest.mark.slow
