@@ -433,7 +433,9 @@ class _Run:
     labelled: object = None  # evaluate.Labelled, read before any work
     validation_order: np.ndarray | None = None  # the order validation rounds run the inputs in
     reference_in_order: dict | None = None  # the original's outputs in that order
-    changed: np.ndarray | None = None  # per position of that order: an earlier plan changed its answer (run_order)
+    # per position of that order: an earlier plan changed its answer (run_order); None: misses are not decided
+    # by changed answers alone (contract.decided_by_changes)
+    changed: np.ndarray | None = None
     written_net: Net | None = None  # the net of the staged model that passed
     written_outputs: Mapping | None = None  # its compared outputs in OpenCV
     plans_on_probes: bool = False  # something may be factored, planned on natural-image probes (no --calibration)
@@ -532,9 +534,10 @@ class _Run:
         (contract.decisive_order), and the original's outputs in that order (the inputs are not copied)."""
         order = contract.decisive_order(specs, reference) if reference else None
         self.validation_order = order
-        self.changed = np.zeros(len(order), dtype=bool) if order is not None else None
         self.reference_in_order = reference if order is None else \
             {k: v[order] if v.shape[0] == len(order) else v for k, v in reference.items()}
+        by_changes = order is not None and contract.decided_by_changes(self.per_input(specs, len(order)))
+        self.changed = np.zeros(len(order), dtype=bool) if by_changes else None
 
     def in_input_order(self, values: Mapping[str, np.ndarray]) -> dict:
         """Outputs computed in validation_order, put back in the inputs' own order."""
@@ -966,7 +969,7 @@ class _Run:
         start, end = (before.screened if before else 0), (end or total)
         earlier = dict(before.outputs) if before else {}
         lost: list = []
-        segment = self.run_order(specs, start, end, total)  # (positions in the decisive order, as run)
+        segment = self.run_order(start, end)  # (positions in the decisive order, as run)
         positions = np.concatenate([np.arange(start), segment, np.arange(end, total)])
         reordered = bool(np.any(segment != np.arange(start, end)))
         reference_as_run = {k: v[positions] if v.shape[0] == total else v
@@ -1002,13 +1005,13 @@ class _Run:
         compressed = self.in_input_order(got)
         return replace(self.judge(specs, reference, compressed, inputs), outputs=compressed)
 
-    def run_order(self, specs, start: int, end: int, total: int) -> np.ndarray:
+    def run_order(self, start: int, end: int) -> np.ndarray:
         """The positions start..end of the decisive order in the order to run them: where a miss can only be a
         changed class (contract.decided_by_changes), the inputs whose answer an earlier plan changed go first
         -- a plan near it tends to change the same ones, so a missing round ends after one chunk. The same
         inputs are run either way (a screened round's share is unchanged), so the verdict is too."""
         segment = np.arange(start, end)
-        if self.changed is None or not contract.decided_by_changes(self.per_input(specs, total)):
+        if self.changed is None:
             return segment
         first = self.changed[segment]
         return np.concatenate([segment[first], segment[~first]])
@@ -1016,7 +1019,7 @@ class _Run:
     def remember_changes(self, specs, reference: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray],
                          positions: np.ndarray) -> None:
         """Mark the counted inputs (decisive-order ``positions``, as ``got`` holds them) whose answer changed."""
-        if self.changed is None or not contract.decided_by_changes(self.per_input(specs, len(self.changed))):
+        if self.changed is None:
             return
         changed = contract.changed_answers(specs, reference, got, len(positions))
         self.changed[positions[changed]] = True

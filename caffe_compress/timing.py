@@ -108,6 +108,11 @@ def big_net(net: Net) -> bool:
     return 4 * net.param_count > BIG_NET_BYTES
 
 
+def big_layers(layers: Sequence[Layer]) -> bool:
+    """Whether ``layers`` hold more than BIG_LAYER_BYTES of weights (a trial net that weighs on the peak)."""
+    return sum(b.nbytes for layer in layers for b in layer.blobs) > BIG_LAYER_BYTES
+
+
 def default_threads() -> int:
     """OpenCV's default thread count on this machine."""
     from .validate import cv2_module
@@ -262,7 +267,7 @@ class SpeedGuard:
             if cached is not None:
                 self.micro[key] = cached
                 return cached
-            if sum(b.nbytes for layer in layers for b in layer.blobs) > BIG_LAYER_BYTES:
+            if big_layers(layers):
                 release_memory()  # (freed heap the small timings left goes back first: this one adds to the peak)
             with self.stage("timing"):
                 self.micro[key] = min_ms(lambda model: self.cv.load(model, what=f"timing of {name}"),
@@ -311,7 +316,7 @@ class SpeedGuard:
             nets = (layer_net((layer,), bottom, shape), layer_net(replacement, bottom, shape))
             feed = {bottom: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
             with self.stage("timing"):
-                if sum(b.nbytes for b in layer.blobs) > BIG_LAYER_BYTES:  # one big net alive at a time (memory)
+                if big_layers((layer,)):  # one big net alive at a time (memory)
                     latency = Latency(*(median_ms(load, n, feed, budget_s=LAYER_BUDGET_S / 2) for n in nets))
                 else:
                     latency = compare(load, *nets, feed, budget_s=LAYER_BUDGET_S)

@@ -406,18 +406,20 @@ def conv_data(layer: Layer, patches: np.ndarray) -> ConvData:
                      float(np.sum(layer.blobs[0].astype(np.float64) ** 2)))
 
 
-def _grid_below_break_even(method: str, shape, groups: int, bias: int, low: int, cap: int, *, fine: bool) -> tuple:
-    """Per-group ranks of the grid in [low, cap] whose form has fewer parameters than the layer."""
+def _grid_below_break_even(method: str, shape, groups: int, bias: int, low: int, cap: int, *, fine: bool,
+                           forced: int | None = None) -> tuple:
+    """Per-group ranks of the grid in [low, cap] whose form has fewer parameters than the layer (a forced
+    total rank: its per-group rank alone)."""
+    if forced is not None:
+        return (forced // groups,)
     before = int(np.prod(shape)) + bias
     grid = _rank_grid(low, cap, 1, fine=fine) if cap >= max(low, 1) else ()
     return tuple(r for r in grid if _params_at(method, shape, groups, r * groups, bias) < before)
 
 
-def _errors_at(group_ranks: Sequence[int], forced: int | None, g: int, data: ConvData, approximate) -> dict:
-    """{total rank: (output error, weight error)} for per-group ranks (or the forced total rank);
-    ``approximate(total rank)`` gives the per-group approximate kernels."""
-    if forced is not None:
-        group_ranks = (forced // g,)
+def _errors_at(group_ranks: Sequence[int], g: int, data: ConvData, approximate) -> dict:
+    """{total rank: (output error, weight error)} for per-group ranks; ``approximate(total rank)`` gives the
+    per-group approximate kernels."""
     return {rg * g: data.errors(approximate(rg * g)) for rg in group_ranks}
 
 
@@ -426,8 +428,8 @@ def _pointwise_errors(layer, data: ConvData, ws: Workspace, low: int, bias: int,
     g = len(data.kernels)
     ws.bases[layer.name] = [spectral_basis(k.reshape(k.shape[0], -1)) for k in data.kernels]
     group_ranks = _grid_below_break_even(METHOD_POINTWISE, layer.blobs[0].shape, g, bias, low, min(t // g, sg),
-                                         fine=True)
-    return _errors_at(group_ranks, forced, g, data, lambda r: [
+                                         fine=True, forced=forced)
+    return _errors_at(group_ranks, g, data, lambda r: [
         (f.second @ f.first).reshape(k.shape) for f, k in zip(ws.linear_factors(layer.name, r), data.kernels)])
 
 
@@ -439,9 +441,8 @@ def _cp_errors(layer, data: ConvData, ws: Workspace, low: int, bias: int, forced
     # the largest power of two within them (ALS time grows with the rank).
     cap = 1 << (max(t // g, sg).bit_length() - 1)
     # CP costs one ALS run per rank: a coarser (power-of-two) grid.
-    group_ranks = _grid_below_break_even(METHOD_CP, layer.blobs[0].shape, g, bias, low, cap, fine=False)
-    if forced is not None:
-        group_ranks = (forced // g,)
+    group_ranks = _grid_below_break_even(METHOD_CP, layer.blobs[0].shape, g, bias, low, cap, fine=False,
+                                         forced=forced)
     store: dict[int, list[ConvFactors]] = {}
     tails: list[dict] = [{} for _ in range(g)]
     prev: list[ConvFactors | None] = [None] * g
@@ -452,13 +453,13 @@ def _cp_errors(layer, data: ConvData, ws: Workspace, low: int, bias: int, forced
         facs = [cp_conv(k, rg, seed=seed, n_iter_max=iters, tol=1e-6, init=prev[i]) for i, k in enumerate(prepared)]
         prev = list(facs)
         store[rg * g] = facs
-        for tail, gp, y, k, f in zip(tails, data.group_patches, exact, data.kernels, facs):
+        for tail, gp, y, k, f in zip(tails, data.group_patches, exact, prepared, facs):
             tail[rg] = _cp_residual(gp, y, k, f)
     ws.cp[layer.name] = store
     return _summed_tails(data, group_ranks, tails)
 
 
-def _cp_residual(patches: np.ndarray, exact: np.ndarray, kernel: np.ndarray, f: ConvFactors) -> tuple[float, float]:
+def _cp_residual(patches: np.ndarray, exact: np.ndarray, kernel: CPKernel, f: ConvFactors) -> tuple[float, float]:
     """(||output error||^2, ||weight error||^2) of one group's CP factors on the patches, from the factors:
     the patches through the 1x1 then the two spatial factors (a weighted sum over the taps) then the last
     1x1, against ``exact`` (the patches through the kernel, no bias) -- the approximate kernel is never
@@ -469,17 +470,14 @@ def _cp_residual(patches: np.ndarray, exact: np.ndarray, kernel: np.ndarray, f: 
     taps = (f.vertical[:, 0, :, 0].T[:, None, :] * f.horizontal[:, 0, 0, :].T[None, :, :]).reshape(kh * kw, r)
     approx = np.einsum("pkr,kr->pr", through_first, taps) @ f.last[:, :, 0, 0].T
     d = exact.astype(np.float64) - approx
-    kernel_sq = float(np.sum(np.square(kernel, dtype=np.float64)))
-    return float(np.sum(d * d)), (f.relative_error ** 2) * kernel_sq
+    return float(np.sum(d * d)), (f.relative_error * kernel.norm) ** 2
 
 
 def _tucker_errors(layer, data: ConvData, ws: Workspace, low: int, bias: int, forced: int | None):
     t, sg = layer.blobs[0].shape[:2]
     g = len(data.kernels)
     group_ranks = _grid_below_break_even(METHOD_TUCKER, layer.blobs[0].shape, g, bias, low, max(t // g, sg),
-                                         fine=False)
-    if forced is not None:
-        group_ranks = (forced // g,)
+                                         fine=False, forced=forced)
     if layer.name not in ws.hosvd:
         ws.hosvd[layer.name] = [hosvd_bases(k) for k in data.kernels]
     return _summed_tails(data, group_ranks, [
@@ -532,9 +530,7 @@ def _spatial_errors(layer, data: ConvData, ws: Workspace, low: int, bias: int, f
     g = len(data.kernels)
     bases = ws.spatial[layer.name] = [spatial_basis(k) for k in data.kernels]
     group_ranks = _grid_below_break_even(METHOD_SPATIAL, layer.blobs[0].shape, g, bias, low,
-                                         min(sg * kh, t // g * kw), fine=True)
-    if forced is not None:
-        group_ranks = (forced // g,)
+                                         min(sg * kh, t // g * kw), fine=True, forced=forced)
     return _summed_tails(data, group_ranks, [
         _spatial_tails(gp, basis, (sg, kh, kw), group_ranks) for gp, basis in zip(data.group_patches, bases)])
 
