@@ -399,7 +399,9 @@ def _run_compress(argv: Sequence[str]) -> int:
         kinds[name] = kind
     min_fidelity = check_tradeoff(args.min_fidelity, option="--min-fidelity") if args.min_fidelity is not None else None
     progress = _progress_display(quiet=args.quiet, verbose=args.verbose)
+    import gc
 
+    gc.freeze()  # (what is loaded by now lives as long as the run: the collections between stages skip it)
     report = compress(
         args.deploy, args.weights, tradeoff=tradeoff, output=args.output, ranks=ranks, forms=forms, keep=args.keep,
         validate_output=not args.no_validate, images=args.images, calibration=args.calibration,

@@ -103,6 +103,36 @@ def test_taps_copy_the_kth_top_before_in_place_layers():
     assert names[runner.Source("s", 0)] == "s"
 
 
+def test_big_maps_run_in_smaller_passes_with_the_values_of_one_pass(tmp_path, monkeypatch):
+    """A step of RUN_CHUNK samples whose maps are big runs in passes of a few samples (cache): per-sample
+    outputs are joined across the passes, a PriorBox's (not per sample) is the one-pass value, and a stop
+    is still asked after each step."""
+    rng = np.random.default_rng(0)
+    net = Net("big", (
+        Layer("data", "Input", (), ("data",), {"input_param": {"shape": [{"dim": [1, 1, 96, 96]}]}}),
+        Layer("conv", "Convolution", ("data",), ("conv",), {"convolution_param": {"num_output": 64, "kernel_size": [3], "pad": [1]}},
+              (rng.standard_normal((64, 1, 3, 3)).astype(np.float32), np.zeros(64, np.float32))),
+        Layer("out", "Convolution", ("conv",), ("out",), {"convolution_param": {"num_output": 2, "kernel_size": [1]}},
+              (rng.standard_normal((2, 64, 1, 1)).astype(np.float32), np.zeros(2, np.float32))),
+        Layer("prior", "PriorBox", ("out", "data"), ("prior",),
+              {"prior_box_param": {"min_size": [30.0], "aspect_ratio": [2.0], "flip": True, "variance": [0.1]}}),
+    ))
+    x = {"data": rng.uniform(0, 1, (11, 1, 96, 96)).astype(np.float32)}
+    sources = [runner.Source("out"), runner.Source("prior")]
+    cv = runner.OpenCVRunner(tmp_path)
+    assert runner._pass_size(cv.load(net, what="t"), x) == 2  # 64 x 96 x 96 floats a sample
+    order = np.array([3, 10, 0, 7, 1, 9, 2, 8, 4, 6, 5])
+    steps = []
+    split = cv.run(net, x, sources, order=order, stop=lambda values, done: steps.append(done) and False)
+    monkeypatch.setattr(runner, "PASS_BYTES", 1 << 40)  # one pass per step
+    whole = cv.run(net, x, sources, order=order)
+    assert steps == [8]
+    assert split[sources[0]].shape == (11, 2, 96, 96) and np.array_equal(split[sources[0]], whole[sources[0]])
+    assert split[sources[1]].shape == whole[sources[1]].shape and np.array_equal(split[sources[1]], whole[sources[1]])
+    alone = np.concatenate([cv.run(net, {"data": x["data"][i:i + 1]}, sources[:1])[sources[0]] for i in order])
+    assert np.array_equal(split[sources[0]], alone)
+
+
 # ------------------------------------------------------------------ the closed loop
 
 

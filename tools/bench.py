@@ -188,11 +188,51 @@ def bench_model(name: str, files: tuple[Path, Path], tradeoffs, tmp: Path, runs:
         if name.startswith("gendernet") and t == 0.95:
             row["accuracy"] = {"original": gender_accuracy(*files, exclude),
                                "compressed": gender_accuracy(*written, exclude)}
+        if name == "gendernet" and t == 0.95 and out["caffemodel"]:
+            row["required_s"] = required_work(files, written)
         rows.append(row)
         print(f"  {name} T={t}: {row['ratio']:.2f}x smaller, {row['speedup_1t']:.2f}x (1 thread), "
               f"{row['speedup_default']:.2f}x ({threads} threads), {row['wall_s']:.1f} s, "
               f"{row['peak_rss_mb']:.0f} MB", flush=True)
     return rows
+
+
+def required_work(files: tuple[Path, Path], written: tuple[Path, Path], validation: int = 108) -> dict:
+    """Seconds of the work any GenderNet run must do, whatever it plans, measured apart in this process: the
+    interpreter's start with the package's imports, the model's load, the data-free inputs (one picture per
+    planning and validation input), and the OpenCV runs the fidelity contract and the latency report need --
+    the original and the written model on the validation inputs, and both timed with 1 and the default
+    threads as the tool times them. Not a budget: what the compression-time ratio cannot go below."""
+    from caffe_compress import timing
+    from caffe_compress.plan.probe import dead_leaves
+    from caffe_compress.validate import forward
+
+    out = {}
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import caffe_compress.cli, caffe_compress.pipeline, cv2"], check=True, cwd=ROOT)
+    out["start"] = time.perf_counter() - start
+    start = time.perf_counter()
+    net = io.load(*files)
+    out["load"] = time.perf_counter() - start
+    (name, shape), = net.input_shapes().items()
+    start = time.perf_counter()
+    pictures = np.stack([dead_leaves(1, shape[1], shape[2], shape[3], seed=s)[0] for s in range(validation + 8)])
+    out["pictures"] = time.perf_counter() - start
+    x = (pictures[8:] - 117.0).astype(np.float32)
+    outputs = net.output_names()
+    for key, pair in (("original_on_validation", files), ("written_on_validation", written)):
+        start = time.perf_counter()
+        cv_net = load_opencv_net(*pair, what=str(pair[0]))
+        for first in range(0, validation, 8):
+            forward(cv_net, {name: x[first:first + 8]}, outputs)
+        out[key] = time.perf_counter() - start
+    start = time.perf_counter()
+    for pair in (files, written):
+        for threads in (1, cv2_module().getNumThreads()):
+            timing.median_ms(lambda _, pair=pair: load_opencv_net(*pair, what=str(pair[0])), net, {name: x[:1]},
+                             threads=threads, max_runs=timing.BIG_NET_RUNS)
+    out["latency_report"] = time.perf_counter() - start
+    return out
 
 
 COLD_PLANS = 3  # cold plan-only runs: on a noisy 2-core VM one run's wall time swings by +-10%; the median
@@ -274,6 +314,11 @@ def budgets_of(rows: list, svd_s: float, plans: list = ()) -> dict:
         ratio = main["wall_s"] / svd_s
         out["gendernet_time_vs_svd"] = {"value": ratio, "budget": f"<= {TIME_RATIO_BUDGET}",
                                         "ok": ratio <= TIME_RATIO_BUDGET}
+        if "required_s" in main:
+            required = sum(main["required_s"].values())
+            out["gendernet_time_vs_svd"]["where"] = (
+                f"{main['wall_s']:.1f} s; the work any run must do (start, load, pictures, the contract's and the "
+                f"latency report's OpenCV runs) is {required:.1f} s = {required / svd_s:.2f}x")
         out["gendernet_peak_rss_mb"] = {"value": main["peak_rss_mb"], "budget": f"<= {RSS_BUDGET_MB}",
                                         "ok": main["peak_rss_mb"] <= RSS_BUDGET_MB}
         out["gendernet_speedup_1t"] = {"value": main["speedup_1t"], "budget": f">= {SPEEDUP_BUDGET}",
@@ -360,6 +405,11 @@ def main() -> int:
         a = row["accuracy"]
         where = f"the {FACES.name} faces" + (" not used for calibration" if "calibration" in row["model"] else "")
         print(f"\n{row['model']} T=0.95 accuracy on {where}: {a['original']:.2f}% -> {a['compressed']:.2f}%")
+    for row in (r for r in rows if "required_s" in r):
+        req = row["required_s"]
+        print(f"\n{row['model']} T=0.95, the work any run must do: "
+              + ", ".join(f"{k.replace('_', ' ')} {v:.2f} s" for k, v in req.items())
+              + f"; {sum(req.values()):.1f} s of the run's {row['wall_s']:.1f} s")
     spreads = {label: spread for label in ("gendernet", "gendernet --calibration")
                if (spread := spread_of(rows, label)) is not None}
     for label, spread in spreads.items():
