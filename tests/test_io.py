@@ -101,3 +101,28 @@ def test_both_layer_and_layers_rejected(tmp_path):
     deploy, model = write_model(tmp_path, "x", text, {"a": [np.ones(1, np.float32)]})
     with pytest.raises(ModelError, match="both 'layer' and legacy 'layers'"):
         io.load(deploy, model)
+
+
+def test_deploy_text_is_text_formats_of_the_whole_net():
+    """prototxt_bytes writes each layer's text once (cached per Layer): the bytes are text_format's of the
+    whole NetParameter, nested and repeated fields, enums and a net name included, and stay so when a layer
+    appears in several nets."""
+    from google.protobuf import json_format, text_format
+
+    from caffe_compress.net import Layer, Net
+
+    conv = Layer("conv", "Convolution", ("data",), ("conv",), {
+        "convolution_param": {"num_output": 4, "kernel_size": [3], "pad": [1], "weight_filler": {"type": "xavier"}},
+        "param": [{"lr_mult": 1.0}, {"lr_mult": 2.0, "decay_mult": 0.0}]})
+    layers = (Layer("data", "Input", (), ("data",), {"input_param": {"shape": [{"dim": [1, 3, 8, 8]}]}}), conv,
+              Layer("pool", "Pooling", ("conv",), ("pool",), {"pooling_param": {"pool": "AVE", "global_pooling": True}}),
+              Layer("prob", "Softmax", ("pool",), ("prob",)))
+    for net in (Net("named", layers), Net("", layers), Net("other", layers[:2])):
+        whole = pb.NetParameter(**({"name": net.name} if net.name else {}))
+        for layer in net.layers:
+            msg = whole.layer.add()
+            json_format.ParseDict(dict(layer.params), msg)
+            msg.name, msg.type = layer.name, layer.type
+            msg.bottom.extend(layer.bottoms)
+            msg.top.extend(layer.tops)
+        assert io.prototxt_bytes(net) == text_format.MessageToString(whole).encode("utf-8")

@@ -663,7 +663,11 @@ def choose_ranks(
         return 0.0 if c is None else (c.gain * c.output_error[rank]) ** 2
 
     base_sq = _error_sq(candidates, forced)
-    free = {name: _options(cands, min_speedup) for name, cands in by_layer.items() if name not in forced}
+    # per free layer, each option's (cost, error contribution, tie-break: the higher rank, option), computed
+    # once for the whole price grid
+    free = {name: [((o[0] or cands[0]).cost(o[1], totals, weights), contribution(*o), -(o[1] or 10**9), o)
+                   for o in _options(cands, min_speedup)]
+            for name, cands in by_layer.items() if name not in forced}
 
     def pick(price: float) -> tuple[dict[str, Choice], float]:
         state: dict[str, Choice] = {}
@@ -671,12 +675,10 @@ def choose_ranks(
         for name, options in free.items():
             if math.isinf(price):
                 continue
-            c, r = min(options, key=lambda o: (
-                (o[0] or by_layer[name][0]).cost(o[1], totals, weights) + price * contribution(*o),
-                -(o[1] or 10**9)))
+            _, added, _, (c, r) = min(options, key=lambda o: (o[0] + price * o[1], o[2]))
             if c is not None:
                 state[name] = (c.method, r)
-            err_sq += contribution(c, r)
+            err_sq += added
         return state, math.sqrt(max(err_sq, 0.0))
 
     chosen: dict[str, Choice] = {}
