@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import logging
 import os
-import weakref
 import stat
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
