@@ -505,6 +505,7 @@ class _Run:
             if self.objective != "size":
                 self.guard.infer_shapes()  # (from the loaded original, for the layer timings)
         candidates, skipped = self.plan(net, inputs, wants_plan, ws)
+        inputs = replace(inputs, planning=None)  # (planned: not held through the rounds, peak memory)
         release_memory()
         report, staged = _ClosedLoop(self, net, prefix, candidates, skipped, specs, reference, inputs).execute()
         if staged is not None:

@@ -283,6 +283,8 @@ def test_whole_model_latency_alternates_the_two_nets_and_is_cached_per_pair(tmp_
     real_compare, real_once = timing.compare, timing._forward_once
 
     def compare(load, original, compressed, inputs, **kw):
+        if original.name == "timing":  # a layer pair the guard re-times (when micro-benchmarks were close)
+            return real_compare(load, original, compressed, inputs, **kw)
         runs.append([])
         monkeypatch.setattr(timing, "_forward_once", lambda net, feed: runs[-1].append(id(net)) or real_once(net, feed))
         try:
