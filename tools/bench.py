@@ -18,6 +18,9 @@ Budgets (ratios within this run, since machines are noisy), exit 1 when one is m
   4. `caffe-compress plan` on GenderNet at T = 0.95 takes < 10 s, with an empty timing cache (the median of
      COLD_PLANS runs: one run's wall time on a noisy VM swings by +-10%) and with the one it left, and
      predicts exactly the bytes the real run then writes.
+Beside budget 2's time ratio, the work any GenderNet run must do whatever it plans (the interpreter's start,
+the model's load, the probe pictures, the contract's and the latency report's OpenCV runs) is measured apart
+(required_work): what that ratio cannot go below.
 GenderNet at T = 0.95 is also compressed with --seed 1..N-1 (--seeds N, default 6), data-free and
 calibrated: the min / median / max over seeds of size, speed and accuracy show how much a result
 depends on the probe draw and the CP starts (not budgets: the default seed's row is the one judged).
