@@ -207,7 +207,7 @@ def required_work(files: tuple[Path, Path], written: tuple[Path, Path], validati
     the original and the written model on the validation inputs, and both timed with 1 and the default
     threads as the tool times them. Not a budget: what the compression-time ratio cannot go below."""
     from caffe_compress import timing
-    from caffe_compress.plan.probe import dead_leaves
+    from caffe_compress.plan.probe import PictureSource
     from caffe_compress.validate import forward
 
     out = {}
@@ -219,7 +219,7 @@ def required_work(files: tuple[Path, Path], written: tuple[Path, Path], validati
     out["load"] = time.perf_counter() - start
     (name, shape), = net.input_shapes().items()
     start = time.perf_counter()
-    pictures = np.stack([dead_leaves(1, shape[1], shape[2], shape[3], seed=s)[0] for s in range(validation + 8)])
+    pictures = PictureSource().pictures(tuple(shape), validation + 8, 0)  # (as the tool draws its probes)
     out["pictures"] = time.perf_counter() - start
     x = (pictures[8:] - 117.0).astype(np.float32)
     outputs = net.output_names()

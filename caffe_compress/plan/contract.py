@@ -439,10 +439,8 @@ def certain_misses(specs: Sequence[OutputSpec], original: Mapping[str, np.ndarra
         a, b = a_all[:count], partial[spec.name].astype(np.float64)
         seen = f"after {count} of {n_all} inputs"
         if spec.kind == "class" and t["class"] is not None:
-            pa = _probabilities(a_all.reshape(n_all, -1))
-            confident, _ = _counted(pa)
-            changed = pa[:count].argmax(axis=1) != _probabilities(b.reshape(count, -1)).argmax(axis=1)
-            best = 1.0 - int(np.sum(confident[:count] & changed)) / max(int(confident.sum()), 1)
+            confident, flipped = _flips(a_all, b, count)
+            best = 1.0 - int(np.sum(flipped)) / max(int(confident.sum()), 1)
             check = Check(spec.name, spec.kind, f"top-1 agreement where confident, at best ({seen})", best,
                           t["class"], True)
         elif spec.kind == "embedding" and t["cosine"] is not None:
@@ -516,14 +514,20 @@ def changed_answers(specs: Sequence[OutputSpec], original: Mapping[str, np.ndarr
         if spec.kind != "class" or spec.name not in partial or partial[spec.name].shape[0] < count:
             continue
         a = original[spec.name].astype(np.float64)
-        n = a.shape[0]
-        if n < count:
+        if a.shape[0] < count:
             continue
-        pa = _probabilities(a.reshape(n, -1))
-        counted, _ = _counted(pa)
-        b = _probabilities(partial[spec.name][:count].astype(np.float64).reshape(count, -1))
-        out |= counted[:count] & (pa[:count].argmax(axis=1) != b.argmax(axis=1))
+        out |= _flips(a, partial[spec.name][:count].astype(np.float64), count)[1]
     return out
+
+
+def _flips(a_all: np.ndarray, b: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """A class output's (counted, flipped): the inputs its check counts (_counted, over all of ``a_all``), and
+    which of the first ``count`` -- ``b`` holds the compressed model's values there -- changed their top-1."""
+    n = a_all.shape[0] if a_all.ndim > 1 else 1
+    pa = _probabilities(a_all.reshape(n, -1))
+    counted, _ = _counted(pa)
+    changed = pa[:count].argmax(axis=1) != _probabilities(b.reshape(count, -1)).argmax(axis=1)
+    return counted, counted[:count] & changed
 
 
 def decisive_order(specs: Sequence[OutputSpec], original: Mapping[str, np.ndarray]) -> np.ndarray | None:
