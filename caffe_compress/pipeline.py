@@ -1328,27 +1328,28 @@ class _ClosedLoop:
         r.say(f"backing off: {state.misses[-1]}")
 
     def not_slower(self) -> None:
-        """Drop the slowest factorizations until the whole model is not slower (bounded)."""
+        """Drop the slowest factorizations while the whole model measures slower than the original (at most
+        MAX_SPEED_ROUNDS drops); a plan still slower after the last one is not published."""
         r, state = self.run, self.state
         r.progress.stage("timing the written model against the original")
-        for _ in range(MAX_SPEED_ROUNDS):
+        for drops in range(MAX_SPEED_ROUNDS + 1):
             staged, new_net, plan, verdict = state.best
             with r.timer.stage("timing"):
                 state.latency = r.latency(self.net, new_net, self.inputs)
-            if r.objective == "size" or state.latency.speedup >= timing.LATENCY_TOLERANCE:
+            if r.objective == "size" or state.latency.speedup >= timing.NOT_SLOWER:
                 return
             chosen = {name: choice for name, choice in _chosen_of(plan).items() if name not in r.ranks}
             if not chosen:
+                return  # (forced ranks only: the user's choice)
+            slower = f"dropped: the model with it measured {1 / state.latency.speedup:.2f}x slower in OpenCV"
+            if drops == MAX_SPEED_ROUNDS:  # still slower: nothing is published rather than a slower model
+                state.dropped.update({name: slower for name in chosen})
+                state.discard()
                 return
             worst = min(chosen, key=lambda n: r.guard.speedup(new_net, n, chosen[n]))
-            state.slow[(worst, chosen[worst])] = state.dropped[worst] = (
-                f"dropped: the model with it measured {1 / state.latency.speedup:.2f}x slower in OpenCV")
+            state.slow[(worst, chosen[worst])] = state.dropped[worst] = slower
             rest = {name: choice for name, choice in _chosen_of(plan).items() if name != worst}
             state.discard()
             state.forget_passes()
             if self.attempt(state.best_budget, rest) is not True:  # (the same plan, but for that layer)
                 return
-        # the plan after the last drop is the one published: its own latency is what the report shows
-        _, new_net, _, _ = state.best
-        with r.timer.stage("timing"):
-            state.latency = r.latency(self.net, new_net, self.inputs)
