@@ -1143,7 +1143,9 @@ class _ClosedLoop:
                 report = replace(report, latency_ms={
                     "original_1t": state.latency.original_ms, "compressed_1t": state.latency.compressed_ms,
                     "original_default": default.original_ms, "compressed_default": default.compressed_ms,
-                    "default_threads": timing.default_threads()})
+                    "default_threads": timing.default_threads(),
+                    "input_shapes": {k: list(v.shape) for k, v in r._latency_feed(self.net, self.inputs).items()},
+                    "declared_shapes": {k: [1, *v[1:]] for k, v in self.net.input_shapes().items()}})
             return report, staged
         except BaseException:
             state.discard()

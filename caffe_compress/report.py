@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from .plan import LayerPlan
 from .plan.contract import Check
@@ -243,7 +243,7 @@ def format_table(report: Report) -> str:
         if "original_default" in report.latency_ms:
             c, d = report.latency_ms["original_default"], report.latency_ms["compressed_default"]
             line += f"; {report.latency_ms['default_threads']} threads: {c:.1f} ms -> {d:.1f} ms ({c / d:.2f}x)"
-        lines.append(line)
+        lines.append(line + _latency_input(report.latency_ms))
     if report.timing_cache.get("reused"):
         lines.append(f"timings: {report.timing_cache['reused']} reused from earlier runs on this machine "
                      f"({report.timing_cache['path']}), {report.timing_cache['measured']} measured now "
@@ -277,3 +277,14 @@ def format_table(report: Report) -> str:
     else:
         lines.append(f"{report.note}; nothing written")
     return "\n".join(lines)
+
+
+def _latency_input(latency: Mapping) -> str:
+    """Where the latency was measured, when that is not the declared input shape (a fully convolutional net
+    is timed on a probe-sized input: its speed ratio at the declared size can differ)."""
+    shown, declared = latency.get("input_shapes") or {}, latency.get("declared_shapes") or {}
+    if not shown or all(list(v) == list(declared.get(k, v)) for k, v in shown.items()):
+        return ""
+    size = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in shown.items())
+    declared_size = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in declared.items())
+    return f" (on a probe-sized input, {size}; declared: {declared_size}; the ratio at another size can differ)"

@@ -389,3 +389,35 @@ def test_a_forms_times_come_from_its_small_ranks_and_extend_the_line():
     # a grid whose every factored form is big still gets a line (its two smallest ranks)
     huge = dataclasses.replace(cand, params_at={r: 10 ** 9 for r in ranks})
     assert search.timing_ranks(huge) == (16, 32)
+
+
+SR_NET = """
+name: "sr"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 1 dim: 160 dim: 160 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1" convolution_param { num_output: 32 kernel_size: 3 pad: 1 } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "conv2" type: "Convolution" bottom: "conv1" top: "conv2" convolution_param { num_output: 32 kernel_size: 3 pad: 1 } }
+layer { name: "relu2" type: "ReLU" bottom: "conv2" top: "conv2" }
+layer { name: "conv3" type: "Convolution" bottom: "conv2" top: "out" convolution_param { num_output: 1 kernel_size: 3 pad: 1 } }
+"""
+
+
+def test_the_latency_of_a_net_timed_on_probes_smaller_than_declared_says_so(tmp_path, monkeypatch):
+    """A fully convolutional net is probed, validated and timed on pictures smaller than its declared input:
+    the report says on which input the latency was measured, and the JSON gives both shapes."""
+    from caffe_compress import compress, report as report_text
+    from caffe_compress.plan.inputs import PROBE_SIDE
+
+    rng = np.random.default_rng(3)
+    weights = {"conv1": [rng.standard_normal((32, 1, 3, 3)).astype(np.float32) * 0.3, np.zeros(32, np.float32)],
+               "conv2": [rng.standard_normal((32, 32, 3, 3)).astype(np.float32) * 0.08, np.zeros(32, np.float32)],
+               "conv3": [rng.standard_normal((1, 32, 3, 3)).astype(np.float32) * 0.08, np.zeros(1, np.float32)]}
+    deploy, model = write_model(tmp_path, "sr", SR_NET, weights)
+    _one_thread_latency(monkeypatch, lambda k: 5.0)
+    report = compress(deploy, model, tradeoff=1.0, output=tmp_path / "o", seed=0, progress=None)
+    assert report.latency_ms["declared_shapes"] == {"data": [1, 1, 160, 160]}
+    assert report.latency_ms["input_shapes"] == {"data": [1, 1, PROBE_SIDE, PROBE_SIDE]}
+    text = report_text.format_table(report)
+    assert f"on a probe-sized input, data 1x1x{PROBE_SIDE}x{PROBE_SIDE}; declared: data 1x1x160x160" in text
+    same = dict(report.latency_ms, input_shapes={"data": [1, 1, 160, 160]})
+    assert report_text._latency_input(same) == ""
