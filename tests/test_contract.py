@@ -578,3 +578,33 @@ def test_refinement_is_skipped_when_the_plan_above_is_barely_cheaper():
     # nothing missed above the plan that passed: nothing to refine either
     tried, kept = _refine(cands, best, {}, lambda chosen: True)
     assert tried == [] and kept == best
+
+
+def _plain_discs(rng, h, w, r_min, r_max, count=400):
+    """probe._discs written with the plain Generator API, and the coverage test done by brute force over the
+    box's pixel centres: what the fast loop must reproduce draw for draw (plans depend on the probe stream)."""
+    discs = []
+    for _ in range(count):
+        u = rng.random()
+        r = 1.0 / math.sqrt(u / r_max ** 2 + (1.0 - u) / r_min ** 2)
+        cy, cx = rng.uniform(-r, h + r), rng.uniform(-r, w + r)
+        y0, y1 = max(int(cy - r), 0), min(int(cy + r) + 1, h)
+        x0, x1 = max(int(cx - r), 0), min(int(cx + r) + 1, w)
+        if y0 >= y1 or x0 >= x1:
+            continue
+        yy, xx = np.mgrid[y0:y1, x0:x1]
+        if not np.any((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r):
+            continue
+        lum = rng.beta(2.0, 2.0) * 255.0
+        tint = rng.normal(0.0, 0.25, size=3)
+        colour = tuple(float(np.clip(lum * (1.0 + t), 0.0, 255.0)) for t in tint)
+        discs.append((y0, y1, x0, x1, cy, cx, r, *colour, rng.normal(), rng.normal()))
+    return discs
+
+
+@pytest.mark.parametrize("h, w", [(40, 56), (128, 128), (7, 3)])
+def test_the_probe_discs_are_the_draws_of_the_plain_generator_api(h, w):
+    size = max(h, w)
+    got = probe._discs(np.random.default_rng(h * w), h, w, max(1.0, size / 60.0), size / 1.5)
+    want = _plain_discs(np.random.default_rng(h * w), h, w, max(1.0, size / 60.0), size / 1.5)
+    assert len(got) > 50 and got == want

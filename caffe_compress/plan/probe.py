@@ -95,16 +95,16 @@ def _discs(rng: np.random.Generator, h: int, w: int, r_min: float, r_max: float,
 
     The hot loop of the probes (48,000 discs a GenderNet run), written out: the same draws in the same
     order as rng.uniform(lo, hi) (= lo + (hi - lo) * random()), the same arithmetic."""
-    random, normal = rng.random, rng.normal  # (bound once)
+    random, beta, gauss = rng.random, rng.beta, rng.standard_normal  # (bound once)
     max_sq, min_sq = r_max ** 2, r_min ** 2
     sqrt = math.sqrt
     discs = []
     for _ in range(count):
-        u = random()
+        u, at_y, at_x = random(3).tolist()  # (one call: the same draws as three)
         # radius density ~ r^-3 between r_min and r_max (scale invariance)
         r = 1.0 / sqrt(u / max_sq + (1.0 - u) / min_sq)
-        cy = -r + ((h + r) + r) * random()
-        cx = -r + ((w + r) + r) * random()
+        cy = -r + ((h + r) + r) * at_y
+        cx = -r + ((w + r) + r) * at_x
         y0, y1 = int(cy - r), int(cy + r) + 1
         x0, x1 = int(cx - r), int(cx + r) + 1
         y0, x0 = (y0 if y0 > 0 else 0), (x0 if x0 > 0 else 0)
@@ -115,7 +115,10 @@ def _discs(rng: np.random.Generator, h: int, w: int, r_min: float, r_max: float,
         # centres (the nearest lies within sqrt(0.5) < r_min); else test the box's nearest lattice point
         if not (y0 <= cy <= y1 - 1 and x0 <= cx <= x1 - 1) and not _covers_a_pixel(cy, cx, r, y0, y1, x0, x1):
             continue
-        discs.append((y0, y1, x0, x1, cy, cx, r, *_natural_colour(rng), normal(), normal()))
+        # the colour (a beta, three normals) and the two tilts: one call for the five normals
+        lum = beta(2.0, 2.0) * 255.0
+        b, g, red, tilt_y, tilt_x = gauss(5).tolist()
+        discs.append((y0, y1, x0, x1, cy, cx, r, *_colour(lum, 0.25 * b, 0.25 * g, 0.25 * red), tilt_y, tilt_x))
     return discs
 
 
@@ -180,7 +183,12 @@ def _natural_colour(rng: np.random.Generator) -> tuple[float, float, float]:
     """A BGR colour: mostly unsaturated, correlated channels, luminance spread over the range."""
     lum = rng.beta(2.0, 2.0) * 255.0
     b, g, r = rng.normal(0.0, 0.25, size=3).tolist()
-    # clipped in plain floats (np.clip's overhead, 47,000 times a run, was a tenth of the probes' time)
+    return _colour(lum, b, g, r)
+
+
+def _colour(lum: float, b: float, g: float, r: float) -> tuple[float, float, float]:
+    """The channels of luminance ``lum`` tinted by (b, g, r), clipped in plain floats (np.clip's overhead,
+    47,000 times a run, was a tenth of the probes' time)."""
     return _byte_range(lum * (1.0 + b)), _byte_range(lum * (1.0 + g)), _byte_range(lum * (1.0 + r))
 
 
