@@ -1338,7 +1338,7 @@ class _ClosedLoop:
             staged, new_net, plan, verdict = state.best
             with r.timer.stage("timing"):
                 state.latency = r.latency(self.net, new_net, self.inputs)
-            if r.objective == "size" or state.latency.speedup >= timing.NOT_SLOWER:
+            if r.objective == "size" or state.latency.speedup >= timing.LATENCY_TOLERANCE:
                 return
             chosen = {name: choice for name, choice in _chosen_of(plan).items() if name not in r.ranks}
             if not chosen:

@@ -285,20 +285,6 @@ def test_a_plan_still_slower_after_the_last_drop_is_not_published(tmp_path, monk
     assert not list(tmp_path.glob("o.*"))
 
 
-def test_a_plan_measured_slightly_slower_is_not_published_as_it_is(tmp_path, monkeypatch):
-    """The written model must measure no slower than the original by the tool's own medians (timing.NOT_SLOWER):
-    a plan at 0.99x (inside the bench's 3% noise allowance) loses its slowest factorization all the same, so
-    that a measurement elsewhere finds it within the allowance."""
-    from caffe_compress import compress
-
-    deploy, model = small_model(tmp_path)
-    timed = _one_thread_latency(monkeypatch, lambda k: 10.1 if k == 1 else 9.9)
-    report = compress(deploy, model, tradeoff=1.0, output=tmp_path / "o", force=True, seed=0, progress=None)
-    assert len(timed) == 2
-    assert report.latency_ms["compressed_1t"] == 9.9
-    assert sum(1 for lp in report.layers if lp.reason.startswith("dropped")) == 1
-
-
 def test_whole_model_latency_alternates_the_two_nets_and_is_cached_per_pair(tmp_path, monkeypatch):
     """The guard's and the report's whole-model latencies: the original and the compressed model run
     alternately in one process (an early median of one against a late median of the other read a 0.4 ms
