@@ -347,6 +347,39 @@ def test_a_big_model_is_timed_one_net_at_a_time_the_original_early(tmp_path, mon
     assert events.index("original") < events.index("round")  # before planning and validation
 
 
+def test_a_big_original_cached_on_another_day_is_not_set_against_a_plan_measured_now(tmp_path, monkeypatch):
+    """A big net's two sides are timed apart: the timing cache keeps them as a pair. An original cached by an
+    earlier run (the machine twice as fast that day) must not be compared with a plan measured now: the
+    plan (0.9x the original's time today) would read 0.56x slower and lose every factorization. A rerun
+    reuses the pair and reports the same figures."""
+    from caffe_compress import compress, io, timing
+
+    deploy, model = small_model(tmp_path)
+    layers = len(io.load(deploy, model).layers)
+    monkeypatch.setattr(timing, "BIG_NET_BYTES", 0)  # every net is big: timed one at a time
+    monkeypatch.setenv("CAFFE_COMPRESS_TIMING_CACHE", str(tmp_path / "cache"))
+    day = {"scale": 0.5}
+    timed = []
+
+    def median_ms(load, net, inputs, *, threads=1, **kw):
+        timed.append(net)
+        original = len(net.layers) == layers
+        return day["scale"] * (10.0 if original else 9.0) * threads
+
+    monkeypatch.setattr(timing, "median_ms", median_ms)
+    compress(deploy, model, tradeoff=1.0, output=tmp_path / "o", force=True, seed=0, progress=None)
+    day["scale"] = 1.0  # a slower day, and a new plan (conv1 kept): a new pair
+    report = compress(deploy, model, tradeoff=1.0, output=tmp_path / "p", force=True, seed=0, progress=None,
+                      keep=["conv1"])
+    assert report.written and not any(lp.reason.startswith("dropped") for lp in report.layers)
+    assert report.latency_ms["original_1t"] == 10.0 and report.latency_ms["compressed_1t"] == 9.0
+    count = len(timed)
+    again = compress(deploy, model, tradeoff=1.0, output=tmp_path / "q", force=True, seed=0, progress=None,
+                     keep=["conv1"])
+    assert again.latency_ms == report.latency_ms
+    assert all(len(net.layers) == layers for net in timed[count:])  # (this run's original only)
+
+
 def test_a_forms_times_come_from_its_small_ranks_and_extend_the_line():
     """Planning times: both ends of the rank grid are timed, but never a factored form above TIMED_BYTES
     (a trial net that costs more to load than to run); the rest follows the measured line, above it too."""
