@@ -896,41 +896,27 @@ class _Run:
         self._net_ms[key] = value
         return value
 
-    def _apart(self, net: Net, new_net: Net, feed: Mapping[str, np.ndarray], *, threads: int,
-               budget_s: float) -> timing.Latency:
-        """A big original against a plan, each timed alone: the pair is cached as one (both sides measured in
-        one run), so that a cached original measured on another day (a faster or slower machine) is never
-        set against a plan measured now -- GenderNet's T = 0.5 plan, 1.08x faster, measured 0.93x against an
-        original cached from an earlier run, and lost every factorization."""
-        key = timing.DiskCache.key("apart", timing.signature(net.layers), timing.signature(new_net.layers),
-                                   {k: list(v.shape) for k, v in feed.items()}, threads)
-        sides: list[timing.Latency] = []
-
-        def measured() -> timing.Latency:  # (both sides of this run, only when the pair is not cached)
-            if not sides:
-                sides.append(timing.Latency(self.net_ms(net, feed, threads=threads, budget_s=budget_s),
-                                            self.net_ms(new_net, feed, threads=threads, budget_s=budget_s)))
-            return sides[0]
-
-        return timing.Latency(self._measured(f"{key}:original", lambda: measured().original_ms),
-                              self._measured(f"{key}:compressed", lambda: measured().compressed_ms))
-
     def latency(self, net: Net, new_net: Net, inputs: plan_inputs.Inputs, *, threads: int = 1,
                 budget_s: float = timing.NET_BUDGET_S / 2) -> timing.Latency:
         """The original's and the rewritten net's median latency on one input of the declared shape, in
         alternating runs (both see the same machine state), or for a big original (timing.BIG_NET_BYTES) one
-        net at a time; each measured once per structure (_measured)."""
+        net at a time. Both sides come from one run and are cached as a pair (_measured): a cached original
+        measured on another day is never set against a plan measured now (GenderNet's T = 0.5 plan, 1.08x
+        faster, read 0.93x against an original cached by an earlier run, and lost every factorization)."""
         self.say("timing the written model against the original")
         feed = self._latency_feed(net, inputs)
-        if timing.big_net(net):
-            return self._apart(net, new_net, feed, threads=threads, budget_s=budget_s)
-        key = timing.DiskCache.key("pair", timing.signature(net.layers), timing.signature(new_net.layers),
-                                   {k: list(v.shape) for k, v in feed.items()}, threads)
+        apart = timing.big_net(net)
+        key = timing.DiskCache.key("apart" if apart else "pair", timing.signature(net.layers),
+                                   timing.signature(new_net.layers), {k: list(v.shape) for k, v in feed.items()},
+                                   threads)
         pair: list[timing.Latency] = []
 
-        def measured() -> timing.Latency:  # (the two sides come from one alternating run)
+        def measured() -> timing.Latency:  # (both sides of this run, only when the pair is not cached)
             if not pair:
-                pair.append(timing.compare(self._load_for_timing, net, new_net, feed, threads=threads,
+                pair.append(timing.Latency(self.net_ms(net, feed, threads=threads, budget_s=budget_s),
+                                           self.net_ms(new_net, feed, threads=threads, budget_s=budget_s))
+                            if apart else
+                            timing.compare(self._load_for_timing, net, new_net, feed, threads=threads,
                                            budget_s=budget_s, max_runs=timing.NET_MAX_RUNS))
             return pair[0]
 
