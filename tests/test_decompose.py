@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from caffe_compress.decompose import cp_conv, cp_reconstruct, spectral_basis, truncated_svd
+from caffe_compress.decompose import cp_conv, cp_reconstruct, spectral_basis, svd, truncated_svd
 from caffe_compress.errors import RankError
 from nets import cp_kernel, low_rank_matrix
 
@@ -44,6 +44,47 @@ def test_svd_exact_rank_and_balance():
     assert f.relative_error <= 1e-5
     # balanced sqrt(S) split: both factors carry the same column/row norms
     assert np.allclose(np.linalg.norm(f.second, axis=0), np.linalg.norm(f.first, axis=1), rtol=1e-3)
+
+
+def _known_spectrum(n: int, k: int, s: np.ndarray, seed: int) -> np.ndarray:
+    """An (n, k) float32 matrix with singular values ``s`` (len <= n <= k) and random singular vectors."""
+    rng = np.random.default_rng(seed)
+    u, _ = np.linalg.qr(rng.standard_normal((n, s.size)))
+    v, _ = np.linalg.qr(rng.standard_normal((k, s.size)))
+    return ((u * s) @ v.T).astype(np.float32)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_a_partial_basis_of_a_wide_matrix_recovers_its_true_rank(transpose):
+    """Past PARTIAL_ABOVE only the wanted leading triplets are computed: still exact at the true rank."""
+    n = svd.PARTIAL_ABOVE + 16
+    w = _known_spectrum(n, n + 40, np.linspace(3.0, 1.0, 30), seed=4)
+    w = w.T.copy() if transpose else w
+    basis = spectral_basis(w, keep=64)
+    assert not basis.complete and basis.s.size == 64
+    assert np.allclose(basis.s[:30], np.linspace(3.0, 1.0, 30), rtol=1e-4) and np.all(basis.s[30:] < 1e-3)
+    f = basis.factors(30)
+    assert f.second.shape == (w.shape[0], 30) and f.first.shape == (30, w.shape[1])
+    assert np.linalg.norm(f.second @ f.first - w) / np.linalg.norm(w) <= 1e-4 and f.relative_error <= 1e-3
+    with pytest.raises(RankError):
+        basis.factors(65)  # beyond what was computed
+
+
+def test_a_partial_basis_reports_the_error_of_the_factors_it_makes():
+    """On a slowly decaying spectrum the leading triplets are near-optimal, and the error each rank reports
+    is the error of those factors (what the plan's weight error relies on), not of the optimal ones."""
+    n = svd.PARTIAL_ABOVE + 16
+    s = np.arange(1, n + 1) ** -0.5
+    w = _known_spectrum(n, n + 100, s, seed=5)
+    basis = spectral_basis(w, keep=256)
+    for r in (8, 64, 256):
+        f = basis.factors(r)
+        actual = np.linalg.norm((f.second @ f.first - w).astype(np.float64)) / np.linalg.norm(w.astype(np.float64))
+        optimal = np.sqrt(np.sum(s[r:] ** 2) / np.sum(s ** 2))
+        assert abs(f.relative_error - actual) <= 1e-4
+        assert optimal - 1e-5 <= actual <= optimal * 1.01
+    full = spectral_basis(w)  # keep=None: every triplet, as before
+    assert full.complete and full.s.size == n
 
 
 def test_svd_error_falls_with_rank_and_matches_numpy():

@@ -35,6 +35,7 @@ from ..decompose import (
     ConvFactors, CPKernel, LinearFactors, SpatialFactors, SpectralBasis, TuckerFactors, cp_conv, cp_reconstruct,
     spatial_basis, spatial_factors, spatial_reconstruct, spectral_basis, tucker2_conv, tucker_ranks, tucker_reconstruct,
 )
+from ..decompose.svd import PARTIAL_ABOVE
 from ..decompose.tucker import HOOI_SWEEPS, hosvd_bases
 from ..errors import UsageError
 from ..net import Layer, Net, conv_geometry, inner_product_geometry
@@ -302,6 +303,13 @@ def max_rank(layer: Layer, method: str) -> int:
 # ------------------------------------------------------------------ per-layer analysis
 
 
+def wide_rank_cap(m: int) -> int:
+    """The highest rank the planner considers for an SVD whose shorter side is ``m``: a quarter of it past
+    PARTIAL_ABOVE (where a complete spectrum costs seconds; a quarter still keeps >= 2x fewer weights),
+    else all of it."""
+    return m if m <= PARTIAL_ABOVE else max(PARTIAL_ABOVE // 2, m // 4)
+
+
 def _ip_rows(x: np.ndarray, axis: int) -> np.ndarray:
     axis = axis if axis >= 0 else x.ndim + axis
     lead = int(np.prod(x.shape[:axis])) if axis > 0 else 1
@@ -340,20 +348,24 @@ def analyse_inner_product(
     geo = inner_product_geometry(layer)
     w = inner_product_matrix(layer)
     n, k = w.shape
-    basis = spectral_basis(w)
+    m = min(n, k)
+    break_even = (n * k - 1) // (n + k)
+    high = min(break_even, m, wide_rank_cap(m))
+    basis = spectral_basis(w, keep=max(high, forced_rank or 0) or None)
     ws.bases[layer.name] = [basis]
     bias = layer.blobs[1].astype(np.float64) if geo.bias_term else np.zeros(n)
     rows = _ip_rows(x, geo.axis)
     if rows.shape[1] != k:
         raise UsageError(f"layer '{layer.name}': input has {rows.shape[1]} features but the weight expects {k}")
-    y = (rows @ w.T).astype(np.float64) + bias
+    y0 = (rows @ w.T).astype(np.float64)
+    y = y0 + bias
     ref = float(np.sum(y * y))
     proj = (rows @ basis.vt.T).astype(np.float64)  # (M, m): inputs along the right singular vectors
     energy = (basis.s ** 2) * np.sum(proj * proj, axis=0)  # output energy each component carries
-    tail = np.concatenate([np.cumsum(energy[::-1])[::-1], [0.0]])
-    m = basis.s.size
-    break_even = (n * k - 1) // (n + k)
-    high = min(break_even, m)
+    if basis.complete:
+        tail = np.concatenate([np.cumsum(energy[::-1])[::-1], [0.0]])
+    else:  # what the leading components leave of the whole output (the rest of the basis is not computed)
+        tail = np.maximum(float(np.sum(y0 * y0)) - np.concatenate([[0.0], np.cumsum(energy)]), 0.0)
     low = max(1, m // min_rank_divisor)
     ranks = _rank_grid(low, high, 1) if high >= 1 else ()
     if forced_rank is not None:
@@ -426,8 +438,10 @@ def _errors_at(group_ranks: Sequence[int], g: int, data: ConvData, approximate) 
 def _pointwise_errors(layer, data: ConvData, ws: Workspace, low: int, bias: int, forced: int | None):
     t, sg = layer.blobs[0].shape[:2]
     g = len(data.kernels)
-    ws.bases[layer.name] = [spectral_basis(k.reshape(k.shape[0], -1)) for k in data.kernels]
-    group_ranks = _grid_below_break_even(METHOD_POINTWISE, layer.blobs[0].shape, g, bias, low, min(t // g, sg),
+    cap = wide_rank_cap(min(t // g, sg))
+    keep = max(cap, (forced or 0) // g)
+    ws.bases[layer.name] = [spectral_basis(k.reshape(k.shape[0], -1), keep=keep) for k in data.kernels]
+    group_ranks = _grid_below_break_even(METHOD_POINTWISE, layer.blobs[0].shape, g, bias, low, cap,
                                          fine=True, forced=forced)
     return _errors_at(group_ranks, g, data, lambda r: [
         (f.second @ f.first).reshape(k.shape) for f, k in zip(ws.linear_factors(layer.name, r), data.kernels)])
