@@ -54,9 +54,16 @@ def read_input(path: str | os.PathLike, *, what: str, max_bytes: int) -> bytes:
         raise ModelError(f"{p}: {what} is {st.st_size} bytes, more than the {max_bytes}-byte limit")
     try:
         with open(p, "rb") as fh:
-            return fh.read(max_bytes + 1)
+            # read(n) allocates n bytes up front: ask for the file's size (+1 to see it grow), never for the
+            # cap (2 GB of address space: a MemoryError on a 32-bit device or under ulimit -v)
+            data = fh.read(st.st_size + 1)
+            if len(data) > st.st_size:  # it grew since stat(): read on, up to the cap
+                data += fh.read(max_bytes + 1 - len(data))
     except OSError as exc:
         raise UnreadableInputError(f"{p}: cannot read {what}: {exc.strerror}") from None
+    if len(data) > max_bytes:
+        raise ModelError(f"{p}: {what} is more than the {max_bytes}-byte limit")
+    return data
 
 
 def parse_prototxt(data: bytes, path: str | os.PathLike) -> pb.NetParameter:

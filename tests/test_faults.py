@@ -293,3 +293,17 @@ def test_overflowing_weights_are_one_line(tmp_path, model):
     _, heavy = write_model(tmp_path, "heavy", GOOD, w)
     proc = run_case(tmp_path, deploy, heavy, expect=(3,))
     assert "NaN/Inf" in proc.stderr
+
+
+def test_a_model_loads_in_a_small_address_space(tmp_path, model):
+    """A 32-bit device (or ulimit -v) has no 2 GB of address space to spare: reading a caffemodel must not ask
+    for its size cap up front (read(cap + 1) allocated 2 GB and failed as out of memory on every model)."""
+    import resource
+
+    def limit():  # 1.2 GB: the run needs ~0.9 GB of address space (libraries, thread stacks)
+        resource.setrlimit(resource.RLIMIT_AS, (1200 << 20, 1200 << 20))
+
+    deploy, weights = model
+    proc = _cli(deploy, weights, "-o", tmp_path / "small", "--force", preexec_fn=limit)
+    assert proc.returncode == 0, proc.stderr.decode()[-500:]
+    assert (tmp_path / "small.caffemodel").is_file()
