@@ -359,7 +359,13 @@ def main() -> int:
     parser.add_argument("--tradeoffs", default=",".join(map(str, TRADEOFFS)))
     parser.add_argument("--seeds", type=int, default=6,
                         help="GenderNet T = 0.95 with seeds 0..N-1, data-free and calibrated (1: the default only)")
+    parser.add_argument("--report", metavar="FILE", help="print the tables and budgets of a saved run's JSON "
+                        "(a --json of an earlier run) and exit")
     args = parser.parse_args()
+    if args.report:
+        data = json.loads(Path(args.report).read_text())
+        print_report(data)
+        return 0 if all(b["ok"] for b in data["budgets"].values()) else 1
     cv2 = cv2_module()
     default_threads = cv2.getNumThreads()
     tradeoffs = tuple(float(t) for t in args.tradeoffs.split(","))
@@ -390,6 +396,22 @@ def main() -> int:
     budgets = budgets_of(rows, svd_s, plans)
     machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
                "numpy": np.__version__, "opencv": cv2.__version__, "opencv_default_threads": default_threads}
+    data = {"machine": machine, "svd_reference_s": svd_s, "runs": rows, "seed_spread": spread_rows(rows),
+            "plan_only": plans, "budgets": budgets}
+    print_report(data)
+    Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
+    return 0 if all(b["ok"] for b in budgets.values()) else 1
+
+
+def spread_rows(rows: list) -> dict:
+    return {label: spread for label in ("gendernet", "gendernet --calibration")
+            if (spread := spread_of(rows, label)) is not None}
+
+
+def print_report(data: dict) -> None:
+    """The bench's tables and budgets (as committed in the README), from a run's JSON."""
+    machine, rows, svd_s = data["machine"], data["runs"], data["svd_reference_s"]
+    default_threads = machine["opencv_default_threads"]
     print()
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, Python {machine['python']}, "
           f"OpenCV {machine['opencv']} ({default_threads} default threads), numpy {machine['numpy']}")
@@ -413,23 +435,17 @@ def main() -> int:
         print(f"\n{row['model']} T=0.95, the work any run must do: "
               + ", ".join(f"{k.replace('_', ' ')} {v:.2f} s" for k, v in req.items())
               + f"; {sum(req.values()):.1f} s of the run's {row['wall_s']:.1f} s")
-    spreads = {label: spread for label in ("gendernet", "gendernet --calibration")
-               if (spread := spread_of(rows, label)) is not None}
-    for label, spread in spreads.items():
+    for label, spread in data["seed_spread"].items():
         acc = spread.get("accuracy_points")
         print(f"\n{label} T=0.95 over {spread['runs']} seeds: size {_range(spread['size'], 'x')}, "
               f"1 thread {_range(spread['speedup_1t'], 'x')}"
               + (f", accuracy change {_range(acc, ' points', signed=True)}" if acc else ""))
-    for p in plans:
+    for p in data["plan_only"]:
         print(f"\ngendernet T=0.95 {p['what']}: {p['wall_s']:.1f} s, {p['bytes_after']:,} bytes ({p['ratio']:.2f}x)")
     print()
-    for name, b in budgets.items():
+    for name, b in data["budgets"].items():
         where = f" ({b['where']})" if "where" in b else ""
         print(f"budget {name}: {b['value']:.2f}{where} (limit {b['budget']}) {'OK' if b['ok'] else 'MISSED'}")
-    Path(args.json).write_text(json.dumps({"machine": machine, "svd_reference_s": svd_s, "runs": rows,
-                                           "seed_spread": spreads, "plan_only": plans, "budgets": budgets},
-                                          indent=2) + "\n")
-    return 0 if all(b["ok"] for b in budgets.values()) else 1
 
 
 def _range(stats: dict, unit: str, *, signed: bool = False) -> str:
