@@ -1,0 +1,35 @@
+"""The developer tools' own behaviour (not their measurements)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+TOOLS = Path(__file__).resolve().parent.parent / "tools"
+
+
+def test_bench_report_prints_a_saved_run_and_exits_by_its_budgets(tmp_path):
+    """`tools/bench.py --report FILE` prints a saved run's table and budgets (the README's form) without
+    running anything, and exits 1 when a budget of that run was missed."""
+    row = {"model": "gendernet", "tradeoff": 0.95, "ratio": 6.69, "written": True, "speedup_1t": 1.68,
+           "speedup_default": 1.6, "wall_s": 15.4, "peak_rss_mb": 320.3,
+           "latency_ms": {"original_1t": 38.4, "compressed_1t": 22.9, "original_default": 22.0,
+                          "compressed_default": 13.7}}
+    data = {"machine": {"cpu": "AMD EPYC", "cores": 2, "python": "3.11.7", "numpy": "2.4.6", "opencv": "4.14.0",
+                        "opencv_default_threads": 2},
+            "svd_reference_s": 4.11, "runs": [row], "seed_spread": {}, "plan_only": [],
+            "budgets": {"gendernet_peak_rss_mb": {"value": 320.3, "budget": "<= 400.0", "ok": True},
+                        "zoo_compress_s": {"value": 29.5, "where": "vdsr T=0.99", "budget": "<= 20.0", "ok": False}}}
+    saved = tmp_path / "bench.json"
+    saved.write_text(json.dumps(data))
+    proc = subprocess.run([sys.executable, str(TOOLS / "bench.py"), "--report", str(saved)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    out = proc.stdout
+    assert "reference: numpy.linalg.svd of a float32 512x18816 matrix: 4.11 s" in out
+    assert "| gendernet | 0.95 | 6.69x | 1.68x (38.4 -> 22.9 ms) | 1.60x (22.0 -> 13.7 ms) | 15.4 s | 320 MB |" in out
+    assert "budget zoo_compress_s: 29.50 (vdsr T=0.99) (limit <= 20.0) MISSED" in out
+    assert "budget gendernet_peak_rss_mb: 320.30 (limit <= 400.0) OK" in out
+    data["budgets"].pop("zoo_compress_s")
+    saved.write_text(json.dumps(data))
+    assert subprocess.run([sys.executable, str(TOOLS / "bench.py"), "--report", str(saved)],
+                          capture_output=True, timeout=120).returncode == 0
