@@ -169,6 +169,16 @@ def _layer_ms(lp: LayerPlan) -> str:
 
 
 def format_table(report: Report) -> str:
+    """The report as the CLI prints it: the layer table, then the summary, the contract and validation, the
+    measurements and what was written."""
+    lines = _layer_table(report)
+    lines.append("")
+    lines += _summary_lines(report) + _contract_lines(report) + _measured_lines(report)
+    lines.append(_outcome_line(report))
+    return "\n".join(lines)
+
+
+def _layer_table(report: Report) -> list[str]:
     header = ("layer", "type", "weight shape", "method", "rank", "params", "weight err", "layer out err",
               "1-thread ms (alone)")
     rows: list[Sequence[str]] = []
@@ -194,20 +204,30 @@ def format_table(report: Report) -> str:
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines += [f"{lp.layer}: {lp.method} -- {lp.reason}" for lp in report.layers if lp.rank and lp.reason]
-    lines.append("")
-    lines.append(
+    return lines
+
+
+def _summary_lines(report: Report) -> list[str]:
+    """Sizes, the predicted error against the budget, the input convention the probes assumed."""
+    lines = [
         f"layers {report.layers_before} -> {report.layers_after}, "
         f"parameters {_si(report.params_before)} -> {_si(report.params_after)}, "
         f"caffemodel {_mb(report.bytes_before)} -> {_mb(report.bytes_after)} ({report.ratio:.2f}x smaller"
         f"{', fp16' if report.storage == 'float16' else ''}), "
         f"MACs {_si(report.macs_before)} -> {_si(report.macs_after)}"
-    )
+    ]
     budget = "unlimited" if report.error_budget == float("inf") else f"{report.error_budget:.4f}"
     lines.append(
         f"trade-off {report.tradeoff:g}: predicted output error {report.predicted_error:.4f} (budget {budget})"
     )
     if report.convention:
         lines.append(f"probes assumed the input convention {report.convention}")
+    return lines
+
+
+def _contract_lines(report: Report) -> list[str]:
+    """The fidelity contract's checks, the validation figures, and the labelled accuracy or user metric."""
+    lines = []
     if report.contract and report.validation_inputs.startswith("natural-image probes"):
         lines.append("contract on synthetic probes: each target allows half the change it allows on your images "
                      "(--images DIR or --calibration DIR measure on real ones)")
@@ -237,6 +257,12 @@ def format_table(report: Report) -> str:
     if report.metric:
         lines.append(f"metric on the validation inputs: original {report.metric['original']:.6g} -> compressed "
                      f"{report.metric['compressed']:.6g}")
+    return lines
+
+
+def _measured_lines(report: Report) -> list[str]:
+    """Latency, the timing cache, the closed loop's rounds, the stage times and peak memory, ONNX parity."""
+    lines = []
     if report.latency_ms:
         a, b = report.latency_ms["original_1t"], report.latency_ms["compressed_1t"]
         line = f"measured OpenCV latency, 1 thread: {a:.1f} ms -> {b:.1f} ms ({a / b:.2f}x)"
@@ -249,7 +275,8 @@ def format_table(report: Report) -> str:
                      f"({report.timing_cache['path']}), {report.timing_cache['measured']} measured now "
                      "(--retime measures all again)")
     if report.rounds > 1:
-        lines.append(f"closed loop: {report.rounds} plans measured to find the cheapest that meets the contract (budget search, then one-layer moves)")
+        lines.append(f"closed loop: {report.rounds} plans measured to find the cheapest that meets the contract "
+                     "(budget search, then one-layer moves)")
     timing = ", ".join(f"{k} {v:.2f}s" for k, v in report.timings.items() if not k.startswith("_") and "/" not in k)
     lines.append(f"time: {timing}; peak memory {report.timings.get('_peak_rss_mb', 0):.0f} MB")
     if report.onnx_parity is not None:
@@ -257,26 +284,27 @@ def format_table(report: Report) -> str:
                    "contract not enforced (--rank at T = 0)")
         lines.append(f"ONNX in onnxruntime: within {report.onnx_parity:.1e} of the Caffe model in OpenCV "
                      f"(largest difference / largest value); against the original: {verdict}")
+    return lines
+
+
+def _outcome_line(report: Report) -> str:
+    """What the run wrote (or, --plan-only, would write), or why nothing."""
     if report.plan_only and report.note:
-        lines.append(f"plan only: {report.note}; nothing written")
-        return "\n".join(lines)
+        return f"plan only: {report.note}; nothing written"
     if report.plan_only:
         predicted = report.predicted_layer_ms()
         speed = (f"; the {predicted['layers']} factored layers, timed alone: {predicted['before']:.1f} ms -> "
                  f"{predicted['after']:.1f} ms predicted ({predicted['before'] / predicted['after']:.2f}x)"
                  if predicted else "")
-        lines.append(f"plan only: this plan gives a {_mb(report.bytes_after)} caffemodel ({report.ratio:.2f}x smaller)"
-                     f"{speed}; " + ("its fidelity verdict on the validation inputs is above; "
-                                     if report.contract else "") + "nothing written")
-        return "\n".join(lines)
+        return (f"plan only: this plan gives a {_mb(report.bytes_after)} caffemodel ({report.ratio:.2f}x smaller)"
+                f"{speed}; " + ("its fidelity verdict on the validation inputs is above; "
+                                if report.contract else "") + "nothing written")
     if report.written:
         files = [f for f in (report.output_prototxt, report.output_caffemodel) if f]
         if report.output_onnx:
             files.append(f"{report.output_onnx} ({_mb(report.onnx_bytes)})")
-        lines.append("wrote " + " and ".join(files))
-    else:
-        lines.append(f"{report.note}; nothing written")
-    return "\n".join(lines)
+        return "wrote " + " and ".join(files)
+    return f"{report.note}; nothing written"
 
 
 def _latency_input(latency: Mapping) -> str:
