@@ -19,7 +19,12 @@ EPILOG = """\
 exit codes: 0 ok, 2 usage error, 3 bad model input, 4 unreadable input,
 5 cannot write output, 6 validation failed, 7 fetch failed, 70 internal error.
 
-other command: caffe-compress fetch {gendernet,agenet} [--cache DIR]
+other commands:
+  caffe-compress plan DEPLOY WEIGHTS [options]    the same as --plan-only
+  caffe-compress evaluate DEPLOY WEIGHTS --images DIR --labels SPEC [...]
+                                                  top-1 accuracy of a classifier in OpenCV
+  caffe-compress fetch {gendernet,agenet} [--cache DIR]
+                                                  download a reference model (sha256-checked)
 """
 
 

@@ -1,4 +1,4 @@
-"""The developer tools' own behaviour (not their measurements)."""
+"""The developer tools' own behaviour (not their measurements), and the command line's list of commands."""
 import json
 import subprocess
 import sys
@@ -33,3 +33,13 @@ def test_bench_report_prints_a_saved_run_and_exits_by_its_budgets(tmp_path):
     saved.write_text(json.dumps(data))
     assert subprocess.run([sys.executable, str(TOOLS / "bench.py"), "--report", str(saved)],
                           capture_output=True, timeout=120).returncode == 0
+
+
+def test_the_help_names_every_command():
+    """--help lists the commands besides compressing (plan, evaluate, fetch), and each answers --help."""
+    run = [sys.executable, "-m", "caffe_compress"]
+    text = subprocess.run([*run, "--help"], capture_output=True, text=True, timeout=120).stdout
+    for command in ("plan", "evaluate", "fetch"):
+        assert f"caffe-compress {command} " in text
+        proc = subprocess.run([*run, command, "--help"], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and proc.stdout.startswith("usage: caffe-compress"), (command, proc.stderr)
