@@ -114,6 +114,13 @@ def test_bit_flips_in_caffemodel(tmp_path, model, seed):
     run_case(tmp_path, deploy, flipped, "--tradeoff", "0.5", expect=(0, 3, 6))
 
 
+def _short_id(value) -> str:
+    """A test id that stays short: pytest exports the id in PYTEST_CURRENT_TEST, and a 100 kB prototxt in it
+    exceeds the kernel's limit on one environment string (E2BIG in every subprocess the test starts)."""
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= 40 else f"{text[:24]}...({len(text)} chars)"
+
+
 def _text_case(tmp_path, model, text, *extra, expect=(3,), message=None):
     _, weights = model
     bad = tmp_path / "bad.prototxt"
@@ -140,7 +147,7 @@ def _text_case(tmp_path, model, text, *extra, expect=(3,), message=None):
      "more than the 10000"),
     (b"name: \"\xff\xfe\" layer {}", "not UTF-8"),
     ("", "defines no layers"),
-])
+], ids=_short_id)
 def test_bad_prototxt(tmp_path, model, text, message):
     _text_case(tmp_path, model, text, message=message or None)
 
