@@ -4,11 +4,12 @@
 Needs grpcio-tools (``pip install -e .[dev]``). The generated module is
 post-processed to drop protoc's runtime-version guard, so the package works
 with any protobuf runtime >= 3.20 (the builder API), not only the one that
-generated it. ``--check`` exits 1 when the committed module is out of date.
+generated it. ``--check`` exits 1 when the committed module describes another schema than the .proto.
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import re
 import sys
 import tempfile
@@ -39,6 +40,21 @@ def generate() -> str:
     return text
 
 
+def serialized_descriptor(text: str) -> bytes:
+    """The FileDescriptorProto a generated module registers (its AddSerializedFile literal): what the module
+    means, whatever version of protoc wrote the code around it."""
+    found = re.search(r"AddSerializedFile\((b'(?:[^'\\]|\\.)*')\)", text)
+    if found is None:
+        raise SystemExit("no AddSerializedFile(...) in the generated module")
+    return ast.literal_eval(found.group(1))
+
+
+def in_sync(current: str, generated: str) -> bool:
+    """The committed module describes the same schema as the .proto (text differences of protoc versions,
+    such as header comments, do not count)."""
+    return bool(current) and serialized_descriptor(current) == serialized_descriptor(generated)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only compare; exit 1 when stale")
@@ -46,7 +62,7 @@ def main() -> int:
     text = generate()
     if args.check:
         current = TARGET.read_text() if TARGET.exists() else ""
-        if current != text:
+        if not in_sync(current, text):
             print(f"{TARGET.relative_to(ROOT)} is stale: run tools/gen_proto.py", file=sys.stderr)
             return 1
         return 0
