@@ -304,9 +304,9 @@ def max_rank(layer: Layer, method: str) -> int:
 
 
 def wide_rank_cap(m: int) -> int:
-    """The highest rank the planner considers for an SVD whose shorter side is ``m``: a quarter of it past
-    PARTIAL_ABOVE (where a complete spectrum costs seconds; a quarter still keeps >= 2x fewer weights),
-    else all of it."""
+    """The highest rank the planner considers for an SVD whose shorter side is ``m``: all of it up to
+    PARTIAL_ABOVE, past it (where a complete spectrum costs seconds) 1024 or a quarter of the side, whichever
+    is larger -- for a 4096-wide layer a quarter, which still keeps at least 2x fewer weights."""
     return m if m <= PARTIAL_ABOVE else max(PARTIAL_ABOVE // 2, m // 4)
 
 
