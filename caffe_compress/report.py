@@ -89,47 +89,14 @@ class Report:
                 "macs_before": self.macs_before,
                 "macs_after": self.macs_after,
             },
-            "layers": [
-                {
-                    "name": lp.layer,
-                    "type": lp.type,
-                    "weight_shape": list(lp.weight_shape),
-                    "method": lp.method,
-                    "rank": lp.rank,
-                    "params_before": lp.params_before,
-                    "params_after": lp.params_after,
-                    "macs_before": lp.macs_before,
-                    "macs_after": lp.macs_after,
-                    "weight_error": lp.weight_error,
-                    "output_error": lp.output_error,
-                    "time_ms_before": lp.time_before,
-                    "time_ms_after_predicted": lp.time_after if lp.rank else lp.time_before,
-                    "note": lp.reason,
-                }
-                for lp in self.layers
-            ],
+            "layers": [_layer_json(lp) for lp in self.layers],
             "validation": {
                 "inputs": self.validation_inputs,
                 "convention": self.convention,
                 "outputs": [asdict(v) for v in self.validation],
             },
-            "contract": {
-                "passed": all(c.passed for c in self.contract) if self.contract else None,
-                "rounds": self.rounds,
-                "checks": [
-                    {"output": c.output, "kind": c.kind, "metric": c.metric, "value": _finite(c.value),
-                     "target": c.target, "passed": c.passed}
-                    for c in self.contract
-                ],
-            },
-            "onnx": {
-                "path": self.output_onnx,
-                "bytes": self.onnx_bytes,
-                "runtime": "onnxruntime" if self.onnx_contract else None,
-                "contract_passed": all(c.passed for c in self.onnx_contract) if self.onnx_contract else None,
-                "max_relative_difference_to_caffe": self.onnx_parity,
-                "outputs": [asdict(v) for v in self.onnx_validation],
-            } if self.output_onnx else None,
+            "contract": self._contract_json(),
+            "onnx": self._onnx_json(),
             "note": self.note,
             "plan_only": self.plan_only,
             "accuracy": self.accuracy or None,
@@ -141,8 +108,50 @@ class Report:
             "peak_rss_mb": self.timings.get("_peak_rss_mb"),
         }
 
+    def _contract_json(self) -> dict:
+        return {
+            "passed": all(c.passed for c in self.contract) if self.contract else None,
+            "rounds": self.rounds,
+            "checks": [
+                {"output": c.output, "kind": c.kind, "metric": c.metric, "value": _finite(c.value),
+                 "target": c.target, "passed": c.passed}
+                for c in self.contract
+            ],
+        }
+
+    def _onnx_json(self) -> dict | None:
+        if not self.output_onnx:
+            return None
+        return {
+            "path": self.output_onnx,
+            "bytes": self.onnx_bytes,
+            "runtime": "onnxruntime" if self.onnx_contract else None,
+            "contract_passed": all(c.passed for c in self.onnx_contract) if self.onnx_contract else None,
+            "max_relative_difference_to_caffe": self.onnx_parity,
+            "outputs": [asdict(v) for v in self.onnx_validation],
+        }
+
     def json_text(self) -> str:
         return json.dumps(self.to_json(), indent=2, sort_keys=False) + "\n"
+
+
+def _layer_json(lp: LayerPlan) -> dict:
+    return {
+        "name": lp.layer,
+        "type": lp.type,
+        "weight_shape": list(lp.weight_shape),
+        "method": lp.method,
+        "rank": lp.rank,
+        "params_before": lp.params_before,
+        "params_after": lp.params_after,
+        "macs_before": lp.macs_before,
+        "macs_after": lp.macs_after,
+        "weight_error": lp.weight_error,
+        "output_error": lp.output_error,
+        "time_ms_before": lp.time_before,
+        "time_ms_after_predicted": lp.time_after if lp.rank else lp.time_before,
+        "note": lp.reason,
+    }
 
 
 def _finite(v: float):
