@@ -17,7 +17,8 @@ PROG = "caffe-compress"
 
 EPILOG = """\
 exit codes: 0 ok, 2 usage error, 3 bad model input, 4 unreadable input,
-5 cannot write output, 6 validation failed, 7 fetch failed, 70 internal error.
+5 cannot write output, 6 validation failed, 7 fetch failed,
+8 ONNX export failed (the Caffe pair was written), 70 internal error.
 
 other commands:
   caffe-compress plan DEPLOY WEIGHTS [options]    the same as --plan-only

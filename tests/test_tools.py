@@ -36,9 +36,14 @@ def test_bench_report_prints_a_saved_run_and_exits_by_its_budgets(tmp_path):
 
 
 def test_the_help_names_every_command():
-    """--help lists the commands besides compressing (plan, evaluate, fetch), and each answers --help."""
+    """--help lists every exit code and the commands besides compressing (plan, evaluate, fetch), and each
+    command answers --help."""
     run = [sys.executable, "-m", "caffe_compress"]
     text = subprocess.run([*run, "--help"], capture_output=True, text=True, timeout=120).stdout
+    from caffe_compress import errors
+
+    codes = [v for k, v in vars(errors).items() if k.startswith("EXIT_")]
+    assert all(f"{code} " in text for code in codes), text  # every exit code is explained
     for command in ("plan", "evaluate", "fetch"):
         assert f"caffe-compress {command} " in text
         proc = subprocess.run([*run, command, "--help"], capture_output=True, text=True, timeout=120)
