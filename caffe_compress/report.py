@@ -322,6 +322,8 @@ def _latency_input(latency: Mapping) -> str:
     shown, declared = latency.get("input_shapes") or {}, latency.get("declared_shapes") or {}
     if not shown or all(list(v) == list(declared.get(k, v)) for k, v in shown.items()):
         return ""
-    size = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in shown.items())
-    declared_size = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in declared.items())
-    return f" (on a probe-sized input, {size}; declared: {declared_size}; the ratio at another size can differ)"
+    def shapes(by_input: Mapping) -> str:
+        return ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in by_input.items())
+
+    return (f" (on a probe-sized input, {shapes(shown)}; declared: {shapes(declared)}; "
+            "the ratio at another size can differ)")
