@@ -987,11 +987,11 @@ class _Run:
             return {n: np.concatenate([earlier[n], partial[s]]) if n in earlier else partial[s]
                     for n, s in zip(names, sources)}
 
-        def stop(partial, count) -> bool:  # a miss already certain: the round ends early
+        def stop(partial, count) -> bool:  # a miss already certain (or projected): the round ends early
             done = joined(partial)
             self.remember_changes(specs, reference_as_run, done, positions[:start + count])
-            lost.extend(contract.certain_misses(specs, reference_as_run, done, start + count,
-                                                total=total, **self.judging(inputs)))
+            lost.extend(contract.certain_misses(specs, reference_as_run, done, start + count, total=total,
+                                                likely=self.projects_misses(inputs), **self.judging(inputs)))
             return bool(lost)
 
         values = self.cv.run(new_net, inputs.validation, sources, what=f"compressed model {staged.prototxt}",
@@ -1012,6 +1012,12 @@ class _Run:
             return self.verify(net, new_net, staged, specs, reference, inputs, before=screened)
         compressed = self.in_input_order(got)
         return replace(self.judge(specs, reference, compressed, inputs), outputs=compressed)
+
+    def projects_misses(self, inputs) -> bool:
+        """Whether a round may end on a projected miss (contract.certain_misses, likely): on natural-image
+        probes, drawn independently and judged in the order drawn (no decisive_order), and for a plan of the
+        tool's own (a --rank the user gave is judged on every input, or ends on a certain miss)."""
+        return inputs.synthetic and self.validation_order is None and not self.ranks
 
     def run_order(self, start: int, end: int) -> np.ndarray:
         """The positions start..end of the decisive order in the order to run them: where a miss can only be a
@@ -1234,7 +1240,8 @@ class _ClosedLoop:
             return built
         key, chosen, new_net, plan = built
         r, state = self.run, self.state
-        r.say(f"round {state.rounds + 1}: {len(chosen)} layers factored (budget {budget:.3g})")
+        r.say(f"round {state.rounds + 1}: {len(chosen)} layers factored (budget {budget:.3g}, predicted error "
+              f"{plan.predicted_error:.3g})")
         verdict, staged = r.write_and_verify(self.net, new_net, self.prefix, self.store_fp16, self.specs,
                                              self.reference, self.inputs, screen=self.screening)
         state.rounds += 1

@@ -43,6 +43,50 @@ def test_a_certain_miss_is_one_the_full_check_also_misses(kind):
     assert fired > 0  # the bound does fire on the models that miss
 
 
+@pytest.mark.parametrize("kind", ["image", "dense"])
+def test_a_projected_miss_is_a_miss_when_the_rest_change_no_less_than_the_least_changed(kind):
+    """The projection's premise, tested as such: when every later input changes each entry at least as much
+    as the least-changed input seen (per entry), a projected miss is a miss of the full check. It fires
+    earlier than the certain bound, and never before LIKELY_MIN_INPUTS inputs."""
+    rng = np.random.default_rng(5)
+    n, seen = 64, 8
+    projected_first = fired = 0
+    for trial in range(60):
+        a = rng.normal(size=(n, 1, 8, 8))
+        scale = 0.02 * (1 + trial % 6) * rng.uniform(0.5, 1.5, n)  # per-input change, varying
+        noise = rng.normal(size=a.shape)
+        noise /= np.sqrt(np.mean(noise ** 2, axis=(1, 2, 3), keepdims=True))  # unit RMS per input
+        floor = scale[:seen].min()
+        scale[seen:] = np.maximum(scale[seen:], floor)  # the premise: no later input changes less
+        b = a + scale[:, None, None, None] * noise
+        full = contract.check_all([spec(kind)], {"y": a}, {"y": b}, 0.95)
+        likely = contract.certain_misses([spec(kind)], {"y": a}, {"y": b[:seen]}, seen, 0.95, total=n, likely=True)
+        certain = contract.certain_misses([spec(kind)], {"y": a}, {"y": b[:seen]}, seen, 0.95, total=n)
+        assert not certain or likely  # (at least as early as the bound)
+        if likely:
+            fired += 1
+            projected_first += not certain
+            assert not full[0].passed, (trial, likely, full)
+            assert ("projected" in likely[0].metric) == (not certain)  # (a certain miss is reported as one)
+        early = contract.certain_misses([spec(kind)], {"y": a}, {"y": b[:seen - 1]}, seen - 1, 0.95, total=n,
+                                        likely=True)
+        assert all("projected" not in c.metric for c in early)
+    assert fired > 0 and projected_first > 0
+
+
+def test_a_projection_is_an_estimate_the_certain_bound_is_not():
+    """Later inputs left unchanged can still make the full check pass after a projected miss (the rounds it
+    ends reject a plan, never publish one); the certain bound never says miss there."""
+    rng = np.random.default_rng(6)
+    a = rng.normal(size=(32, 1, 8, 8))
+    b = a.copy()
+    b[:8] += 0.08 * rng.normal(size=(8, 1, 8, 8))  # relative error ~0.08 on a quarter: the whole set's ~0.04
+    t = contract.targets(0.95)["relative"]
+    assert contract.check_all([spec("dense")], {"y": a}, {"y": b}, 0.95)[0].value < t < 0.07
+    assert contract.certain_misses([spec("dense")], {"y": a}, {"y": b[:8]}, 8, 0.95, total=32) == []
+    assert contract.certain_misses([spec("dense")], {"y": a}, {"y": b[:8]}, 8, 0.95, total=32, likely=True)
+
+
 def test_outputs_not_per_input_are_never_decided_early():
     a = np.ones((2, 2, 12), np.float32)  # SSD priors: one row per chunk, not per input
     lost = contract.certain_misses([spec("dense")], {"y": a}, {"y": np.zeros((16, 2, 12))}, 16, 0.95, total=16)

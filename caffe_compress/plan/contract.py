@@ -420,15 +420,24 @@ def check_all(specs: Sequence[OutputSpec], original: Mapping[str, np.ndarray], c
     return checks
 
 
+LIKELY_MIN_INPUTS = 8  # inputs with measured entries before a miss may be projected (certain_misses, likely)
+
+
 def certain_misses(specs: Sequence[OutputSpec], original: Mapping[str, np.ndarray],
                    partial: Mapping[str, np.ndarray], count: int, tradeoff: float, *, total: int,
-                   min_fidelity: float | None = None, margin: float = 1.0) -> list[Check]:
-    """Checks the compressed model has already lost on the first ``count`` validation inputs, whatever the
-    others give: the metric's best possible value is past its target. ``original`` holds all inputs'
+                   min_fidelity: float | None = None, margin: float = 1.0, likely: bool = False) -> list[Check]:
+    """Checks the compressed model has already lost on the first ``count`` validation inputs: the metric's
+    best possible value is past its target, whatever the others give. ``original`` holds all inputs'
     outputs, ``partial`` the compressed model's first ``count``. Detection scores and paired boxes are
     bounded through the original's positives, known for every input in advance; outputs that are not one
     row per input (SSD priors) are never decided early. ``total`` is the number of inputs. A validation
-    round that misses stops here, early."""
+    round that misses stops here, early.
+
+    ``likely``: an error summed over inputs (PSNR, relative errors, RMS logit changes) is projected instead
+    of bounded: the others are taken to change each of their entries no less than the least-changed input
+    so far did (per entry), once LIKELY_MIN_INPUTS inputs are seen. For inputs in no particular order (not
+    decisive_order's) a miss so projected is one the full check makes unless the rest would nearly all
+    change less than the best input seen: a round may end on it (a plan rejected, never one published)."""
     t = targets(tradeoff, min_fidelity=min_fidelity, margin=margin)
     lost: list[Check] = []
     for spec in specs:
@@ -449,20 +458,25 @@ def certain_misses(specs: Sequence[OutputSpec], original: Mapping[str, np.ndarra
                           t["cosine"], True)
         elif spec.kind == "image" and t["psnr"] is not None:
             peak = float(a_all.max() - a_all.min()) or 1.0
-            mse_floor = float(np.sum((a - b) ** 2)) / a_all.size  # the rest can only add error
-            best = math.inf if mse_floor == 0 else 10.0 * math.log10(peak * peak / mse_floor)
-            check = Check(spec.name, spec.kind, f"PSNR vs the original, at best ({seen})", best, t["psnr"], True)
+            entries = np.full(n_all, a_all[0].size)
+            mse, how = _summed(((a - b) ** 2).reshape(count, -1).sum(axis=1), entries, likely, seen,
+                               a_all.size * peak * peak / 10.0 ** (t["psnr"] / 10.0))
+            mse /= a_all.size
+            best = math.inf if mse == 0 else 10.0 * math.log10(peak * peak / mse)
+            check = Check(spec.name, spec.kind, f"PSNR vs the original, {how[0]}", best, t["psnr"], True)
         elif spec.kind == "scores" and t["jaccard"] is not None:
-            check = _scores_bound(spec, a_all, b, count, t, seen)
+            check = _scores_bound(spec, a_all, b, count, t, seen, likely)
         elif spec.kind == "boxes" and spec.pair and spec.pair in original and t["relative"] is not None:
             if original[spec.pair].shape[0] != total:
                 continue
-            check = _boxes_bound(spec, specs, original, a_all, b, count, t, seen)
+            check = _boxes_bound(spec, specs, original, a_all, b, count, t, seen, likely)
         elif (spec.kind == "dense" or (spec.kind == "boxes" and not (spec.pair and spec.pair in original))) \
                 and t["relative"] is not None:
             ref = float(np.sum(a_all * a_all))
-            floor = math.sqrt(float(np.sum((a - b) ** 2)) / ref) if ref > 0 else 0.0
-            check = Check(spec.name, spec.kind, f"relative error, at least ({seen})", floor, t["relative"], False)
+            entries = np.full(n_all, a_all[0].size)
+            diff, how = _summed(((a - b) ** 2).reshape(count, -1).sum(axis=1), entries, likely, seen,
+                                t["relative"] ** 2 * ref)
+            check = Check(spec.name, spec.kind, f"relative error, {how[1]}", _root(diff, ref), t["relative"], False)
         else:
             continue
         if not check.passed:
@@ -470,31 +484,60 @@ def certain_misses(specs: Sequence[OutputSpec], original: Mapping[str, np.ndarra
     return lost
 
 
-def _scores_bound(spec: OutputSpec, a_all: np.ndarray, b: np.ndarray, count: int, t: dict, seen: str) -> Check:
+def _summed(per_input: np.ndarray, entries: np.ndarray, likely: bool, seen: str,
+            target_sum: float | None = None) -> tuple[float, tuple[str, str]]:
+    """The total of a per-input sum of squared changes over all inputs, given the first ones' (``per_input``)
+    and every input's entry count: at least theirs (the rest adding nothing), or (``likely``, enough inputs
+    seen) projected, the rest changing each entry as little as the least-changed input seen did -- unless the
+    inputs seen already exceed ``target_sum`` (a certain miss, reported as one); and how the value is meant
+    ("at best ..." / "at least ..." or "projected ...")."""
+    count = per_input.shape[0]
+    total = float(np.sum(per_input))
+    measured = entries[:count] > 0
+    if not likely or count >= entries.shape[0] or int(measured.sum()) < LIKELY_MIN_INPUTS or \
+            (target_sum is not None and total > target_sum):  # (a certain miss is reported as one)
+        return total, (f"at best ({seen})", f"at least ({seen})")
+    rate = float(np.min(per_input[measured] / entries[:count][measured]))
+    projected = f"projected ({seen}: the rest changing no less than the least-changed so far)"
+    return total + rate * float(np.sum(entries[count:])), (projected, projected)
+
+
+def _root(diff: float, ref: float) -> float:
+    """sqrt(diff / ref): a relative error (0 for no change of a zero reference, inf for a change of it)."""
+    return math.sqrt(diff / ref) if ref > 0 else (0.0 if diff == 0 else math.inf)
+
+
+def _scores_bound(spec: OutputSpec, a_all: np.ndarray, b: np.ndarray, count: int, t: dict, seen: str,
+                  likely: bool = False) -> Check:
     """The best final value of check_output's scores metric given the first ``count`` inputs: the later
-    inputs at best keep all their positives and add no new ones (Jaccard), or change nothing (RMS logit)."""
+    inputs at best keep all their positives and add no new ones (Jaccard), or change nothing (RMS logit;
+    ``likely``: see certain_misses)."""
     fa, fb, strongest, positives = _foreground(spec, a_all, b)
     if positives >= MIN_POSITIVES:
         (sure_pos, sure_neg), now_pos = _sure(spec, fa), _positives(spec, fb)
         kept = int((sure_pos[:count] & now_pos).sum()) + int(sure_pos[count:].sum())
         best = kept / max(int(sure_pos.sum()) + int((sure_neg[:count] & now_pos).sum()), 1)
         return Check(spec.name, spec.kind, f"positives Jaccard, at best ({seen})", best, t["jaccard"], True)
-    d = _capped_logit_change(spec, fa[:count][strongest[:count]], fb[strongest[:count]])
-    floor = math.sqrt(float(np.sum(d * d)) / max(int(strongest.sum()), 1))
-    return Check(spec.name, spec.kind, f"logit change at the strongest, at least ({seen})", floor, t["logit"], False)
+    d = np.where(strongest[:count], _capped_logit_change(spec, fa[:count], fb), 0.0)
+    entries = strongest.reshape(strongest.shape[0], -1).sum(axis=1)
+    strong = max(int(strongest.sum()), 1)
+    diff, how = _summed((d * d).reshape(count, -1).sum(axis=1), entries, likely, seen, t["logit"] ** 2 * strong)
+    value = math.sqrt(diff / strong)
+    return Check(spec.name, spec.kind, f"logit change at the strongest, {how[1]}", value, t["logit"], False)
 
 
 def _boxes_bound(spec: OutputSpec, specs: Sequence[OutputSpec], original: Mapping[str, np.ndarray],
-                 a_all: np.ndarray, b: np.ndarray, count: int, t: dict, seen: str) -> Check:
+                 a_all: np.ndarray, b: np.ndarray, count: int, t: dict, seen: str, likely: bool = False) -> Check:
     """The least final relative error of paired boxes given the first ``count`` inputs (the rows it is
-    measured on come from the original's scores, known for every input)."""
+    measured on come from the original's scores, known for every input; ``likely``: see certain_misses)."""
     rows, _ = _box_rows(next(s for s in specs if s.name == spec.pair), original[spec.pair])
     positions = rows.shape[1]
-    ref = float(np.sum(_positions_view(a_all, positions)[rows] ** 2))
-    diff = float(np.sum((_positions_view(a_all[:count], positions)[rows[:count]]
-                         - _positions_view(b, positions)[rows[:count]]) ** 2))
-    floor = math.sqrt(diff / ref) if ref > 0 else (0.0 if diff == 0 else math.inf)
-    return Check(spec.name, spec.kind, f"relative error at the selected positions, at least ({seen})", floor,
+    va = _positions_view(a_all, positions)
+    ref = float(np.sum(va[rows] ** 2))
+    d = np.where(rows[:count, :, None], (va[:count] - _positions_view(b, positions)) ** 2, 0.0)
+    entries = rows.sum(axis=1) * va.shape[2]
+    diff, how = _summed(d.reshape(count, -1).sum(axis=1), entries, likely, seen, t["relative"] ** 2 * ref)
+    return Check(spec.name, spec.kind, f"relative error at the selected positions, {how[1]}", _root(diff, ref),
                  t["relative"], False)
 
 
