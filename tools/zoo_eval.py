@@ -324,7 +324,7 @@ def main() -> int:
     parser.add_argument("--modes", default="data-free,calibrated")
     parser.add_argument("--out", default=str(ROOT / "zoo"))
     parser.add_argument("--update", action="store_true",
-                        help="replace only the rows of the models run in an existing results.json")
+                        help="replace only the rows of the models (and modes) run in an existing results.json")
     args = parser.parse_args()
     if not ZOO.is_dir() or not FACES.is_dir():
         print(f"zoo_eval: needs {ZOO} and {FACES}", file=sys.stderr)
@@ -336,7 +336,7 @@ def main() -> int:
     kept = []
     if args.update and (Path(args.out) / "results.json").exists():
         kept = [r for r in json.loads((Path(args.out) / "results.json").read_text())
-                if wanted and r["model"] not in wanted]
+                if wanted and (r["model"] not in wanted or r["mode"] not in modes)]
     header = (f"Zoo sweep (`make zoo`): {platform.machine()}, {os.cpu_count()} cores, OpenCV {cv2.__version__}, "
               f"numpy {np.__version__}; contract measured on {EVAL_COUNT} real held-out inputs per model "
               f"(24 for VDSR, 48 for SRCNN) "
