@@ -22,7 +22,7 @@ import numpy as np
 from . import export, io, rewrite, timing, validate
 from .memory import peak_rss_mb, release_memory  # noqa: F401 (peak_rss_mb: the pipeline's report, and tools)
 from .runner import RUN_CHUNK, OpenCVRunner, blob_sources, compared_blobs
-from .decompose import LinearFactors, cp_conv, cp_reconstruct, spatial_reconstruct, tucker_reconstruct
+from .decompose import ConvFactors, LinearFactors, cp_conv, cp_reconstruct, spatial_reconstruct, tucker_reconstruct
 from .errors import ExportError, MissingDependencyError, ModelError, RankError, UsageError, ValidationError, WriteError
 from .net import Layer, Net, conv_geometry
 from .plan import analyse as planner, contract, inputs as plan_inputs, search
@@ -47,6 +47,9 @@ MAX_SPEED_ROUNDS = 3  # factorizations dropped one at a time while the whole mod
 # The original stays loaded while the layer inputs are recorded when they take at most this much (GenderNet:
 # 12 MB); larger activations (res10 SSD) are recorded after it is released, so as not to add to the peak.
 KEEP_ORIGINAL_BYTES = 32 << 20
+# A CP grid whose top-rank ALS is this much work (kernel size x rank) is cut at the largest rank measured fast
+# enough first (_Run.cp_rank_cap): ~0.1 s of ALS and more, against two micro-benchmarks the planner needs anyway
+PRETIMED_CP_WORK = 2e6
 POLISH_CP_ITERATIONS = 30  # extra sweeps for the rank the planner picks
 FORCED_CP_ITERATIONS = 1000  # a rank given with --rank: run to convergence
 MAX_PROBES = 256
@@ -171,6 +174,20 @@ class _Factorizer:
             return rewrite.decompose_inner_product(
                 self.net, layer, LinearFactors(basis.vt[:rank], basis.u[:, :rank].astype(np.float32), 0.0))
         return self._factor(name, method, rank)[0]
+
+    def cp_shaped(self, name: str, rank: int) -> tuple[Layer, ...]:
+        """CP's four layers at ``rank`` with random weights of the factors' shapes: what the form costs to run,
+        timed before its ALS (the timing key is the layers' structure, so the draft of the real factors
+        reuses the measurement)."""
+        layer = self.net.layer(name)
+        t, sg, kh, kw = layer.blobs[0].shape
+        g = conv_geometry(layer).group
+        rng = np.random.default_rng(0)
+        shaped = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+        r = rank // g
+        return rewrite.decompose_convolution(self.net, layer, [
+            ConvFactors(shaped(r, sg, 1, 1), shaped(r, 1, kh, 1), shaped(r, 1, 1, kw), shaped(t // g, r, 1, 1), 0.0, 0)
+            for _ in range(g)])
 
     def _factor(self, name: str, method: str, rank: int) -> tuple[tuple[Layer, ...], float | None]:
         layer = self.net.layer(name)
@@ -823,7 +840,8 @@ class _Run:
         self.progress.stage("analysing layers", len(decomposable))
         with self.timer.stage("analyse"):
             candidates, more = search.analyse_layers(decomposable, layer_inputs, ranks=self.ranks, forms=self.forms, ws=ws,
-                                                     seed=self.seed, timings=self.timer.timings, say=self.say)
+                                                     seed=self.seed, timings=self.timer.timings, say=self.say,
+                                                     cp_rank_cap=self.cp_rank_cap())
             skipped.update(more)
         release_memory()
         skip = set(self.ranks) if self.tradeoff not in (0.0, 1.0) else {c.layer for c in candidates}
@@ -846,6 +864,25 @@ class _Run:
                     original_ms=lambda name: self.guard.layer_ms(name, (net.layer(name),)),
                     factored_ms=lambda c, r: self.guard.layer_ms(c.layer, self.factorizer.draft(c.layer, c.method, r)))
         return candidates, skipped
+
+    def cp_rank_cap(self) -> planner.RankCap | None:
+        """For the balanced and speed objectives: a layer's CP grid ends at the largest rank not measured
+        slower than the layer allows (SpeedGuard.required) -- the planner would offer no rank above it. The
+        grid's two ends are timed before the ALS (the timings the planner then uses), for a layer whose
+        ALS at the top rank is big work (PRETIMED_CP_WORK); forced ranks are analysed as given."""
+        if self.objective == "size":
+            return None
+
+        def cap(layer: Layer, ranks: Sequence[int]) -> int | None:
+            if layer.name in self.ranks or int(np.prod(layer.blobs[0].shape)) * max(ranks) < PRETIMED_CP_WORK:
+                return None
+            self.say(f"timing {layer.name} (cp)")
+            points = {r: self.guard.layer_ms(layer.name, self.factorizer.cp_shaped(layer.name, r))
+                      for r in {min(ranks), max(ranks)}}
+            return search.fast_enough_cap(ranks, self.guard.layer_ms(layer.name, (layer,)), points,
+                                          self.guard.required)
+
+        return cap
 
     @staticmethod
     def _latency_feed(net: Net, inputs: plan_inputs.Inputs) -> dict:

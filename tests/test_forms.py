@@ -163,3 +163,46 @@ def test_analysis_errors_equal_the_truncated_kernels_outputs(form, shape, groups
         direct = data.errors(approx)
         assert out_err == pytest.approx(direct[0], rel=1e-4, abs=1e-6)
         assert w_err == pytest.approx(direct[1], rel=1e-4, abs=1e-6)
+
+
+def test_a_cp_grid_stops_at_the_rank_its_cap_allows():
+    """_Run.cp_rank_cap's contract with the analysis: the CP grid (total ranks, descending, groups included)
+    is offered to the cap, only ranks up to the answer are analysed, the lowest always stays, and a forced
+    rank is analysed as given whatever the cap says."""
+    from caffe_compress.net import Layer
+    from caffe_compress.plan import analyse as A
+
+    rng = np.random.default_rng(2)
+    t, s, groups = 32, 16, 2
+    weight = rng.standard_normal((t, s // groups, 3, 3)).astype(np.float32)
+    layer = Layer("c", "Convolution", ("x",), ("c",), {"convolution_param": {"num_output": t, "kernel_size": [3], "bias_term": False,
+                                                                               "group": groups}}, (weight,))
+    data = A.conv_data(layer, rng.standard_normal((200, s, 3, 3)).astype(np.float32))
+    offered = []
+
+    def analysed(cap, forced=None):
+        def rank_cap(lay, ranks):
+            offered.append(tuple(ranks))
+            return cap
+        return tuple(A._cp_errors(layer, data, A.Workspace(), 1, 0, forced, seed=0, cp_iterations=5,
+                                  rank_cap=rank_cap))
+
+    full = analysed(None)
+    assert offered[-1] == full and list(full) == sorted(full, reverse=True) and all(r % groups == 0 for r in full)
+    assert analysed(full[2]) == full[2:]
+    assert analysed(0) == full[-1:]  # (nothing fast enough: the lowest rank stays)
+    offered.clear()
+    assert analysed(0, forced=full[0]) == (full[0],) and not offered
+
+
+def test_the_cp_cap_is_the_largest_rank_measured_fast_enough():
+    """fast_enough_cap interpolates the measured points as measure_times does (linear, extended above) and
+    keeps the ranks the planner would offer: original / time >= required."""
+    from caffe_compress.plan.search import fast_enough_cap
+
+    ranks = (256, 128, 64, 32, 16)
+    points = {256: 8.0, 16: 0.5}  # 1/32 ms per rank unit: 128 -> 4.0 ms, 64 -> 2.0 ms
+    assert fast_enough_cap(ranks, 4.0, points, 1.0) == 128
+    assert fast_enough_cap(ranks, 4.0, points, 1.1) == 64
+    assert fast_enough_cap(ranks, 100.0, points, 1.1) == 256
+    assert fast_enough_cap(ranks, 0.1, points, 0.97) == 16  # none: the lowest

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 # against GenderNet's measured accuracy (RMS output changes up to ~0.4 cost it no
 # accuracy on UTKFace); see gendernet/README.md.
 ERROR_SCALE = 0.13
+# (layer, its CP grid's total ranks, descending) -> the largest worth analysing, or None for all: CP-ALS is the
+# analysis' costliest part, and ranks whose form the planner will never be offered (measured slower) are skipped
+RankCap = Callable[[Layer, Sequence[int]], "int | None"]
 MIN_RANK_DIVISOR = 64  # the minimal sensible rank is min(dims) / 64 (at least 1)
 PATCH_SAMPLES = 1024
 
@@ -448,7 +451,7 @@ def _pointwise_errors(layer, data: ConvData, ws: Workspace, low: int, bias: int,
 
 
 def _cp_errors(layer, data: ConvData, ws: Workspace, low: int, bias: int, forced: int | None, *,
-               seed: int, cp_iterations: int):
+               seed: int, cp_iterations: int, rank_cap: RankCap | None = None):
     t, sg, kh, kw = layer.blobs[0].shape
     g = len(data.kernels)
     # CP beyond the channel counts costs much and rarely pays; the grid's top is
@@ -457,6 +460,10 @@ def _cp_errors(layer, data: ConvData, ws: Workspace, low: int, bias: int, forced
     # CP costs one ALS run per rank: a coarser (power-of-two) grid.
     group_ranks = _grid_below_break_even(METHOD_CP, layer.blobs[0].shape, g, bias, low, cap, fine=False,
                                          forced=forced)
+    if rank_cap is not None and forced is None and group_ranks:
+        top = rank_cap(layer, tuple(r * g for r in group_ranks))
+        if top is not None:  # (the lowest rank stays: the form keeps a row in the report)
+            group_ranks = tuple(r for r in group_ranks if r * g <= top) or group_ranks[-1:]
     store: dict[int, list[ConvFactors]] = {}
     tails: list[dict] = [{} for _ in range(g)]
     prev: list[ConvFactors | None] = [None] * g
@@ -579,7 +586,7 @@ def _spatial_tails(patches: np.ndarray, basis, in_shape: tuple[int, int, int], r
 def analyse_convolution(
     layer: Layer, patches: np.ndarray, in_shape: tuple[int, ...], out_shape: tuple[int, ...], method: str, *,
     min_rank_divisor: int, seed: int, ws: Workspace, cp_iterations: int, forced_rank: int | None = None,
-    data: ConvData | None = None,
+    data: ConvData | None = None, cp_rank_cap: RankCap | None = None,
 ) -> Candidate:
     """One form of a convolution. patches : (P, C, kh, kw) float32 input patches at sampled output positions
     (see sample_patches); ``data`` reuses another form's prepared patches."""
@@ -597,7 +604,8 @@ def analyse_convolution(
     elif method == METHOD_SPATIAL:
         errs = _spatial_errors(layer, data, ws, low, bias_count, forced_rank)
     else:
-        errs = _cp_errors(layer, data, ws, low, bias_count, forced_rank, seed=seed, cp_iterations=cp_iterations)
+        errs = _cp_errors(layer, data, ws, low, bias_count, forced_rank, seed=seed, cp_iterations=cp_iterations,
+                          rank_cap=cp_rank_cap)
     ranks = tuple(errs)
     in_spatial, out_spatial = _spatial_size(in_shape), _spatial_size(out_shape)
     return Candidate(

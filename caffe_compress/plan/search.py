@@ -17,7 +17,8 @@ from .. import tail
 from ..runner import Source, blob_sources
 from ..net import Layer, Net, conv_geometry
 from .analyse import (
-    METHOD_SVD, METHOD_TUCKER, MIN_RANK_DIVISOR, PATCH_SAMPLES, Candidate, Workspace, conv_data, analyse_convolution,
+    METHOD_SVD, METHOD_TUCKER, MIN_RANK_DIVISOR, PATCH_SAMPLES, Candidate, RankCap, Workspace, conv_data,
+    analyse_convolution,
     analyse_inner_product, approximate_weight, error_budget, layer_forms, sample_patches, totals_of,
 )
 
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 Run = Callable[[Net, Mapping[str, np.ndarray], Sequence[Hashable]], dict]
 Say = Callable[[str], None]
 
-CP_ITERATIONS = 20  # ALS sweeps at the top of a layer's rank grid (fewer further down)
+CP_ITERATIONS = 12  # ALS sweeps at the top of a layer's rank grid (8 further down, each warm-started from the rank above)
 NEGLIGIBLE_COST_SHARE = 0.005  # a layer below 0.5% of params+MACs gets no sensitivity trial
 TIMED_BYTES = 8 << 20  # the largest factored form a planning micro-benchmark loads (see timing_ranks)
 ACTIVATION_BYTES = 64 << 20  # activations held at once while probing (samples run in chunks)
@@ -101,9 +102,10 @@ def collect_inputs(run: Run, net: Net, inputs: Mapping[str, np.ndarray], sources
 
 def analyse_layers(decomposable: Sequence[tuple[Layer, str]], layer_inputs: Mapping[str, LayerInput], *,
                    ranks: dict[str, int], forms: Mapping[str, str], ws: Workspace, seed: int, timings: dict,
-                   say: Say) -> tuple[list[Candidate], dict[str, str]]:
+                   say: Say, cp_rank_cap: RankCap | None = None) -> tuple[list[Candidate], dict[str, str]]:
     """Candidates for every decomposable layer in each of its exact forms (``forms`` restricts a layer to
     one; a forced rank without a form means the layer's primary form), and the reasons of those left alone.
+    ``cp_rank_cap``: the largest CP rank of a layer worth analysing (see analyse.RankCap).
 
     A forced rank that would not reduce the layer's parameters is dropped from ``ranks``.
     """
@@ -127,7 +129,8 @@ def analyse_layers(decomposable: Sequence[tuple[Layer, str]], layer_inputs: Mapp
             prepared = conv_data(layer, data.patches)
             cands = [analyse_convolution(layer, data.patches, data.shape, conv_out_shape(layer, data.shape), m,
                                          min_rank_divisor=MIN_RANK_DIVISOR, seed=seed, ws=ws,
-                                         cp_iterations=CP_ITERATIONS, forced_rank=forced, data=prepared)
+                                         cp_iterations=CP_ITERATIONS, forced_rank=forced, data=prepared,
+                                         cp_rank_cap=cp_rank_cap)
                      for m in methods]
         timings[f"analyse/{layer.name}"] = time.perf_counter() - start
         cands = [c for c in cands if c.ranks]
@@ -331,6 +334,15 @@ def timing_ranks(cand: Candidate) -> tuple[int, ...]:
         small = ordered[:2]
     middle = (small[len(small) // 2],) if cand.method == METHOD_TUCKER else ()
     return tuple(sorted({small[0], *middle, small[-1]}))
+
+
+def fast_enough_cap(ranks: Sequence[int], original_ms: float, points: Mapping[int, float], required: float) -> int:
+    """The largest of ``ranks`` whose time -- from the ``points`` measured, as measure_times interpolates --
+    is within ``required`` x faster than the layer's ``original_ms`` (the planner offers no slower one); the
+    lowest rank when none is."""
+    times = _times_at(ranks, points)
+    fast = [r for r in ranks if original_ms / max(times[r], 1e-9) >= required]
+    return max(fast) if fast else min(ranks)
 
 
 def _times_at(ranks: Sequence[int], points: Mapping[int, float]) -> dict[int, float]:
