@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 Run = Callable[[Net, Mapping[str, np.ndarray], Sequence[Hashable]], dict]
 Say = Callable[[str], None]
 
-CP_ITERATIONS = 12  # ALS sweeps at the top of a layer's rank grid (8 further down, each warm-started from the rank above)
+CP_ITERATIONS = 20  # ALS sweeps at the top of a layer's rank grid (fewer further down)
 NEGLIGIBLE_COST_SHARE = 0.005  # a layer below 0.5% of params+MACs gets no sensitivity trial
 TIMED_BYTES = 8 << 20  # the largest factored form a planning micro-benchmark loads (see timing_ranks)
 ACTIVATION_BYTES = 64 << 20  # activations held at once while probing (samples run in chunks)
