@@ -68,22 +68,29 @@ class _Timer:
     def __init__(self) -> None:
         self.timings: dict[str, float] = {}
         self.current = ""
-        self.active: set[str] = set()
+        self.active: list[str] = []  # the stages open, innermost last
 
     @contextmanager
     def stage(self, name: str):
-        """Time a block as stage ``name``; a block inside one of the same name is counted once (the outer)."""
+        """Time a block as stage ``name``. A block inside one of the same name is counted once (the outer); one
+        inside another stage is counted as its own, not the outer's too (the layers timed while the analysis
+        runs count as timing): the stages' times add up to no more than the run's."""
         if name in self.active:
             yield
             return
-        self.active.add(name)
+        outer = self.active[-1] if self.active else None
+        self.active.append(name)
         start = time.perf_counter()
         self.current = name
         try:
             yield
         finally:
-            self.active.discard(name)
-            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+            self.active.pop()
+            spent = time.perf_counter() - start
+            self.timings[name] = self.timings.get(name, 0.0) + spent
+            if outer is not None:
+                self.timings[outer] = self.timings.get(outer, 0.0) - spent  # (the outer adds it back at its end)
+                self.current = outer
             log.debug("stage %s: %.2fs, peak RSS %.0f MB", name, self.timings[name], peak_rss_mb())
 
 

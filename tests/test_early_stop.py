@@ -377,3 +377,26 @@ def test_changed_answers_are_the_counted_inputs_whose_class_changed():
     assert changed.tolist() == [True, False, False, True, False, False]
     assert contract.decided_by_changes([spec("class"), spec("class", "z")])
     assert not contract.decided_by_changes([spec("class"), spec("dense", "z")]) and not contract.decided_by_changes([])
+
+
+def test_stage_times_are_exclusive_and_add_up_to_no_more_than_the_run():
+    """A stage inside another (layers timed during the analysis) counts as its own only; one inside itself
+    counts once."""
+    import time
+
+    from caffe_compress.pipeline import _Timer
+
+    timer = _Timer()
+    start = time.perf_counter()
+    with timer.stage("analyse"):
+        time.sleep(0.05)
+        with timer.stage("timing"):
+            time.sleep(0.1)
+            with timer.stage("timing"):
+                time.sleep(0.05)
+        assert timer.current == "analyse"
+        time.sleep(0.05)
+    total = time.perf_counter() - start
+    assert timer.timings["timing"] == pytest.approx(0.15, abs=0.04)
+    assert timer.timings["analyse"] == pytest.approx(0.10, abs=0.04)
+    assert sum(timer.timings.values()) <= total + 1e-6
