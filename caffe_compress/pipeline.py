@@ -1102,7 +1102,7 @@ class _Run:
         """The trade-off the contract is judged at, and its options."""
         return {"tradeoff": self.tradeoff if self.enforced else DEFAULT_TRADEOFF,
                 "min_fidelity": self.min_fidelity,
-                "margin": contract.SYNTHETIC_MARGIN if inputs.synthetic else 1.0}
+                "margin": contract.SYNTHETIC_MARGIN if inputs.synthetic else 1.0, "synthetic": inputs.synthetic}
 
     def _nothing(self, net, plan, misses, inputs, rounds, *, slower: bool = False) -> Report:
         if plan is None:

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Mapping, Sequence
 
 from .plan import LayerPlan
-from .plan.contract import Check
+from .plan.contract import Check, detections_held
 from .validate import OutputAgreement
 
 JSON_SCHEMA_VERSION = 2
@@ -240,6 +240,9 @@ def _contract_lines(report: Report) -> list[str]:
     if report.contract and report.validation_inputs.startswith("natural-image probes"):
         lines.append("contract on synthetic probes: each target allows half the change it allows on your images "
                      "(--images DIR or --calibration DIR measure on real ones)")
+        if detections_held(report.tradeoff, True) and any(c.kind in ("scores", "boxes") for c in report.contract):
+            lines.append(f"  detections keep the targets of T = 0.95 at T = {report.tradeoff:g}: the pictures hold none "
+                         "of a detector's objects (--calibration DIR or --images DIR loosen them with T)")
     for c in report.contract:
         target = "none" if c.target is None else f"{'>=' if c.higher_is_better else '<='} {c.target:.4g}"
         lines.append(f"contract '{c.output}' ({c.kind}): {c.metric} {c.value:.4g}, target {target}: "

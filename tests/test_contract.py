@@ -297,6 +297,41 @@ def test_targets_loosen_above_095_and_vanish_at_1():
     assert contract.targets(0.99, min_fidelity=0.5) == t95
 
 
+def test_detections_on_synthetic_probes_keep_the_no_loss_targets():
+    """Synthetic pictures hold none of a detector's objects: beyond T = 0.95 its scores and boxes keep
+    T = 0.95's (halved) targets there while every other kind loosens; real images loosen them all; T = 1 has
+    no target; the report says when the detections are held."""
+    from caffe_compress.report import _contract_lines
+
+    half = contract.SYNTHETIC_MARGIN
+    t95, t99 = (contract.targets(t, margin=half, synthetic=True) for t in (0.95, 0.99))
+    for key in ("jaccard", "logit", "boxes"):
+        assert t99[key] == t95[key]
+        assert contract.targets(0.99, margin=half)[key] != t95[key]  # (what the probes no longer allow)
+    for key in ("class", "relative", "cosine", "psnr"):
+        assert t99[key] != t95[key]
+    assert contract.targets(0.99)["boxes"] == contract.targets(0.99)["relative"]
+    assert all(v is None for v in contract.targets(1.0, margin=half, synthetic=True).values())
+    assert contract.detections_held(0.99, True) and not contract.detections_held(0.95, True)
+    assert not contract.detections_held(0.99, False) and not contract.detections_held(1.0, True)
+
+    a = np.full((4, 10), -6.0)
+    a[:, :3] = 6.0
+    scores = contract.OutputSpec("conf", "scores")
+    logits = a + 3.0
+    pa, pb = 1 / (1 + np.exp(-a)), 1 / (1 + np.exp(-logits))
+    loose, held = (contract.check_output(scores, pa, pb, 0.99, margin=half, synthetic=s)[0] for s in (False, True))
+    assert held.target == t95["logit"] < loose.target  # (the RMS logit change: lower is stricter)
+
+    class R:  # (the report's fields the contract lines read)
+        tradeoff, validation_inputs, contract, validation = 0.99, "natural-image probes (62)", (held,), ()
+        accuracy = metric = onnx_contract = None
+        written = True
+    assert any("detections keep the targets of T = 0.95" in line for line in _contract_lines(R))
+    R.tradeoff = 0.95
+    assert not any("detections keep" in line for line in _contract_lines(R))
+
+
 # ------------------------------------------------------------------ the input convention
 
 
