@@ -26,7 +26,8 @@ On synthetic probes (no user images) every allowed change is halved (SYNTHETIC_M
 a proxy for real inputs, and the contract is about real ones.
 
 Above T = 0.95 the targets loosen smoothly by the factor ``f = 0.05 / (1 - T)`` (an error target
-times f, a similarity target's distance to 1 times f, PSNR minus 20 log10 f); T = 1 has none.
+times f, a similarity target's distance to 1 times f, PSNR minus 20 log10 f); T = 1 has none. On synthetic
+probes a detector's scores and boxes do not loosen (the pictures hold none of its objects): see targets().
 """
 from __future__ import annotations
 
