@@ -920,13 +920,15 @@ class _Run:
     def net_ms(self, model: Net, feed: Mapping[str, np.ndarray], *, threads: int = 1,
                budget_s: float = timing.NET_BUDGET_S / 2, again: bool = False) -> float:
         """A big net's median latency (timing.big_net), measured alone, once per run (``again``: measured anew,
-        and kept): never taken from the timing cache alone, since the other side of its comparison is
+        and kept; the network loaded for it is released at once, not kept loaded beside the next one -- peak
+        memory): never taken from the timing cache alone, since the other side of its comparison is
         measured now (latency())."""
         key = timing.DiskCache.key("net", timing.signature(model.layers),
                                    {k: list(v.shape) for k, v in feed.items()}, threads)
         if again or key not in self._net_ms:
-            self._net_ms[key] = timing.median_ms(self._load_for_timing, model, feed, threads=threads,
-                                                 budget_s=budget_s, max_runs=timing.BIG_NET_RUNS)
+            load = (lambda m: self.cv.load(m, what="timing")) if again else self._load_for_timing
+            self._net_ms[key] = timing.median_ms(load, model, feed, threads=threads, budget_s=budget_s,
+                                                 max_runs=timing.BIG_NET_RUNS)
         return self._net_ms[key]
 
     def _measured(self, key: str, measure: Callable[[], float]) -> float:
