@@ -47,7 +47,7 @@ onnx-zoo: $(STAMP)
 	$(PY) tools/onnx_zoo.py --opencv5 .venv-cv5/bin/python
 
 # The suite against the oldest and the newest dependencies setup.py allows.
-COMPAT_OLD := numpy==1.26.4 protobuf==4.21.12 opencv-python-headless==4.5.5.64
+COMPAT_OLD := numpy==1.26.4 protobuf==4.21.12 opencv-python-headless==4.5.5.64 threadpoolctl==3.5.0
 compat:
 	rm -rf .venv-compat-old .venv-compat-new
 	$(PYTHON) -m venv .venv-compat-old

@@ -19,6 +19,8 @@ setup(
         "opencv-python-headless>=4.5.5,<5",
         # the CLI's progress display in a terminal
         "rich>=13",
+        # one BLAS thread per layer while layers are analysed side by side (plan/search.py)
+        "threadpoolctl>=3.5",  # (3.5: the first that finds numpy 2's scipy-openblas)
     ],
     extras_require={
         # TensorLy is only the tests' independent oracle for CP quality.

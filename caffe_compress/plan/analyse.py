@@ -450,16 +450,28 @@ def _pointwise_errors(layer, data: ConvData, ws: Workspace, low: int, bias: int,
         (f.second @ f.first).reshape(k.shape) for f, k in zip(ws.linear_factors(layer.name, r), data.kernels)])
 
 
-def _cp_errors(layer, data: ConvData, ws: Workspace, low: int, bias: int, forced: int | None, *,
-               seed: int, cp_iterations: int, rank_cap: RankCap | None = None):
-    t, sg, kh, kw = layer.blobs[0].shape
-    g = len(data.kernels)
+def _cp_group_ranks(shape, g: int, bias: int, low: int, forced: int | None) -> tuple:
+    t, sg = shape[:2]
     # CP beyond the channel counts costs much and rarely pays; the grid's top is
     # the largest power of two within them (ALS time grows with the rank).
     cap = 1 << (max(t // g, sg).bit_length() - 1)
     # CP costs one ALS run per rank: a coarser (power-of-two) grid.
-    group_ranks = _grid_below_break_even(METHOD_CP, layer.blobs[0].shape, g, bias, low, cap, fine=False,
-                                         forced=forced)
+    return _grid_below_break_even(METHOD_CP, shape, g, bias, low, cap, fine=False, forced=forced)
+
+
+def cp_grid(layer: Layer, *, min_rank_divisor: int, forced: int | None = None) -> tuple[int, ...]:
+    """The total ranks of a convolution's CP grid before any RankCap (what analyse_convolution passes one)."""
+    geo = conv_geometry(layer)
+    t, sg = layer.blobs[0].shape[:2]
+    low = max(1, min(t // geo.group, sg) // min_rank_divisor)
+    ranks = _cp_group_ranks(layer.blobs[0].shape, geo.group, t if geo.bias_term else 0, low, forced)
+    return tuple(r * geo.group for r in ranks)
+
+
+def _cp_errors(layer, data: ConvData, ws: Workspace, low: int, bias: int, forced: int | None, *,
+               seed: int, cp_iterations: int, rank_cap: RankCap | None = None):
+    g = len(data.kernels)
+    group_ranks = _cp_group_ranks(layer.blobs[0].shape, g, bias, low, forced)
     if rank_cap is not None and forced is None and group_ranks:
         top = rank_cap(layer, tuple(r * g for r in group_ranks))
         if top is not None:  # (the lowest rank stays: the form keeps a row in the report)

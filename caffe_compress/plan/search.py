@@ -7,18 +7,22 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Callable, Hashable, Mapping, Sequence
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from .. import tail
+from ..memory import one_heap
 from ..runner import Source, blob_sources
 from ..net import Layer, Net, conv_geometry
 from .analyse import (
-    METHOD_SVD, METHOD_TUCKER, MIN_RANK_DIVISOR, PATCH_SAMPLES, Candidate, RankCap, Workspace, conv_data,
-    analyse_convolution,
+    METHOD_CP, METHOD_SVD, METHOD_TUCKER, MIN_RANK_DIVISOR, PATCH_SAMPLES, Candidate, RankCap, Workspace, conv_data,
+    analyse_convolution, cp_grid,
     analyse_inner_product, approximate_weight, error_budget, layer_forms, sample_patches, totals_of,
 )
 
@@ -33,6 +37,8 @@ TIMED_BYTES = 8 << 20  # the largest factored form a planning micro-benchmark lo
 ACTIVATION_BYTES = 64 << 20  # activations held at once while probing (samples run in chunks)
 GAIN_SAMPLES = 4  # planning samples a sensitivity trial runs (the gain is a ratio: a few samples settle it)
 MAX_ROUNDS = 12  # distinct plans the closed loop writes and measures at most
+ANALYSIS_WORKERS = min(os.cpu_count() or 1, 4)  # layers analysed side by side
+ALONE_LAYER_BYTES = 8 << 20  # a layer with more weight bytes is analysed alone (its workspace: peak memory)
 MIN_BUDGET_EXPONENT = -7  # the smallest budget tried is 2^-7 (a 0.8% predicted output change)
 
 
@@ -107,32 +113,46 @@ def analyse_layers(decomposable: Sequence[tuple[Layer, str]], layer_inputs: Mapp
     one; a forced rank without a form means the layer's primary form), and the reasons of those left alone.
     ``cp_rank_cap``: the largest CP rank of a layer worth analysing (see analyse.RankCap).
 
+    The layers are analysed side by side on the machine's cores (ANALYSIS_WORKERS, BLAS one thread each: the
+    small kernels' ALS is per-call overhead, one core each), a big layer alone after them; each layer's result
+    is its own, whatever ran beside it. The CP caps time OpenCV first, one layer after the other.
     A forced rank that would not reduce the layer's parameters is dropped from ``ranks``.
     """
-    candidates, skipped = [], {}
+    jobs = []
     for layer, method in decomposable:
-        say(f"analysing {layer.name}")
-        data = layer_inputs[layer.name]
-        start = time.perf_counter()
         forced = ranks.get(layer.name)
         if layer.name in forms:
             methods = (forms[layer.name],)
         else:
             methods = (method,) if forced is not None else layer_forms(layer, method)
+        jobs.append((layer, method, methods, forced))
+    caps = _cp_caps(jobs, layer_inputs, cp_rank_cap)  # (OpenCV timings: nothing else runs meanwhile)
+
+    def analyse(job) -> list[Candidate] | str:
+        layer, method, methods, forced = job
+        start = time.perf_counter()
+        data = layer_inputs[layer.name]
         if method == METHOD_SVD:
             cands = [analyse_inner_product(layer, data.rows, min_rank_divisor=MIN_RANK_DIVISOR, ws=ws,
                                            forced_rank=forced)]
         elif data.patches is None:
-            skipped[layer.name] = f"input is {len(data.shape)}-D; only 2-D convolutions are decomposed"
-            continue
+            return f"input is {len(data.shape)}-D; only 2-D convolutions are decomposed"
         else:
             prepared = conv_data(layer, data.patches)
             cands = [analyse_convolution(layer, data.patches, data.shape, conv_out_shape(layer, data.shape), m,
                                          min_rank_divisor=MIN_RANK_DIVISOR, seed=seed, ws=ws,
                                          cp_iterations=CP_ITERATIONS, forced_rank=forced, data=prepared,
-                                         cp_rank_cap=cp_rank_cap)
+                                         cp_rank_cap=(lambda lay, _ranks: caps.get(lay.name)) if caps else None)
                      for m in methods]
         timings[f"analyse/{layer.name}"] = time.perf_counter() - start
+        return cands
+
+    candidates, skipped = [], {}
+    done = _side_by_side(analyse, jobs, big=_big_job, announce=lambda job: say(f"analysing {job[0].name}"))
+    for (layer, _, _, forced), cands in zip(jobs, done):
+        if isinstance(cands, str):
+            skipped[layer.name] = cands
+            continue
         cands = [c for c in cands if c.ranks]
         if not cands:
             skipped[layer.name] = "no rank reduces its parameter count (break-even)"
@@ -144,6 +164,50 @@ def analyse_layers(decomposable: Sequence[tuple[Layer, str]], layer_inputs: Mapp
             continue
         candidates.extend(cands)
     return candidates, skipped
+
+
+def _cp_caps(jobs, layer_inputs: Mapping[str, LayerInput], cp_rank_cap: RankCap | None) -> dict[str, int | None]:
+    """Each CP grid's cap, before the analysis (the cap times OpenCV: measured alone, not beside an ALS)."""
+    if cp_rank_cap is None:
+        return {}
+    caps = {}
+    for layer, _, methods, forced in jobs:
+        if METHOD_CP in methods and forced is None and layer_inputs[layer.name].patches is not None:
+            grid = cp_grid(layer, min_rank_divisor=MIN_RANK_DIVISOR)
+            caps[layer.name] = cp_rank_cap(layer, grid) if grid else None
+    return caps
+
+
+def _big_job(job) -> bool:
+    """A layer analysed alone (after the others), with every BLAS thread (GenderNet's fc6: a 38 MB weight, its SVD workspace)."""
+    return sum(b.nbytes for b in job[0].blobs) > ALONE_LAYER_BYTES
+
+
+def _side_by_side(work: Callable, jobs: Sequence, *, big: Callable, announce: Callable) -> list:
+    """[work(job) for job in jobs]: the jobs ``big`` says no to on ANALYSIS_WORKERS threads with BLAS limited
+    to one thread each (numpy releases the GIL in its kernels), then the others one at a time (a big layer's
+    workspace then adds to nothing else's). ``announce(job)`` runs on this thread as a job's result is awaited
+    (in the pool) or as it starts (alone)."""
+    results: dict[int, object] = {}
+    pooled = [i for i, job in enumerate(jobs) if not big(job)]
+    if len(pooled) > 1 and ANALYSIS_WORKERS > 1:
+        one_heap()
+        with threadpool_limits(limits=1, user_api="blas"), \
+                ThreadPoolExecutor(max_workers=ANALYSIS_WORKERS, thread_name_prefix="analyse") as pool:
+            futures = {i: pool.submit(work, jobs[i]) for i in pooled}
+            try:
+                for i, future in futures.items():
+                    announce(jobs[i])
+                    results[i] = future.result()
+            except BaseException:
+                for future in futures.values():
+                    future.cancel()
+                raise
+    for i, job in enumerate(jobs):
+        if i not in results:
+            announce(job)
+            results[i] = work(job)
+    return [results[i] for i in range(len(jobs))]
 
 
 def relative_output_error(original: Mapping, other: Mapping) -> float:

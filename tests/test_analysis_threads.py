@@ -1,0 +1,73 @@
+"""The layers are analysed side by side on worker threads: the same candidates as one layer at a time, the
+CP caps (OpenCV timings) asked before any analysis runs, a big layer alone after the others."""
+import threading
+
+import numpy as np
+import pytest
+
+from caffe_compress import io
+from caffe_compress.runner import OpenCVRunner, blob_sources
+from test_tradeoff import small_model
+
+
+def _analysis(tmp_path, monkeypatch, workers: int, events: list):
+    from caffe_compress.plan import analyse as planner, search
+
+    tmp_path.mkdir()
+    deploy, model = small_model(tmp_path)
+    net = io.load(deploy, model)
+    first_input, out_sources = blob_sources(net)
+    decomposable = [(layer, planner.describe_layer(layer, keep=False)[0]) for layer in net.layers
+                    if layer.name in ("conv1", "conv2", "fc1", "fc2")]
+    cv = OpenCVRunner(tmp_path)
+    x = np.random.default_rng(3).standard_normal((8, 3, 24, 24)).astype(np.float32)
+    layer_inputs, _ = search.collect_inputs(lambda m, f, s: cv.run(m, f, s), net, {"data": x},
+                                            {l.name: first_input[l.name] for l, _ in decomposable}, out_sources,
+                                            seed=0)
+    monkeypatch.setattr(search, "ANALYSIS_WORKERS", workers)
+    monkeypatch.setattr(search, "ALONE_LAYER_BYTES", 40_000)  # fc1 (64 x 800 floats, 205 kB) is analysed alone
+    for name in ("analyse_convolution", "analyse_inner_product"):
+        real = getattr(search, name)
+
+        def traced(layer, *args, _real=real, **kwargs):
+            events.append(("analyse", layer.name, threading.current_thread().name))
+            return _real(layer, *args, **kwargs)
+
+        monkeypatch.setattr(search, name, traced)
+
+    def cap(layer, ranks):  # a cap that times OpenCV would run here: before any ALS
+        events.append(("cap", layer.name, threading.current_thread().name))
+        return sorted(ranks)[len(ranks) // 2]
+
+    said = []
+    candidates, skipped = search.analyse_layers(decomposable, layer_inputs, ranks={}, forms={},
+                                                ws=planner.Workspace(), seed=0, timings={}, say=said.append,
+                                                cp_rank_cap=cap)
+    return candidates, skipped, said
+
+
+def _summary(candidates):
+    return [(c.layer, c.method, c.ranks, c.output_error, c.weight_error) for c in candidates]
+
+
+def test_layers_analysed_side_by_side_give_what_one_at_a_time_gives(tmp_path, monkeypatch):
+    one, two = [], []
+    alone, skipped_alone, said_alone = _analysis(tmp_path / "a", monkeypatch, 1, one)
+    pooled, skipped_pooled, said_pooled = _analysis(tmp_path / "b", monkeypatch, 2, two)
+
+    assert skipped_alone == skipped_pooled and sorted(said_alone) == sorted(said_pooled)  # (one line a layer)
+    assert [s[:3] for s in _summary(pooled)] == [s[:3] for s in _summary(alone)]  # forms and ranks
+    for a, b in zip(_summary(alone), _summary(pooled)):
+        for r in a[2]:
+            assert b[3][r] == pytest.approx(a[3][r], rel=1e-5, abs=1e-9)
+            assert b[4][r] == pytest.approx(a[4][r], rel=1e-5, abs=1e-9)
+    assert {c.layer for c in pooled if c.method == "cp"} == {"conv1", "conv2"}
+    assert max(r for c in pooled if c.method == "cp" for r in c.ranks) < 16  # the cap applied
+
+    caps = [i for i, e in enumerate(two) if e[0] == "cap"]
+    runs = [e for e in two if e[0] == "analyse"]
+    assert caps and max(caps) < min(i for i, e in enumerate(two) if e[0] == "analyse")
+    threads = {name: {t for _, n, t in runs if n == name} for name in ("conv1", "conv2", "fc1", "fc2")}
+    assert all(t.startswith("analyse") for name in ("conv1", "conv2", "fc2") for t in threads[name])
+    assert threads["fc1"] == {threading.main_thread().name}  # the big layer: alone, after the others
+    assert [e[1] for e in runs][-1] == "fc1"
