@@ -340,9 +340,17 @@ def budgets_of(rows: list, svd_s: float, plans: list = ()) -> dict:
             "where": f"plan with an empty timing cache, median of {len(cold)}: "
                      + ", ".join(f"{w:.1f}" for w in cold) + " s; with a warm one " + ", ".join(f"{w:.1f}" for w in warm) + " s",
             "ok": median < PLAN_SECONDS and all(w < PLAN_SECONDS for w in warm)}
-        same = len({p["bytes_after"] for p in plans}) == 1
-        out["gendernet_plan_is_the_run"] = {"value": float(same), "budget": "1 (same bytes)",
-                                            "where": ", ".join(f"{p['bytes_after']:,}" for p in plans), "ok": same}
+        # the promise: a plan and the run after it with the cache it left (the last cold plan, the warm plan and
+        # the run) write the same bytes; cold plans on caches of their own may differ by timing noise
+        shared = [p["bytes_after"] for p in plans if not p["what"].startswith("plan, empty")]
+        shared = [p["bytes_after"] for p in plans if p["what"].startswith("plan, empty")][-1:] + shared
+        same = len(set(shared)) == 1
+        others = len({p["bytes_after"] for p in plans if p["what"].startswith("plan, empty")})
+        out["gendernet_plan_is_the_run"] = {
+            "value": float(same), "budget": "1 (same bytes)", "ok": same,
+            "where": "plan, plan again, run on one cache: " + ", ".join(f"{b:,}" for b in shared)
+                     + f"; the {COLD_PLANS} cold plans (a cache each): {others} size(s), "
+                     + ", ".join(f"{p['bytes_after']:,}" for p in plans if p["what"].startswith("plan, empty"))}
     zoo_rows = [r for r in rows if not r["model"].startswith("gendernet")]
     if zoo_rows:
         slow = max(zoo_rows, key=lambda r: r["wall_s"])

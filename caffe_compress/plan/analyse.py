@@ -410,7 +410,7 @@ def conv_data(layer: Layer, patches: np.ndarray) -> ConvData:
     geo = conv_geometry(layer)
     g = geo.group
     sg = layer.blobs[0].shape[1]
-    patches = patches.astype(np.float32)
+    patches = np.asarray(patches, dtype=np.float32)  # (no copy: the recorded patches are float32)
     kernels = conv_group_kernels(layer)
     group_patches = [patches[:, i * sg : (i + 1) * sg].reshape(patches.shape[0], -1) for i in range(g)]
     y = np.concatenate([gp @ k.reshape(k.shape[0], -1).T for gp, k in zip(group_patches, kernels)],
