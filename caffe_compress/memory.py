@@ -38,7 +38,8 @@ def release_memory() -> None:
 def one_heap() -> None:
     """Threads started from now on allocate from the heaps that exist (glibc: M_ARENA_MAX 1), not from one new
     arena each: the analysis threads' own arenas kept ~35 MB of freed patches and factors that malloc_trim
-    could not hand back, and GenderNet's peak rose from 329 to 363 MB. Once per process, glibc only."""
+    could not hand back, and GenderNet's peak rose from 329 to 363 MB. For the whole process and for good
+    (glibc fixes the arena limit once it is first needed), idempotent; glibc only."""
     import ctypes
 
     try:
