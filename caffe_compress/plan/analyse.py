@@ -459,11 +459,16 @@ def _cp_group_ranks(shape, g: int, bias: int, low: int, forced: int | None) -> t
     return _grid_below_break_even(METHOD_CP, shape, g, bias, low, cap, fine=False, forced=forced)
 
 
+def _lowest_rank(t: int, sg: int, g: int, min_rank_divisor: int) -> int:
+    """A convolution's lowest per-group grid rank: the smaller side / min_rank_divisor, at least 1."""
+    return max(1, min(t // g, sg) // min_rank_divisor)
+
+
 def cp_grid(layer: Layer, *, min_rank_divisor: int, forced: int | None = None) -> tuple[int, ...]:
     """The total ranks of a convolution's CP grid before any RankCap (what analyse_convolution passes one)."""
     geo = conv_geometry(layer)
     t, sg = layer.blobs[0].shape[:2]
-    low = max(1, min(t // geo.group, sg) // min_rank_divisor)
+    low = _lowest_rank(t, sg, geo.group, min_rank_divisor)
     ranks = _cp_group_ranks(layer.blobs[0].shape, geo.group, t if geo.bias_term else 0, low, forced)
     return tuple(r * geo.group for r in ranks)
 
@@ -608,7 +613,7 @@ def analyse_convolution(
     t, sg = w.shape[:2]
     bias_count = t if geo.bias_term else 0
     data = data or conv_data(layer, patches)
-    low = max(1, min(t // g, sg) // min_rank_divisor)
+    low = _lowest_rank(t, sg, g, min_rank_divisor)
     if method == METHOD_POINTWISE:
         errs = _pointwise_errors(layer, data, ws, low, bias_count, forced_rank)
     elif method == METHOD_TUCKER:

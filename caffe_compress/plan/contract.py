@@ -129,7 +129,7 @@ def targets(tradeoff: float, *, min_fidelity: float | None = None, margin: float
     f = loose * margin
     if math.isinf(f):
         return dict.fromkeys(("class", "jaccard", "logit", "relative", "boxes", "cosine", "psnr"))
-    f_detect = (min(loose, 1.0) if synthetic else loose) * margin
+    f_detect = (1.0 if detections_held(t, synthetic) else loose) * margin
     return {
         "class": max(0.0, 1.0 - (1.0 - CONFIDENT_AGREEMENT) * f),
         "jaccard": max(0.0, 1.0 - (1.0 - SCORES_JACCARD) * f_detect),
@@ -139,6 +139,11 @@ def targets(tradeoff: float, *, min_fidelity: float | None = None, margin: float
         "cosine": max(-1.0, 1.0 - (1.0 - EMBEDDING_COSINE) * f),
         "psnr": IMAGE_PSNR_DB - 20.0 * math.log10(f),
     }
+
+
+def _error_target(spec: OutputSpec, t: Mapping[str, float | None]) -> float | None:
+    """The relative-error target of an output: a detector's boxes have theirs (see targets)."""
+    return t["boxes"] if spec.kind == "boxes" else t["relative"]
 
 
 def detections_held(tradeoff: float, synthetic: bool) -> bool:
@@ -343,8 +348,7 @@ def check_output(spec: OutputSpec, original: np.ndarray, compressed: np.ndarray,
         mse = float(np.mean((a - b) ** 2))
         psnr = math.inf if mse == 0 else 10.0 * math.log10(peak * peak / mse)
         return [Check(spec.name, spec.kind, "PSNR vs the original (dB)", psnr, t["psnr"], True)]
-    return [Check(spec.name, spec.kind, "relative error", _relative(a, b),
-                  t["boxes"] if spec.kind == "boxes" else t["relative"], False)]
+    return [Check(spec.name, spec.kind, "relative error", _relative(a, b), _error_target(spec, t), False)]
 
 
 def _foreground(spec: OutputSpec, a: np.ndarray, b: np.ndarray):
@@ -489,7 +493,7 @@ def certain_misses(specs: Sequence[OutputSpec], original: Mapping[str, np.ndarra
             check = _boxes_bound(spec, specs, original, a_all, b, count, t, seen, likely)
         elif (spec.kind == "dense" or (spec.kind == "boxes" and not (spec.pair and spec.pair in original))) \
                 and t["relative"] is not None:
-            target = t["boxes"] if spec.kind == "boxes" else t["relative"]
+            target = _error_target(spec, t)
             ref = float(np.sum(a_all * a_all))
             entries = np.full(n_all, a_all[0].size)
             diff, how = _summed(((a - b) ** 2).reshape(count, -1).sum(axis=1), entries, likely, seen,

@@ -127,6 +127,7 @@ def analyse_layers(decomposable: Sequence[tuple[Layer, str]], layer_inputs: Mapp
             methods = (method,) if forced is not None else layer_forms(layer, method)
         jobs.append((layer, method, methods, forced))
     caps = _cp_caps(jobs, layer_inputs, cp_rank_cap)  # (OpenCV timings: nothing else runs meanwhile)
+    fixed_cap = (lambda layer, _ranks: caps.get(layer.name)) if caps else None
 
     def analyse(job) -> list[Candidate] | str:
         layer, method, methods, forced = job
@@ -142,7 +143,7 @@ def analyse_layers(decomposable: Sequence[tuple[Layer, str]], layer_inputs: Mapp
             cands = [analyse_convolution(layer, data.patches, data.shape, conv_out_shape(layer, data.shape), m,
                                          min_rank_divisor=MIN_RANK_DIVISOR, seed=seed, ws=ws,
                                          cp_iterations=CP_ITERATIONS, forced_rank=forced, data=prepared,
-                                         cp_rank_cap=(lambda lay, _ranks: caps.get(lay.name)) if caps else None)
+                                         cp_rank_cap=fixed_cap)
                      for m in methods]
         timings[f"analyse/{layer.name}"] = time.perf_counter() - start
         return cands
