@@ -111,7 +111,7 @@ def test_unloadable_output_fails_cleanly(tmp_path):
     err = stdio.StringIO()
     with mock.patch.object(validate, "load_opencv_net", refuse_compressed), contextlib.redirect_stderr(err), \
             contextlib.redirect_stdout(stdio.StringIO()):
-        code = cli.main([str(deploy), str(model), "--tradeoff", "0.9", "-o", str(tmp_path / "out")])
+        code = cli.main([str(deploy), str(model), "--rank", "fc1=16", "-o", str(tmp_path / "out")])  # (a plan to write)
     assert code == 6 and "OpenCV cannot load it" in err.getvalue()
     assert not [p for p in os.listdir(tmp_path) if "out" in p]
 
