@@ -261,6 +261,7 @@ class _LoopState:
     best_budget: float = 0.0
     latency: timing.Latency | None = None
     excess: float = 1.0  # the last round's worst error / its target (search.excess)
+    predicted: float | None = None  # the last round's predicted error (None: no new round)
     missed_at: dict = field(default_factory=dict)  # budget -> the choice that missed there
     dropped: dict = field(default_factory=dict)  # layer -> why the whole-model speed check dropped it
 
@@ -1259,9 +1260,10 @@ class _ClosedLoop:
         usually near the top), then try the lowest (if even that most cautious plan misses, stop: nothing
         can be gained), then bisect between -- assuming a plan that passes at a budget passes at every
         smaller one, this finds the rung a walk down would. A miss by a wide margin skips the rungs that
-        would still miss (search.rungs_to_skip); a pass after a skip bisects back up."""
+        would still miss (search.rungs_to_skip); a pass after a skip bisects back up. Two misses whose
+        measured error does not follow the prediction (search.not_steering) end the walk early."""
         self.run.progress.stage("searching the plan: write, validate in OpenCV")
-        failing, i = -1, 0
+        failing, i, last = -1, 0, None
         for _ in range(WALK_FIRST):
             if i >= len(ladder):
                 break
@@ -1271,6 +1273,10 @@ class _ClosedLoop:
             if result is not False:  # (right below a miss, nothing is left to bisect)
                 return self.bisect(ladder, failing, i)
             failing, i = i, i + 1 + search.rungs_to_skip(self.state.excess)
+            miss, last = last, (self.state.excess, self.state.predicted)
+            if search.not_steering(miss, last):
+                self.run.say("the measured error does not follow the predicted one: trying the lowest budget")
+                break
         lowest = len(ladder) - 1
         if lowest <= failing or self.attempt(ladder[lowest]) is False:
             return  # (None, nothing factored at the lowest budget, says nothing of the rungs above: bisect)
@@ -1293,10 +1299,12 @@ class _ClosedLoop:
         built = self.build(budget) if chosen is None else self.build_chosen(
             chosen, planner.predicted_error(self.candidates, chosen), budget)
         if built is None or isinstance(built, bool):
-            self.state.excess = 1.0  # (a plan judged before, or none: no new measure of how far it missed)
+            # (a plan judged before, or none: no new measure of how far it missed)
+            self.state.excess, self.state.predicted = 1.0, None
             return built
         key, chosen, new_net, plan = built
         r, state = self.run, self.state
+        state.predicted = plan.predicted_error
         r.say(f"round {state.rounds + 1}: {len(chosen)} layers factored (budget {budget:.3g}, predicted error "
               f"{plan.predicted_error:.3g})")
         verdict, staged = r.write_and_verify(self.net, new_net, self.prefix, self.store_fp16, self.specs,

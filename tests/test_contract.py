@@ -493,9 +493,10 @@ def test_a_class_check_says_how_many_changed_answers_its_target_allows():
     assert contract.Check("y", "dense", "relative error", 0.0, 0.05, False).flips_allowed is None
 
 
-def _walk(passes_from: int, error_at, ladder_length: int = 12):
+def _walk(passes_from: int, error_at, ladder_length: int = 12, predicted_at=None):
     """The rungs the closed loop tries on a ladder where rungs >= passes_from pass; error_at(rung) is
-    the measured error / target of a missing rung."""
+    the measured error / target of a missing rung, predicted_at(rung) its plan's predicted error (default: the
+    rung's budget)."""
     from types import SimpleNamespace
 
     from caffe_compress import pipeline
@@ -511,11 +512,12 @@ def _walk(passes_from: int, error_at, ladder_length: int = 12):
             passed = rung >= passes_from
             self.state.excess = 1.0 if passed else pipeline.search.excess(
                 [Check("y", "dense", "relative error", 0.05 * error_at(rung), 0.05, False)])
+            self.state.predicted = (predicted_at or (lambda k: budget))(rung)
             return passed
 
     ladder = [2.0 ** (-k / 2) for k in range(ladder_length)]
-    loop = Loop(SimpleNamespace(ranks={}, progress=SimpleNamespace(stage=lambda *a: None)), None, None, [], {},
-                [], {}, None)
+    loop = Loop(SimpleNamespace(ranks={}, progress=SimpleNamespace(stage=lambda *a: None), say=lambda *a: None),
+                None, None, [], {}, [], {}, None)
     loop.search(ladder)
     return tried
 
@@ -541,6 +543,28 @@ def test_a_wide_miss_skips_the_rungs_that_would_still_miss():
     assert 1 in tried and 2 in tried and max(r for r in tried if r < 2) == 1
     assert min(r for r in tried if r >= 2) == 2  # the highest passing rung was found
     assert _walk(1, lambda rung: 1.2) == [0, 1]  # a narrow miss walks one rung
+
+
+def test_misses_that_do_not_follow_the_prediction_send_the_search_to_the_lowest_rung():
+    """Two misses by the same measured error while the prediction fell a rung: the walk learns nothing one
+    rung at a time, so the search tries the lowest rung next and bisects from there -- and still finds the
+    highest passing rung. Misses that do follow the prediction, or narrow ones, walk on as before."""
+    from caffe_compress.plan.search import HALF_RUNG_ERROR, not_steering
+
+    assert not_steering((1.43, 0.48), (1.43, 0.34))  # VDSR T = 0.99: 28.9 dB twice against 32.0
+    assert not_steering((1.43, 0.48), (1.6, 0.24))  # the error even rose
+    assert not not_steering((1.43, 0.48), (1.2, 0.34))  # it fell with the prediction (1.19 of 1.41)
+    assert not not_steering((1.43, 0.48), (1.43, 0.42))  # the prediction fell less than half a rung
+    assert not not_steering((1.1, 0.48), (1.1, 0.34))  # narrow misses: the next rung may well pass
+    assert not not_steering(None, (1.43, 0.34)) and not not_steering((1.43, None), (1.43, 0.34))
+    assert HALF_RUNG_ERROR == pytest.approx(2 ** 0.25)
+    stuck = lambda rung: 1.5  # noqa: E731 -- the same miss on every rung above the passing ones
+    tried = _walk(7, stuck, ladder_length=14)
+    assert tried[:3] == [0, 1, 13]  # two misses alike, then the lowest rung
+    assert 7 in tried and 6 in tried and max(r for r in tried if r < 7) == 6  # the highest pass still found
+    assert len(tried) < len(_walk(7, stuck, ladder_length=14, predicted_at=lambda rung: 0.5))  # (no steer test)
+    following = lambda rung: 8.0 / 2 ** (rung / 2)  # noqa: E731
+    assert _walk(6, following) == [0, 5, 6]  # unchanged when the error follows the prediction
 
 
 def _candidate(layer: str, params: int, ranks=(64, 32, 16, 8, 4)):

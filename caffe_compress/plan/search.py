@@ -39,6 +39,7 @@ GAIN_SAMPLES = 4  # planning samples a sensitivity trial runs (the gain is a rat
 MAX_ROUNDS = 12  # distinct plans the closed loop writes and measures at most
 ANALYSIS_WORKERS = min(os.cpu_count() or 1, 4)  # layers analysed side by side
 ALONE_LAYER_BYTES = 8 << 20  # a layer with more weight bytes is analysed alone (its workspace: peak memory)
+HALF_RUNG_ERROR = 2.0 ** 0.25  # an error ratio of half a rung of the budget ladder (sqrt 2 a rung)
 MIN_BUDGET_EXPONENT = -7  # the smallest budget tried is 2^-7 (a 0.8% predicted output change)
 
 
@@ -468,6 +469,22 @@ def rungs_to_skip(excess_ratio: float) -> int:
     if not excess_ratio > 1.0:
         return 0
     return max(0, int(math.ceil(2.0 * math.log2(min(excess_ratio, 2.0 ** 16)) - 1e-9)) - 2)
+
+
+def not_steering(before: tuple[float, float] | None, after: tuple[float, float]) -> bool:
+    """Whether two misses in a row, each ``(excess, predicted error)``, show the measured error not following
+    the prediction: both missed by more than half a rung's error (excess above 2^(1/4), as if the error fell
+    in proportion to the budget), the prediction fell by more than half a rung between them, and the
+    measured error by less than a quarter as much (in ratio) -- one layer's error is under-predicted and the
+    plans that keep it all miss alike. Walking on a rung at a time then learns nothing; the search goes to the
+    lowest rung instead (where nothing can be gained, that says so at once) and bisects from there."""
+    if before is None or after is None:
+        return False
+    (x0, p0), (x1, p1) = before, after
+    if not (min(x0, x1) > HALF_RUNG_ERROR and p0 and p1 and p0 > 0 and p1 > 0):
+        return False
+    fell = p0 / p1
+    return fell > HALF_RUNG_ERROR and math.log(x0 / x1) < 0.25 * math.log(fell)
 
 
 def budget_ladder(tradeoff: float) -> list[float]:
