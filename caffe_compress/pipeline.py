@@ -1273,8 +1273,8 @@ class _ClosedLoop:
             if result is not False:  # (right below a miss, nothing is left to bisect)
                 return self.bisect(ladder, failing, i)
             failing, i = i, i + 1 + search.rungs_to_skip(self.state.excess)
-            miss, last = last, (self.state.excess, self.state.predicted)
-            if search.not_steering(miss, last):
+            before, last = last, (self.state.excess, self.state.predicted)
+            if search.not_steering(before, last):
                 self.run.say("the measured error does not follow the predicted one: trying the lowest budget")
                 break
         lowest = len(ladder) - 1

@@ -481,7 +481,7 @@ def not_steering(before: tuple[float, float] | None, after: tuple[float, float])
     if before is None or after is None:
         return False
     (x0, p0), (x1, p1) = before, after
-    if not (min(x0, x1) > HALF_RUNG_ERROR and p0 and p1 and p0 > 0 and p1 > 0):
+    if None in (p0, p1) or not (min(x0, x1) > HALF_RUNG_ERROR and min(p0, p1) > 0):
         return False
     fell = p0 / p1
     return fell > HALF_RUNG_ERROR and math.log(x0 / x1) < 0.25 * math.log(fell)
