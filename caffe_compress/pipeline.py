@@ -154,19 +154,24 @@ class _Factorizer:
     def build(self, plan: planner.Plan) -> tuple[Net, planner.Plan]:
         replacements: dict[str, tuple[Layer, ...]] = {}
         errors: dict[str, float] = {}
-        for lp in plan.layers:
-            if lp.method == planner.METHOD_KEEP or not lp.rank:
-                continue
-            key = (lp.layer, lp.method, lp.rank)
-            if key not in self.cache:
-                self.cache[key] = self._factor(lp.layer, lp.method, lp.rank)
-            replacements[lp.layer], err = self.cache[key]
+        keys = [(lp.layer, lp.method, lp.rank) for lp in plan.layers if lp.method != planner.METHOD_KEEP and lp.rank]
+        new = [key for key in keys if key not in self.cache]
+        # side by side on the cores, like the analysis (each factorization is its own: the same either way)
+        done = search.side_by_side(lambda key: self._factor(*key), new, big=self._big,
+                                   announce=lambda key: self.say(f"decomposing {key[0]}"))
+        self.cache.update(zip(new, done))
+        for key in keys:
+            replacements[key[0]], err = self.cache[key]
             if err is not None:
-                errors[lp.layer] = err
+                errors[key[0]] = err
         new_net = rewrite.replace_layers(self.net, replacements)
         plan = replace(plan, layers=tuple(
             replace(lp, weight_error=errors[lp.layer]) if lp.layer in errors else lp for lp in plan.layers))
         return new_net, plan
+
+    def _big(self, key: tuple) -> bool:
+        """A factorization computed alone, with every BLAS thread (search.ALONE_LAYER_BYTES)."""
+        return sum(b.nbytes for b in self.net.layer(key[0]).blobs) > search.ALONE_LAYER_BYTES
 
     def draft(self, name: str, method: str, rank: int) -> tuple[Layer, ...]:
         """The factored layers from the planning factors as they are (no polishing): for timing."""
@@ -212,7 +217,6 @@ class _Factorizer:
             return rewrite.decompose_tucker(self.net, layer, factors), _kernel_error(kernels, factors)
         # Polish the chosen rank's CP (the sweep ran few iterations per rank); a rank the user
         # forced gets a full run, so exact low-rank kernels come out exact.
-        self.say(f"decomposing {name}")
         forced = name in self.forced
         start = time.perf_counter()
         factors = [

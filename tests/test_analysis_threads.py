@@ -71,3 +71,36 @@ def test_layers_analysed_side_by_side_give_what_one_at_a_time_gives(tmp_path, mo
     assert all(t.startswith("analyse") for name in ("conv1", "conv2", "fc2") for t in threads[name])
     assert threads["fc1"] == {threading.main_thread().name}  # the big layer: alone, after the others
     assert [e[1] for e in runs][-1] == "fc1"
+
+
+def _written(tmp_path, monkeypatch, workers: int, threads: list):
+    from caffe_compress import pipeline
+    from caffe_compress.decompose import cp
+    from caffe_compress.plan import search
+
+    tmp_path.mkdir()
+    deploy, model = small_model(tmp_path)
+    monkeypatch.setattr(search, "ANALYSIS_WORKERS", workers)
+    real = cp.cp_conv
+
+    def traced(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "cp_conv", traced)
+    pipeline.compress(deploy, model, tradeoff=0.0, ranks={"conv1": 6, "conv2": 8, "fc1": 16},
+                      forms={"conv1": "cp", "conv2": "cp"}, objective="size", output=tmp_path / "o")
+    return {layer.name: layer.blobs for layer in io.load(tmp_path / "o.prototxt", tmp_path / "o.caffemodel").layers}
+
+
+def test_a_rounds_factorizations_computed_side_by_side_are_the_ones_computed_one_at_a_time(tmp_path, monkeypatch):
+    """The CP polishes (and the other forms) of one round run on worker threads: the same written weights."""
+    one, two = [], []
+    alone = _written(tmp_path / "a", monkeypatch, 1, one)
+    pooled = _written(tmp_path / "b", monkeypatch, 2, two)
+    assert one == [threading.main_thread().name] * 2
+    assert len(two) == 2 and all(t.startswith("analyse") for t in two)
+    assert alone.keys() == pooled.keys() and {"conv1_cp1", "conv2_cp3", "fc1_svd1"} <= alone.keys()
+    for name, blobs in alone.items():
+        for a, b in zip(blobs, pooled[name]):
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)

@@ -456,6 +456,26 @@ def test_probe_pictures_are_drawn_once_per_seed_and_extend_their_stream():
     assert not np.array_equal(more, probe.PictureSource().pictures((1, 3, 24, 24), 6, 6))
 
 
+def test_probe_pictures_drawn_by_the_forked_worker_are_the_pictures_drawn_here(monkeypatch):
+    """Half of a big draw goes to a forked worker (the other core): the pictures, their order and the seed
+    stream's continuation are the same as one process drawing them all, and so when no worker can start."""
+    count = probe.PARALLEL_PICTURES + 3
+    forked = probe.PictureSource()
+    split = forked.pictures((1, 3, 24, 24), count, 7)
+    assert np.array_equal(split[:5], forked.pictures((1, 3, 24, 24), 5, 7))
+    monkeypatch.setattr(probe, "PARALLEL_PICTURES", 10 ** 9)
+    here = probe.PictureSource()
+    assert np.array_equal(split, here.pictures((1, 3, 24, 24), count, 7))
+    assert np.array_equal(forked.pictures((1, 3, 24, 24), count + 2, 7), here.pictures((1, 3, 24, 24), count + 2, 7))
+
+    def no_processes(*args, **kwargs):
+        raise OSError("Resource temporarily unavailable")
+
+    monkeypatch.setattr(probe, "PARALLEL_PICTURES", 2)
+    monkeypatch.setattr(probe, "ProcessPoolExecutor", no_processes)
+    assert np.array_equal(split, probe.PictureSource().pictures((1, 3, 24, 24), count, 7))
+
+
 @pytest.mark.parametrize("channels", [3, 1])
 def test_probe_slices_are_the_convention_applied_to_the_pictures_bit_for_bit(channels):
     """Probes convert their 8-bit pictures by table lookup: every slice must equal Convention.apply."""

@@ -15,11 +15,17 @@ The convention is inferred from the weights (:func:`infer_convention`):
 from __future__ import annotations
 
 import math
+import multiprocessing as mp
+import os
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
+from ..memory import one_heap
 from ..net import Layer, Net, conv_geometry
 
 IMAGENET_MEAN_BGR = (104.0, 117.0, 123.0)
@@ -367,10 +373,50 @@ class PictureSource:
         if (dims, seed) not in self._drawn:
             self._drawn[(dims, seed)] = (np.random.default_rng(seed), [])
         rng, drawn = self._drawn[(dims, seed)]
-        while len(drawn) < count:
-            pic = dead_leaves(1, dims[1], dims[2], dims[3], seed=int(rng.integers(1 << 31)))[0]
-            drawn.append(np.clip(np.rint(pic), 0, 255).astype(np.uint8))
+        seeds = [int(rng.integers(1 << 31)) for _ in range(count - len(drawn))]  # (one seed per picture)
+        drawn.extend(_draw_pictures(dims, seeds))
         return np.stack(drawn[:count])
+
+
+PARALLEL_PICTURES = 16  # from this many pictures on, half are drawn by a forked worker on the other core
+
+
+def _picture(dims: tuple[int, ...], seed: int) -> np.ndarray:
+    """One (C, H, W) uint8 probe picture; each depends only on its own seed."""
+    pic = dead_leaves(1, dims[1], dims[2], dims[3], seed=seed)[0]
+    return np.clip(np.rint(pic), 0, 255).astype(np.uint8)
+
+
+def _pictures(dims: tuple[int, ...], seeds: Sequence[int]) -> list[np.ndarray]:
+    return [_picture(dims, s) for s in seeds]
+
+
+def _draw_pictures(dims: tuple[int, ...], seeds: Sequence[int]) -> list[np.ndarray]:
+    """The pictures of ``seeds``, in order: the second half drawn by a forked worker process while this one
+    draws the first (the drawing is Python, one core each; the same pictures either way). Without fork, or
+    with one core or a few pictures, all here."""
+    with threadpool_limits(limits=1, user_api="blas"):  # (small products: a second BLAS thread only spins)
+        if len(seeds) < PARALLEL_PICTURES or (os.cpu_count() or 1) < 2 or "fork" not in mp.get_all_start_methods():
+            return _pictures(dims, seeds)
+        return _forked_halves(dims, seeds)
+
+
+def _forked_halves(dims: tuple[int, ...], seeds: Sequence[int]) -> list[np.ndarray]:
+    half = len(seeds) // 2
+    one_heap()  # (the pool's result thread would otherwise take an arena of its own for the pictures it receives)
+    try:
+        pool = ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("fork"))
+    except (OSError, ValueError):  # (no processes to be had here: draw them all in this one)
+        return _pictures(dims, seeds)
+    try:
+        later = pool.submit(_pictures, dims, seeds[half:])
+        first = _pictures(dims, seeds[:half])
+        try:
+            return first + later.result()
+        except (OSError, BrokenProcessPool):  # (the worker could not start or died: draw its half here)
+            return first + _pictures(dims, seeds[half:])
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def natural_probes(shape: Sequence[int], count: int, convention: Convention, *, seed: int,

@@ -150,7 +150,7 @@ def analyse_layers(decomposable: Sequence[tuple[Layer, str]], layer_inputs: Mapp
         return cands
 
     candidates, skipped = [], {}
-    done = _side_by_side(analyse, jobs, big=_big_job, announce=lambda job: say(f"analysing {job[0].name}"))
+    done = side_by_side(analyse, jobs, big=_big_job, announce=lambda job: say(f"analysing {job[0].name}"))
     for (layer, _, _, forced), cands in zip(jobs, done):
         if isinstance(cands, str):
             skipped[layer.name] = cands
@@ -185,7 +185,7 @@ def _big_job(job) -> bool:
     return sum(b.nbytes for b in job[0].blobs) > ALONE_LAYER_BYTES
 
 
-def _side_by_side(work: Callable, jobs: Sequence, *, big: Callable, announce: Callable) -> list:
+def side_by_side(work: Callable, jobs: Sequence, *, big: Callable, announce: Callable) -> list:
     """[work(job) for job in jobs]: the jobs ``big`` says no to on ANALYSIS_WORKERS threads with BLAS limited
     to one thread each (numpy releases the GIL in its kernels), then the others one at a time (a big layer's
     workspace then adds to nothing else's). ``announce(job)`` runs on this thread as a job's result is awaited
