@@ -25,6 +25,9 @@ RUN_CHUNK = 8  # samples per step of a run (a stop is asked after each), and at 
 # layers no longer work in the cache (VDSR on 96 x 96 probes, 2.25 MB a map: 8 per pass cost 1.6-1.9x the
 # time per sample of 1-2). The values are the same either way.
 PASS_BYTES = 6 << 20
+# A net with at most this many weight bytes is handed to OpenCV from memory; a bigger one is streamed to a
+# scratch file (no second copy of its weights in memory).
+MEMORY_LOAD_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -160,6 +163,10 @@ class OpenCVRunner:
         return cv_net
 
     def load(self, net: Net, *, what: str, error=ValidationError):
+        if sum(b.nbytes for layer in net.layers for b in layer.blobs) <= MEMORY_LOAD_BYTES:
+            # (a timing's one-layer net: writing two scratch files cost 10x what serialising it does)
+            weights = b"".join(io.caffemodel_chunks(net))
+            return validate.load_opencv_net(io.prototxt_bytes(net), weights, what=what, error=error)
         proto, weights = self.scratch / "m.prototxt", self.scratch / "m.caffemodel"
         try:
             io.write_files(net, proto, weights)
