@@ -985,9 +985,11 @@ class _Run:
             original = self.net_ms(net, feed, threads=threads, budget_s=budget_s, again=True)
         return timing.Latency(original, compressed)
 
-    def write_and_verify(self, net, new_net, prefix, store_fp16, specs, reference, inputs, *, screen: bool = False):
+    def write_and_verify(self, net, new_net, prefix, store_fp16, specs, reference, inputs, *, screen: bool = False,
+                         optional: bool = False):
         """Write the plan and validate it on every input, or (``screen``) on the first SCREEN_SHARE of them in
-        the decisive order: a provisional verdict that complete() finishes."""
+        the decisive order: a provisional verdict that complete() finishes. ``optional``: a plan the search
+        can do without (a refinement), for which a miss on the screened share is final (see verify)."""
         self.say("writing the model")
         with self.timer.stage("write"):
             staged = io.stage(new_net, prefix, protect=(Path(self.deploy), Path(self.weights)), fp16=store_fp16)
@@ -997,7 +999,8 @@ class _Run:
             self.say("validating with OpenCV")
             with self.timer.stage("validate"):
                 rows = self.screen_rows(specs, inputs) if screen else None
-                return self.verify(net, new_net, staged, specs, reference, inputs, end=rows), staged
+                return self.verify(net, new_net, staged, specs, reference, inputs, end=rows,
+                                   optional=optional), staged
         except BaseException:
             staged.discard()
             raise
@@ -1029,9 +1032,11 @@ class _Run:
         return rows
 
     def verify(self, net, new_net, staged: io.StagedModel, specs, reference, inputs, *, end: int | None = None,
-               before: "_Verdict | None" = None) -> "_Verdict":
+               before: "_Verdict | None" = None, optional: bool = False) -> "_Verdict":
         """Run the staged model on the validation inputs in the decisive order, from where ``before`` (a
-        provisional verdict) stopped, up to ``end`` (None: all); a certain miss ends the run early."""
+        provisional verdict) stopped, up to ``end`` (None: all); a certain miss ends the run early. A miss on
+        the share up to ``end`` is an estimate, settled on the rest of the inputs -- unless the plan is
+        ``optional``: a refinement that does not pass its screened share clearly is not worth the rest."""
         _, sources = blob_sources(new_net)
         names = compared_blobs(net)
         total = self.validation_count(inputs)
@@ -1068,7 +1073,7 @@ class _Run:
         self.remember_changes(specs, self.reference_in_order, got, np.arange(end))
         if end < total:
             screened = self.screened(specs, got, end, inputs)
-            if screened.passed:
+            if screened.passed or optional:
                 return screened
             # (a miss on a share of the inputs is an estimate, unlike a certain one: the rest decide it now)
             return self.verify(net, new_net, staged, specs, reference, inputs, before=screened)
@@ -1296,9 +1301,11 @@ class _ClosedLoop:
             else:  # passed, or nothing factored (then nothing is below either): look above
                 passing = middle
 
-    def attempt(self, budget: float, chosen: Mapping[str, tuple] | None = None) -> bool | None:
+    def attempt(self, budget: float, chosen: Mapping[str, tuple] | None = None, *, optional: bool = False
+                ) -> bool | None:
         """True: the plan passed (and is kept staged); False: missed; None: nothing to factor.
-        The plan is the planner's for ``budget``, or ``chosen`` (a refinement: ``budget`` labels it)."""
+        The plan is the planner's for ``budget``, or ``chosen`` (a refinement: ``budget`` labels it;
+        ``optional``: one the search can do without, see verify)."""
         release_memory()
         built = self.build(budget) if chosen is None else self.build_chosen(
             chosen, planner.predicted_error(self.candidates, chosen), budget)
@@ -1312,7 +1319,7 @@ class _ClosedLoop:
         r.say(f"round {state.rounds + 1}: {len(chosen)} layers factored (budget {budget:.3g}, predicted error "
               f"{plan.predicted_error:.3g})")
         verdict, staged = r.write_and_verify(self.net, new_net, self.prefix, self.store_fp16, self.specs,
-                                             self.reference, self.inputs, screen=self.screening)
+                                             self.reference, self.inputs, screen=self.screening, optional=optional)
         state.rounds += 1
         state.excess = search.excess(verdict.checks)
         passed = verdict.passed or not r.enforced
@@ -1368,7 +1375,9 @@ class _ClosedLoop:
         the budget search moves every layer at once, and a class check that allows no changed answer can
         miss on one layer's account. Each move that lowers the objective's cost is tried, the largest
         saving first, at most REFINE_ROUNDS new plans; a move that passes is kept, one that misses is tried
-        again half as far. Only when all the moves together would make the plan REFINE_MIN_GAIN cheaper:
+        again half as far -- a miss on the screened share of the inputs counts as one (``optional``: not
+        settled on the rest, which costs up to a whole validation pass for a move that is rarely taken
+        after a narrow miss there). Only when all the moves together would make the plan REFINE_MIN_GAIN cheaper:
         a round costs a validation pass, and after a search that already ended close, little is left."""
         r, state = self.run, self.state
         above = [b for b in state.missed_at if b > state.best_budget]
@@ -1388,7 +1397,7 @@ class _ClosedLoop:
                 return
             name, choice = steps[0]
             before = state.rounds
-            passed = self.attempt(label, {**current, name: choice}) is True
+            passed = self.attempt(label, {**current, name: choice}, optional=True) is True
             spent += state.rounds - before  # (no round: a plan judged before, or one of slow layers only)
             if not (passed and state.rounds > before):  # a move that missed: next time half of it
                 middle = planner.halfway(self.candidates, name, current.get(name), choice)

@@ -610,8 +610,8 @@ def _refine(candidates, best, missed, passes):
         return SimpleNamespace(layers=[SimpleNamespace(layer=n, method=m, rank=r) for n, (m, r) in chosen.items()])
 
     class Loop(pipeline._ClosedLoop):
-        def attempt(self, budget, chosen=None):
-            assert budget == 2.0 and chosen is not None
+        def attempt(self, budget, chosen=None, *, optional=False):
+            assert budget == 2.0 and chosen is not None and optional  # (a move: its screened miss is final)
             key = tuple(sorted(chosen.items()))
             if key in self.state.tried:
                 return self.state.tried[key]

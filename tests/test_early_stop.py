@@ -400,3 +400,43 @@ def test_stage_times_are_exclusive_and_add_up_to_no_more_than_the_run():
     assert timer.timings["timing"] == pytest.approx(0.15, abs=0.04)
     assert timer.timings["analyse"] == pytest.approx(0.10, abs=0.04)
     assert sum(timer.timings.values()) <= total + 1e-6
+
+
+def test_a_refinement_that_misses_on_its_screened_share_is_not_judged_on_the_rest(tmp_path, monkeypatch):
+    """A refinement (a one-layer move from a plan that passed) is optional: a miss on its screened share is
+    final (the move is not taken), while a round of the budget search that misses there is judged on every
+    input. Here every screened share misses narrowly, and two moves are tried after the search: one
+    optional (as refine() tries them), one not."""
+    from caffe_compress import compress, pipeline
+    from caffe_compress.plan import contract as contract_module
+    from test_contract import embedder
+
+    deploy, model = embedder(tmp_path)
+    real_check_all = contract_module.check_all
+    judged, moves = [], []
+
+    def check_all(specs, original, compressed, *a, **k):
+        rows = next(iter(compressed.values())).shape[0]
+        judged.append(rows)
+        checks = real_check_all(specs, original, compressed, *a, **k)
+        if rows < 128:  # every screened share misses (narrowly)
+            checks = [pipeline.replace(c, value=0.99 * c.target if c.higher_is_better else 1.2 * c.target)
+                      for c in checks]
+        return checks
+
+    def refine(self):
+        best = pipeline._chosen_of(self.state.best[2])
+        fc = next(c for c in self.candidates if c.layer == "fc" and c.method == best["fc"][0])
+        higher = [r for r in sorted(fc.ranks) if r > best["fc"][1]][:2]  # (moves that pass on every input)
+        for rank, optional in zip(higher, (True, False)):
+            judged.clear()
+            passed = self.attempt(self.state.best_budget, {**best, "fc": (best["fc"][0], rank)}, optional=optional)
+            moves.append((optional, passed, list(judged)))
+
+    monkeypatch.setattr(pipeline.contract, "check_all", check_all)
+    monkeypatch.setattr(pipeline._ClosedLoop, "refine", refine)
+    report = compress(deploy, model, tradeoff=0.95, output=tmp_path / "o", seed=0, progress=None)
+    (opt, opt_passed, opt_judged), (full, full_passed, full_judged) = moves
+    assert opt and opt_passed is False and opt_judged and all(n < 128 for n in opt_judged)  # final on the share
+    assert not full and full_passed and full_judged[-1] == 128  # settled on every input
+    assert report.output_caffemodel and all(c.passed for c in report.contract)
