@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import multiprocessing as mp
 import os
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -393,10 +394,10 @@ def _pictures(dims: tuple[int, ...], seeds: Sequence[int]) -> list[np.ndarray]:
 
 def _draw_pictures(dims: tuple[int, ...], seeds: Sequence[int]) -> list[np.ndarray]:
     """The pictures of ``seeds``, in order: the second half drawn by a forked worker process while this one
-    draws the first (the drawing is Python, one core each; the same pictures either way). Without fork, or
-    with one core or a few pictures, all here."""
+    draws the first (the drawing is Python, one core each; the same pictures either way). Off Linux (where
+    forking a process that has threads is not safe), with one core or with a few pictures, all here."""
     with threadpool_limits(limits=1, user_api="blas"):  # (small products: a second BLAS thread only spins)
-        if len(seeds) < PARALLEL_PICTURES or (os.cpu_count() or 1) < 2 or "fork" not in mp.get_all_start_methods():
+        if len(seeds) < PARALLEL_PICTURES or (os.cpu_count() or 1) < 2 or not sys.platform.startswith("linux"):
             return _pictures(dims, seeds)
         return _forked_halves(dims, seeds)
 
