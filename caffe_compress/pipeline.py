@@ -8,6 +8,7 @@ most error) and tries again, a bounded number of times; nothing is published bef
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 import time
@@ -44,6 +45,12 @@ REFINE_MIN_GAIN = 0.1  # ... when they could make the plan at least this much ch
 # the rest (falling back to the one before when it misses there): a pass then costs a third of a full pass.
 SCREEN_SHARE = 3
 MAX_SPEED_ROUNDS = 3  # factorizations dropped one at a time while the whole model is slower
+# A fully convolutional net (probed on small pictures) is timed whole at its declared input size when one
+# 1-thread forward there is estimated within LATENCY_SAMPLE_MS (the original's validation run per input, on the
+# default threads, times LATENCY_THREAD_FACTOR, times the area ratio), else at the largest size within it: a
+# pair of timings takes a warm-up and at least 3 runs of each net, and VDSR at its 256 px takes 1.6 s a run.
+LATENCY_SAMPLE_MS = 100.0
+LATENCY_THREAD_FACTOR = 2.0
 # The original stays loaded while the layer inputs are recorded when they take at most this much (GenderNet:
 # 12 MB); larger activations (res10 SSD) are recorded after it is released, so as not to add to the peak.
 KEEP_ORIGINAL_BYTES = 32 << 20
@@ -268,6 +275,7 @@ class _LoopState:
     predicted: float | None = None  # the last round's predicted error (None: no new round)
     missed_at: dict = field(default_factory=dict)  # budget -> the choice that missed there
     dropped: dict = field(default_factory=dict)  # layer -> why the whole-model speed check dropped it
+    unworthy: str = ""  # why the plan that passed was not written (_ClosedLoop.worth_writing)
 
     def keep(self, staged, new_net, plan, verdict, key: tuple, budget: float) -> None:
         if verdict.screened and self.best is not None:  # (kept until the new one's verdict is complete)
@@ -469,6 +477,7 @@ class _Run:
     written_outputs: Mapping | None = None  # its compared outputs in OpenCV
     plans_on_probes: bool = False  # something may be factored, planned on natural-image probes (no --calibration)
     early: tuple | None = None  # (planning feed, (layer inputs, outputs)) recorded while probing (record_early)
+    reference_ms: float | None = None  # the original's validation run, ms per input (default threads)
 
     def say(self, detail: str) -> None:
         self.progress.item(detail)
@@ -750,7 +759,10 @@ class _Run:
             raise ValidationError(f"{self.deploy}: the model has no output to compare (every blob is consumed)")
         with self.timer.stage("validate"):
             _, sources = blob_sources(net)
+            start = time.perf_counter()
             values = self.cv.run(net, inputs.validation, sources, what=str(self.deploy), error=ModelError)
+            count = self.validation_count(inputs)
+            self.reference_ms = 1000.0 * (time.perf_counter() - start) / max(count, 1)  # (per input: latency_side)
         reference = {name: values[s] for name, s in zip(blobs, sources)}
         for name, value in reference.items():
             if not np.all(np.isfinite(value)):
@@ -896,16 +908,49 @@ class _Run:
 
         return cap
 
-    @staticmethod
-    def _latency_feed(net: Net, inputs: plan_inputs.Inputs) -> dict:
-        feed = {}
-        for i, (name, shape) in enumerate(net.input_shapes().items()):
+    def _latency_feed(self, net: Net, inputs: plan_inputs.Inputs) -> dict:
+        """One input per net input for the whole-model timings: a validation input, at the declared size (a
+        fully convolutional net's probes are smaller: its speed ratio at the size it is deployed at is the one
+        that counts -- RetinaFace's plan read 1.00x on 96-px probes, 0.94x at its 320 px -- unless one forward
+        there would be long (latency_side), then at the largest size within LATENCY_SAMPLE_MS)."""
+        feed, declared = {}, net.input_shapes()
+        for i, (name, shape) in enumerate(declared.items()):
             sample = inputs.validation.get(name)
-            if sample is not None:  # (a fully convolutional net's probes may be smaller than declared)
+            if sample is not None:
                 feed[name] = sample[:1]
             else:
                 feed[name] = np.random.default_rng(i).standard_normal((1,) + tuple(shape[1:])).astype(np.float32)
+        smaller = {k: v for k, v in feed.items() if v.ndim == 4 and len(declared[k]) == 4
+                   and tuple(v.shape[2:]) != tuple(int(d) for d in declared[k][2:])}
+        if not smaller:
+            return feed
+        side = self.latency_side(net, smaller)
+        for name, value in smaller.items():
+            h, w = (max(int(p), int(round(int(d) * side))) for p, d in zip(value.shape[2:], declared[name][2:]))
+            rows = np.arange(h) * value.shape[2] // h  # (nearest neighbour: values do not change a timing)
+            cols = np.arange(w) * value.shape[3] // w
+            feed[name] = np.ascontiguousarray(value[:, :, rows][:, :, :, cols])
         return feed
+
+    def latency_side(self, net: Net, probes: Mapping[str, np.ndarray]) -> float:
+        """The fraction of its declared height and width a fully convolutional net is timed at: 1 when one
+        1-thread forward there is estimated within LATENCY_SAMPLE_MS (from the original's validation run on
+        the probes, per input, times LATENCY_THREAD_FACTOR for one thread, times the area ratio), else the
+        fraction that brings it there (never below the probes'). Kept in the timing cache, so the plan and
+        the run that follows it time the same size."""
+        declared = net.input_shapes()
+        area = max(float(np.prod([int(d) for d in declared[k][2:]])) / float(np.prod(v.shape[2:]))
+                   for k, v in probes.items())
+        key = timing.DiskCache.key("latency side", timing.signature(net.layers),
+                                   {k: list(v) for k, v in declared.items()}, {k: list(v.shape) for k, v in probes.items()})
+
+        def estimate() -> float:
+            if not self.reference_ms:
+                return 1.0 / math.sqrt(area)  # (not measured: the probes' size)
+            full_ms = self.reference_ms * LATENCY_THREAD_FACTOR * area
+            return float(np.clip(math.sqrt(LATENCY_SAMPLE_MS / full_ms), 1.0 / math.sqrt(area), 1.0))
+
+        return self._measured(key, estimate)
 
     def _load_for_timing(self, model: Net):
         return self.cv.load_kept(model, what="timing")
@@ -1127,11 +1172,11 @@ class _Run:
                 "min_fidelity": self.min_fidelity,
                 "margin": contract.SYNTHETIC_MARGIN if inputs.synthetic else 1.0, "synthetic": inputs.synthetic}
 
-    def _nothing(self, net, plan, misses, inputs, rounds, *, slower: bool = False) -> Report:
+    def _nothing(self, net, plan, misses, inputs, rounds, *, slower: bool = False, why: str = "") -> Report:
         if plan is None:
             plan = planner.build_plan(net, [], {}, {}, self.tradeoff, 0.0)
-        note = NOTHING_FASTER if slower else NOTHING_TO_COMPRESS
-        if misses and not slower:
+        note = why or (NOTHING_FASTER if slower else NOTHING_TO_COMPRESS)
+        if misses and not slower and not why:
             note += f" (the smallest plan tried missed it: {misses[-1]})"
         return self._report(net, net, plan, _Verdict((), ()), None, inputs, net.stored_fp16, rounds,
                             note=note)
@@ -1215,7 +1260,7 @@ class _ClosedLoop:
                 plan = state.empty_plan or planner.build_plan(self.net, self.candidates, {}, self.skipped,
                                                               r.tradeoff, 0.0)
                 return r._nothing(self.net, plan, state.misses, self.inputs, state.rounds,
-                                  slower=bool(state.dropped)), None
+                                  slower=bool(state.dropped), why=state.unworthy), None
             staged, new_net, plan, verdict = state.best
             r.written_net, r.written_outputs = new_net, verdict.outputs
             report = r._report(self.net, new_net, plan, verdict, staged, self.inputs, self.store_fp16, state.rounds)
@@ -1421,6 +1466,22 @@ class _ClosedLoop:
                                   f"{state.misses[-1]}; raise the ranks or the trade-off")
         r.say(f"backing off: {state.misses[-1]}")
 
+    def worth_writing(self, staged: io.StagedModel, latency: timing.Latency) -> None:
+        """Discard a plan that gains on neither axis beyond the speed check's noise allowance (less than
+        1 / LATENCY_TOLERANCE smaller and faster): measured within noise of the original's speed, it may run
+        slower where it is deployed, for a file barely smaller (RetinaFace: 1.02x smaller, 0.98-1.02x in
+        four timings of one plan, 0.94x in one bench). Not under --objective size, nor for --rank."""
+        r = self.run
+        clear = 1.0 / timing.LATENCY_TOLERANCE
+        smaller = Path(r.weights).stat().st_size / max(staged.temp_caffemodel.stat().st_size, 1)
+        if r.objective == "size" or r.ranks or smaller >= clear or latency.speedup >= clear:
+            return
+        self.state.unworthy = (f"not worth writing: the best plan that met the fidelity contract was only "
+                               f"{smaller:.2f}x smaller and measured {latency.speedup:.2f}x the original's speed "
+                               f"in OpenCV, within the {1 - timing.LATENCY_TOLERANCE:.0%} noise allowance: not "
+                               "worth a model that may run slower; try a higher T or --objective size")
+        self.state.discard()
+
     def not_slower(self) -> None:
         """Drop the slowest factorizations while the whole model measures slower than the original (at most
         MAX_SPEED_ROUNDS drops); a plan still slower after the last one is not published."""
@@ -1431,6 +1492,8 @@ class _ClosedLoop:
             with r.timer.stage("timing"):
                 state.latency = r.latency(self.net, new_net, self.inputs)
             if r.objective == "size" or state.latency.speedup >= timing.LATENCY_TOLERANCE:
+                if _chosen_of(plan):  # (an unchanged copy -- T = 0, --force -- is what was asked for)
+                    self.worth_writing(staged, state.latency)
                 return
             chosen = {name: choice for name, choice in _chosen_of(plan).items() if name not in r.ranks}
             if not chosen:

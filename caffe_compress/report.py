@@ -321,12 +321,12 @@ def _outcome_line(report: Report) -> str:
 
 def _latency_input(latency: Mapping) -> str:
     """Where the latency was measured, when that is not the declared input shape (a fully convolutional net
-    is timed on a probe-sized input: its speed ratio at the declared size can differ)."""
+    whose forward at the declared size is long is timed on a smaller input: its ratio there can differ)."""
     shown, declared = latency.get("input_shapes") or {}, latency.get("declared_shapes") or {}
     if not shown or all(list(v) == list(declared.get(k, v)) for k, v in shown.items()):
         return ""
     def shapes(by_input: Mapping) -> str:
         return ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in by_input.items())
 
-    return (f" (on a probe-sized input, {shapes(shown)}; declared: {shapes(declared)}; "
+    return (f" (on a smaller input than declared, {shapes(shown)}; declared: {shapes(declared)}; "
             "the ratio at another size can differ)")

@@ -440,3 +440,77 @@ def test_a_refinement_that_misses_on_its_screened_share_is_not_judged_on_the_res
     assert opt and opt_passed is False and opt_judged and all(n < 128 for n in opt_judged)  # final on the share
     assert not full and full_passed and full_judged[-1] == 128  # settled on every input
     assert report.output_caffemodel and all(c.passed for c in report.contract)
+
+
+@pytest.mark.parametrize("smaller,speedup,objective,ranks,written", [
+    (1.02, 1.01, "balanced", {}, False),  # within noise on both axes: not worth a model that may be slower
+    (1.02, 1.01, "speed", {}, False),
+    (1.02, 1.05, "balanced", {}, True),  # clearly faster
+    (1.10, 0.98, "balanced", {}, True),  # clearly smaller
+    (1.02, 1.01, "size", {}, True),  # size is all that is asked
+    (1.02, 1.01, "balanced", {"fc": 4}, True),  # the user's ranks
+])
+def test_a_plan_that_gains_on_neither_axis_beyond_the_noise_allowance_is_not_written(
+        tmp_path, smaller, speedup, objective, ranks, written):
+    from types import SimpleNamespace
+
+    from caffe_compress import pipeline, timing
+
+    original, temp = tmp_path / "w.caffemodel", tmp_path / "t.caffemodel"
+    original.write_bytes(b"x" * 10_000)
+    temp.write_bytes(b"x" * round(10_000 / smaller))
+    staged = _Staged("s")
+    staged.temp_caffemodel = temp
+    run = SimpleNamespace(weights=original, objective=objective, ranks=ranks)
+    loop = pipeline._ClosedLoop(run, None, None, [], {}, [], {}, None)
+    loop.state.best = (staged, None, None, None)
+    loop.worth_writing(staged, timing.Latency(10.0 * speedup, 10.0))
+    assert (loop.state.best is not None) == written and staged.discarded == (not written)
+    assert bool(loop.state.unworthy) == (not written)
+    if not written:
+        assert f"only {smaller:.2f}x smaller" in loop.state.unworthy and "--objective size" in loop.state.unworthy
+
+
+SR_NET = """
+name: "sr"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 1 dim: 256 dim: 192 } } }
+layer { name: "c1" type: "Convolution" bottom: "data" top: "c1" convolution_param { num_output: 8 kernel_size: 3 pad: 1 } }
+layer { name: "c2" type: "Convolution" bottom: "c1" top: "c2" convolution_param { num_output: 1 kernel_size: 3 pad: 1 } }
+"""
+
+
+@pytest.mark.parametrize("reference_ms,side", [(1.0, (256, 192)), (40.0, (107, 80)), (1000.0, (96, 72)),
+                                               (None, (96, 72))])
+def test_a_fully_convolutional_net_is_timed_at_its_declared_size_when_a_forward_there_is_short(
+        tmp_path, monkeypatch, reference_ms, side):
+    """Its probes are smaller than declared; the whole-model timings (the never-slower check, the report) run
+    at the declared size when one 1-thread forward there is estimated within LATENCY_SAMPLE_MS, else at the
+    largest size within it, never below the probes' (and at theirs when nothing was measured)."""
+    from types import SimpleNamespace
+
+    from caffe_compress import io, pipeline
+    from nets import write_model
+
+    rng = np.random.default_rng(0)
+    deploy, model = write_model(tmp_path, "sr", SR_NET, {
+        "c1": [rng.standard_normal((8, 1, 3, 3)).astype(np.float32), np.zeros(8, np.float32)],
+        "c2": [rng.standard_normal((1, 8, 3, 3)).astype(np.float32), np.zeros(1, np.float32)]})
+    net = io.load(deploy, model)
+    probes = rng.uniform(0, 1, (5, 1, 96, 72)).astype(np.float32)
+    cached = {}
+
+    def measured(key, measure):
+        cached.setdefault(key, measure())
+        return cached[key]
+
+    monkeypatch.setattr(pipeline, "LATENCY_SAMPLE_MS", 100.0)
+    run = SimpleNamespace(reference_ms=reference_ms, _measured=measured)
+    run.latency_side = lambda n, p: pipeline._Run.latency_side(run, n, p)
+    # area 256*192 / (96*72) = 7.1, one thread 2x: 1 ms -> 14 ms (declared); 40 ms -> 569 ms: sides x 0.42
+    feed = pipeline._Run._latency_feed(run, net, SimpleNamespace(validation={"data": probes}))
+    assert feed["data"].shape[:2] == (1, 1) and feed["data"].dtype == np.float32
+    assert tuple(feed["data"].shape[2:]) == side
+    assert set(np.unique(feed["data"])) <= set(np.unique(probes[0]))  # (the probe's values, resized)
+    run.reference_ms = 1e-3 if reference_ms else None  # a later run on the same cache: the same size
+    assert pipeline._Run._latency_feed(run, net, SimpleNamespace(validation={"data": probes}))["data"].shape == \
+        feed["data"].shape
