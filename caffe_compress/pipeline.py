@@ -59,6 +59,7 @@ KEEP_ORIGINAL_BYTES = 32 << 20
 PRETIMED_CP_WORK = 2e6
 POLISH_CP_ITERATIONS = 30  # extra sweeps for the rank the planner picks
 FORCED_CP_ITERATIONS = 1000  # a rank given with --rank: run to convergence
+POLISHED_FORMS = (planner.METHOD_CP, planner.METHOD_TUCKER)  # factors refined by iterations: kept once made
 MAX_PROBES = 256
 NOTHING_TO_COMPRESS = "nothing to compress within the fidelity contract at this trade-off; try a higher T"
 NOTHING_FASTER = ("nothing written: the plans that met the fidelity contract measured slower than the original in "
@@ -148,7 +149,8 @@ def _check_layer_options(net: Net, ranks: Mapping[str, int], keep: Sequence[str]
 
 @dataclass
 class _Factorizer:
-    """Builds the compressed Net for a plan; factors of a (layer, form, rank) are computed once per run."""
+    """Builds the compressed Net for a plan; the polished factors of a (layer, form, rank) are computed once
+    per run."""
 
     net: Net
     ws: planner.Workspace
@@ -158,17 +160,25 @@ class _Factorizer:
     say: ProgressFn
     cache: dict = field(default_factory=dict)
 
-    def build(self, plan: planner.Plan) -> tuple[Net, planner.Plan]:
+    def build(self, plan: planner.Plan, *, again: bool = False) -> tuple[Net, planner.Plan]:
+        """The Net of ``plan`` and the plan with its factors' errors; ``again``: a plan built before (quietly)."""
         replacements: dict[str, tuple[Layer, ...]] = {}
         errors: dict[str, float] = {}
         keys = [(lp.layer, lp.method, lp.rank) for lp in plan.layers if lp.method != planner.METHOD_KEEP and lp.rank]
-        new = [key for key in keys if key not in self.cache]
-        # side by side on the cores, like the analysis (each factorization is its own: the same either way)
-        done = search.side_by_side(lambda key: self._factor(*key), new, big=self._big,
-                                   announce=lambda key: self.say(f"decomposing {key[0]}"))
-        self.cache.update(zip(new, done))
+        announce = (lambda key: None) if again else (lambda key: self.say(f"decomposing {key[0]}"))
+        # The polished forms are computed once, side by side on the cores like the analysis (each factorization
+        # is its own: the same either way), and kept for later rounds. The others are a scaled slice of a basis
+        # the workspace holds, made again in milliseconds: kept, they would add up round after round (GenderNet's
+        # fc6 at rank 357: 28 MB, held while a later round's plan without it ran in OpenCV).
+        new = [key for key in keys if key[1] in POLISHED_FORMS and key not in self.cache]
+        self.cache.update(zip(new, search.side_by_side(lambda key: self._factor(*key), new, big=self._big,
+                                                       announce=announce)))
         for key in keys:
-            replacements[key[0]], err = self.cache[key]
+            if key[1] in POLISHED_FORMS:
+                replacements[key[0]], err = self.cache[key]
+            else:
+                announce(key)
+                replacements[key[0]], err = self._factor(*key)
             if err is not None:
                 errors[key[0]] = err
         new_net = rewrite.replace_layers(self.net, replacements)
@@ -261,7 +271,9 @@ class _LoopState:
     """The closed loop's rounds: the best passing plan so far stays staged, the others are discarded; while
     the best one's verdict is provisional (screened), the ones that passed before it stay staged too."""
 
-    best: tuple | None = None  # (staged, new_net, plan, verdict)
+    # (staged, plan, verdict): not the Net, which _ClosedLoop.net_of builds again when it is needed -- held, its
+    # factors would add to every later round's peak (GenderNet's fc6 at rank 357: 28 MB)
+    best: tuple | None = None
     best_key: tuple = ()  # its chosen ranks (the key of ``tried``)
     fallbacks: list = field(default_factory=list)  # (best, best_key, best_budget) of earlier passes
     tried: dict = field(default_factory=dict)  # chosen ranks -> passed
@@ -277,12 +289,12 @@ class _LoopState:
     dropped: dict = field(default_factory=dict)  # layer -> why the whole-model speed check dropped it
     unworthy: str = ""  # why the plan that passed was not written (_ClosedLoop.worth_writing)
 
-    def keep(self, staged, new_net, plan, verdict, key: tuple, budget: float) -> None:
+    def keep(self, staged, plan, verdict, key: tuple, budget: float) -> None:
         if verdict.screened and self.best is not None:  # (kept until the new one's verdict is complete)
             self.fallbacks.append((self.best, self.best_key, self.best_budget))
         elif not verdict.screened:
             self.discard()
-        self.best, self.best_key, self.best_budget = (staged, new_net, plan, verdict), key, budget
+        self.best, self.best_key, self.best_budget = (staged, plan, verdict), key, budget
 
     def forget_passes(self) -> None:
         """Plans that passed have no staged files any more (discarded): a repeat is written and judged again."""
@@ -1261,7 +1273,8 @@ class _ClosedLoop:
                                                               r.tradeoff, 0.0)
                 return r._nothing(self.net, plan, state.misses, self.inputs, state.rounds,
                                   slower=bool(state.dropped), why=state.unworthy), None
-            staged, new_net, plan, verdict = state.best
+            staged, plan, verdict = state.best
+            new_net = self.net_of(plan)
             r.written_net, r.written_outputs = new_net, verdict.outputs
             report = r._report(self.net, new_net, plan, verdict, staged, self.inputs, self.store_fp16, state.rounds)
             if state.latency is not None and default is not None:
@@ -1282,12 +1295,12 @@ class _ClosedLoop:
         with every round judged in full. Every plan published, and every later round, is judged on all."""
         r, state = self.run, self.state
         screened = False
-        while state.best is not None and state.best[3].screened:
+        while state.best is not None and state.best[2].screened:
             screened = True
-            staged, new_net, plan, verdict = state.best
-            full = r.complete(self.net, new_net, staged, verdict, self.specs, self.reference, self.inputs)
+            staged, plan, verdict = state.best
+            full = r.complete(self.net, self.net_of(plan), staged, verdict, self.specs, self.reference, self.inputs)
             if full.passed:
-                state.best = (staged, new_net, plan, full)
+                state.best = (staged, plan, full)
                 break
             state.tried[state.best_key] = False
             budget = state.best_budget
@@ -1299,6 +1312,10 @@ class _ClosedLoop:
             state.forget_passes()
             self.search(ladder)
 
+    def net_of(self, plan: planner.Plan) -> Net:
+        """The Net of a plan that was built before (the staged best's: see _LoopState.best)."""
+        return self.run.factorizer.build(plan, again=True)[0]
+
     def default_latency(self) -> timing.Latency | None:
         """The published plan's latency with OpenCV's default thread count, for the report (--plan-only
         skips it)."""
@@ -1306,7 +1323,7 @@ class _ClosedLoop:
         if state.best is None or state.latency is None or r.plan_only:
             return None
         with r.timer.stage("timing"):
-            return r.latency(self.net, state.best[1], self.inputs, threads=timing.default_threads(),
+            return r.latency(self.net, self.net_of(state.best[1]), self.inputs, threads=timing.default_threads(),
                              budget_s=timing.NET_BUDGET_S / 4)
 
     def search(self, ladder: Sequence[float]) -> None:
@@ -1370,7 +1387,7 @@ class _ClosedLoop:
         passed = verdict.passed or not r.enforced
         state.tried[key] = passed
         if passed:
-            state.keep(staged, new_net, plan, verdict, key, budget)
+            state.keep(staged, plan, verdict, key, budget)
             return True
         staged.discard()
         state.missed_at.setdefault(budget, dict(chosen))
@@ -1430,13 +1447,13 @@ class _ClosedLoop:
             return
         label, spent = min(above), 0
         target = dict(state.missed_at[label])
-        best = _chosen_of(state.best[2])
+        best = _chosen_of(state.best[1])
         every_move = {**best, **dict(planner.cheaper_steps(self.candidates, best, target, r.objective))}
         if (planner.objective_cost(self.candidates, every_move, r.objective)
                 > (1 - REFINE_MIN_GAIN) * planner.objective_cost(self.candidates, best, r.objective)):
             return  # (little to gain: not worth the rounds)
         while spent < REFINE_ROUNDS:
-            current = _chosen_of(state.best[2])
+            current = _chosen_of(state.best[1])
             steps = planner.cheaper_steps(self.candidates, current, target, r.objective)
             if not steps:
                 return
@@ -1488,7 +1505,8 @@ class _ClosedLoop:
         r, state = self.run, self.state
         r.progress.stage("timing the written model against the original")
         for drops in range(MAX_SPEED_ROUNDS + 1):
-            staged, new_net, plan, verdict = state.best
+            staged, plan, verdict = state.best
+            new_net = self.net_of(plan)
             with r.timer.stage("timing"):
                 state.latency = r.latency(self.net, new_net, self.inputs)
             if r.objective == "size" or state.latency.speedup >= timing.LATENCY_TOLERANCE:

@@ -104,3 +104,40 @@ def test_a_rounds_factorizations_computed_side_by_side_are_the_ones_computed_one
     for name, blobs in alone.items():
         for a, b in zip(blobs, pooled[name]):
             np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_rounds_hold_no_earlier_net_and_only_the_polished_factors(tmp_path, monkeypatch):
+    """Memory: between rounds the staged best plan is held without its Net, and only the factors refined by
+    iterations (CP, Tucker-2) are kept for later rounds; the Net built again from a plan is the one written."""
+    from caffe_compress import pipeline
+    from caffe_compress.net import Net
+
+    deploy, model = small_model(tmp_path)
+    seen, loops = [], []
+    real_attempt, real_execute = pipeline._ClosedLoop.attempt, pipeline._ClosedLoop.execute
+
+    def attempt(self, *args, **kwargs):
+        out = real_attempt(self, *args, **kwargs)
+        seen.append((self.state.best, dict(self.run.factorizer.cache)))
+        return out
+
+    def execute(self):
+        loops.append(self)
+        return real_execute(self)
+
+    monkeypatch.setattr(pipeline._ClosedLoop, "attempt", attempt)
+    monkeypatch.setattr(pipeline._ClosedLoop, "execute", execute)
+    pipeline.compress(deploy, model, tradeoff=0.0, ranks={"conv1": 6, "conv2": 8, "fc1": 16},
+                      forms={"conv1": "cp", "conv2": "spatial-svd"}, objective="size", output=tmp_path / "o")
+    assert seen and any(best is not None for best, _ in seen)
+    for best, cache in seen:
+        assert best is None or not any(isinstance(part, Net) for part in best)
+        assert all(method in pipeline.POLISHED_FORMS for _, method, _ in cache)
+    plan = loops[0].state.best[1]
+    assert any(lp.rank and lp.method == "svd" for lp in plan.layers)  # (a form no longer cached is in it)
+    written = {layer.name: layer.blobs for layer in io.load(tmp_path / "o.prototxt", tmp_path / "o.caffemodel").layers}
+    rebuilt = {layer.name: layer.blobs for layer in loops[0].net_of(plan).layers}
+    assert written.keys() == rebuilt.keys()
+    for name, blobs in written.items():
+        for a, b in zip(blobs, rebuilt[name]):
+            np.testing.assert_array_equal(a, b)

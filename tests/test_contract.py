@@ -619,16 +619,16 @@ def _refine(candidates, best, missed, passes):
             self.state.rounds += 1
             self.state.tried[key] = passes(chosen)
             if self.state.tried[key]:
-                self.state.best = (None, None, plan_of(chosen), None)
+                self.state.best = (None, plan_of(chosen), None)
             return self.state.tried[key]
 
     loop = Loop(SimpleNamespace(ranks={}, objective="size"), None, None, list(candidates), {}, [], {}, None)
-    loop.state.best, loop.state.best_budget = (None, None, plan_of(best), None), 1.0
+    loop.state.best, loop.state.best_budget = (None, plan_of(best), None), 1.0
     loop.state.missed_at = {2.0: dict(missed), 0.5: {}}
     loop.refine()
-    assert analyse.objective_cost(candidates, pipeline._chosen_of(loop.state.best[2]), "size") <= \
+    assert analyse.objective_cost(candidates, pipeline._chosen_of(loop.state.best[1]), "size") <= \
         analyse.objective_cost(candidates, best, "size")
-    return tried, pipeline._chosen_of(loop.state.best[2])
+    return tried, pipeline._chosen_of(loop.state.best[1])
 
 
 def test_refinement_moves_one_layer_at_a_time_toward_the_plan_that_missed():

@@ -238,12 +238,15 @@ def _confirm(chain, passes_in_full):
         def search(self, ladder):
             searched.append(self.screening)
 
+        def net_of(self, plan):
+            return None
+
     run = SimpleNamespace(ranks={}, say=lambda *a: None, complete=complete)
     loop = Loop(run, None, None, [], {}, [], {}, None)
     for i, name in enumerate(chain):
         plan = SimpleNamespace(layers=[SimpleNamespace(layer="fc", method="svd", rank=len(chain) - i)])
         screened = pipeline._Verdict((), (), screened=48)
-        loop.state.keep(_Staged(name), None, plan, screened, (("fc", ("svd", len(chain) - i)),), float(i))
+        loop.state.keep(_Staged(name), plan, screened, (("fc", ("svd", len(chain) - i)),), float(i))
         loop.state.tried[(("fc", ("svd", len(chain) - i)),)] = True
     stageds = [loop.state.best[0]] + [b[0][0] for b in loop.state.fallbacks]
     loop.confirm([1.0])
@@ -253,7 +256,7 @@ def _confirm(chain, passes_in_full):
 def test_the_chosen_plan_is_judged_on_the_rest_and_the_earlier_passes_are_discarded():
     completed, searched, loop, discarded = _confirm(["a", "b", "c"], lambda name: True)
     assert completed == ["c"] and searched == []
-    assert loop.state.best[0].name == "c" and loop.state.best[3].screened == 0  # the full verdict
+    assert loop.state.best[0].name == "c" and loop.state.best[2].screened == 0  # the full verdict
     assert discarded == {"a": True, "b": True, "c": False} and not loop.state.fallbacks
     assert loop.screening is False  # every later round (speed drops, --force) is judged in full
 
@@ -425,7 +428,7 @@ def test_a_refinement_that_misses_on_its_screened_share_is_not_judged_on_the_res
         return checks
 
     def refine(self):
-        best = pipeline._chosen_of(self.state.best[2])
+        best = pipeline._chosen_of(self.state.best[1])
         fc = next(c for c in self.candidates if c.layer == "fc" and c.method == best["fc"][0])
         higher = [r for r in sorted(fc.ranks) if r > best["fc"][1]][:2]  # (moves that pass on every input)
         for rank, optional in zip(higher, (True, False)):
@@ -463,7 +466,7 @@ def test_a_plan_that_gains_on_neither_axis_beyond_the_noise_allowance_is_not_wri
     staged.temp_caffemodel = temp
     run = SimpleNamespace(weights=original, objective=objective, ranks=ranks)
     loop = pipeline._ClosedLoop(run, None, None, [], {}, [], {}, None)
-    loop.state.best = (staged, None, None, None)
+    loop.state.best = (staged, None, None)
     loop.worth_writing(staged, timing.Latency(10.0 * speedup, 10.0))
     assert (loop.state.best is not None) == written and staged.discarded == (not written)
     assert bool(loop.state.unworthy) == (not written)
