@@ -35,6 +35,28 @@ def test_bench_report_prints_a_saved_run_and_exits_by_its_budgets(tmp_path):
                           capture_output=True, timeout=120).returncode == 0
 
 
+def test_the_bench_memory_budget_is_the_largest_of_every_gendernet_run():
+    """A seed, calibrated or plan-only GenderNet run over 400 MB misses the budget, not only the default one."""
+    sys.path.insert(0, str(TOOLS))
+    try:
+        import bench
+    finally:
+        sys.path.remove(str(TOOLS))
+
+    def row(model, peak):
+        return {"model": model, "tradeoff": 0.95, "ratio": 6.0, "written": True, "speedup_1t": 1.5, "wall_s": 12.0,
+                "peak_rss_mb": peak}
+
+    plans = [{"what": "plan, empty timing cache (1/3)", "wall_s": 12.0, "peak_rss_mb": 350.0, "bytes_after": 6_823_787,
+              "ratio": 6.0}]
+    rows = [row("gendernet", 340.0), row("gendernet --seed 2", 445.0), row("vdsr", 900.0)]
+    budget = bench.budgets_of(rows, 4.0, plans)["gendernet_peak_rss_mb"]
+    assert budget["value"] == 445.0 and not budget["ok"] and "gendernet --seed 2" in budget["where"]
+    rows[1]["peak_rss_mb"] = 330.0
+    budget = bench.budgets_of(rows, 4.0, plans)["gendernet_peak_rss_mb"]
+    assert budget["value"] == 350.0 and budget["ok"] and "plan, empty timing cache" in budget["where"]
+
+
 def test_the_help_names_every_command():
     """--help lists every exit code and the commands besides compressing (plan, evaluate, fetch), and each
     command answers --help."""

@@ -12,7 +12,8 @@ wall time and the child's peak RSS. When nothing is written the original is what
 Budgets (ratios within this run, since machines are noisy), exit 1 when one is missed:
   1. no model is slower than its original at any T: every 1-thread ratio >= 0.97;
   2. GenderNet at T = 0.95: compression (validation included) within 3x one numpy.linalg.svd of a random
-     float32 512 x 18816 matrix, peak RSS <= 400 MB, >= 3x faster with 1 thread, and top-1 accuracy on
+     float32 512 x 18816 matrix, peak RSS <= 400 MB (in every GenderNet run of the bench: seeds, calibrated,
+     plan-only), >= 3x faster with 1 thread, and top-1 accuracy on
      the UTKFace dev faces (../shared/data/utkface-dev, never used to plan) within 0.5 points;
   3. every zoo model compresses in <= 20 s at every T;
   4. `caffe-compress plan` on GenderNet at T = 0.95 takes < 10 s, with an empty timing cache (the median of
@@ -23,7 +24,8 @@ the model's load, the probe pictures, the contract's and the latency report's Op
 (required_work): what that ratio cannot go below.
 GenderNet at T = 0.95 is also compressed with --seed 1..N-1 (--seeds N, default 6), data-free and
 calibrated: the min / median / max over seeds of size, speed and accuracy show how much a result
-depends on the probe draw and the CP starts (not budgets: the default seed's row is the one judged).
+depends on the probe draw and the CP starts (not budgets, but for the peak memory: the default seed's row
+is the one judged).
 When the faces are there, two more GenderNet rows plan with --calibration on 64 of them (every 15th file),
 one with the default objective and one with --objective speed,
 each scored on the other 936: >= 3x faster with 1 thread and accuracy within 0.5 points there.
@@ -323,8 +325,14 @@ def budgets_of(rows: list, svd_s: float, plans: list = ()) -> dict:
             out["gendernet_time_vs_svd"]["where"] = (
                 f"{main['wall_s']:.1f} s; the work any run must do (start, load, pictures, the contract's and the "
                 f"latency report's OpenCV runs) is {required:.1f} s = {required / svd_s:.2f}x")
-        out["gendernet_peak_rss_mb"] = {"value": main["peak_rss_mb"], "budget": f"<= {RSS_BUDGET_MB}",
-                                        "ok": main["peak_rss_mb"] <= RSS_BUDGET_MB}
+        # every GenderNet compression counts, not only the default one: other seeds, --calibration, the speed
+        # objective and the plan-only runs plan differently (a plan that keeps fc6 holds more)
+        runs = [(r["peak_rss_mb"], f"{r['model']} T={r['tradeoff']}") for r in rows
+                if r["model"].startswith("gendernet")] + [(p["peak_rss_mb"], p["what"]) for p in plans]
+        peak, where = max(runs)
+        out["gendernet_peak_rss_mb"] = {"value": peak, "budget": f"<= {RSS_BUDGET_MB}", "ok": peak <= RSS_BUDGET_MB,
+                                        "where": f"the largest of {len(runs)} GenderNet runs: {where} "
+                                                 f"(the default run: {main['peak_rss_mb']:.0f} MB)"}
         out["gendernet_speedup_1t"] = {"value": main["speedup_1t"], "budget": f">= {SPEEDUP_BUDGET}",
                                        "ok": main["speedup_1t"] >= SPEEDUP_BUDGET}
         acc = main.get("accuracy", {})
