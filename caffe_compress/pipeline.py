@@ -1313,7 +1313,9 @@ class _ClosedLoop:
             self.search(ladder)
 
     def net_of(self, plan: planner.Plan) -> Net:
-        """The Net of a plan that was built before (the staged best's: see _LoopState.best)."""
+        """The Net of a plan that was built before (the staged best's: see _LoopState.best). Built again at each
+        call, not kept: the rebuild is a few scaled slices (milliseconds), while a Net kept through the speed
+        checks' loads added 20-25 MB to GenderNet --seed 2's peak."""
         return self.run.factorizer.build(plan, again=True)[0]
 
     def default_latency(self) -> timing.Latency | None:
