@@ -230,8 +230,7 @@ class Net:
             _check_weight_shapes(layer)
             if layer.type == "Input":
                 _check_input_shapes(layer)
-        _check_channels(self)
-        _check_spatial(self)
+        _check_inner_products(self, _check_channels(self), _check_spatial(self))
         return self
 
 
@@ -274,10 +273,10 @@ _CHANNEL_PRESERVING = frozenset({
 })
 
 
-def _check_channels(net: "Net") -> None:
+def _check_channels(net: "Net") -> dict[str, int | None]:
     """Propagate channel counts (axis 1) where they are certain; check convolutions against them.
 
-    Unknown layer types stop the propagation for their outputs (no false alarms).
+    Unknown layer types stop the propagation for their outputs (no false alarms). Returns the counts by blob.
     """
     channels: dict[str, int | None] = {}
     for layer in net.layers:
@@ -305,6 +304,7 @@ def _check_channels(net: "Net") -> None:
             out = sum(parts) if all(p is not None for p in parts) else None
         for top in layer.tops:
             channels[top] = out
+    return channels
 
 
 # Layers whose output has the spatial size of their (first) input.
@@ -318,9 +318,10 @@ def _pool_out(size: int, kernel: int, stride: int, pad: int) -> int:
     return out
 
 
-def _check_spatial(net: "Net") -> None:
+def _check_spatial(net: "Net") -> dict[str, tuple[int, int] | None]:
     """Propagate 4-D spatial sizes where they are certain, and name the convolution or pooling layer whose
-    kernel does not fit its padded input (OpenCV would only say "getLayerShapesRecursively")."""
+    kernel does not fit its padded input (OpenCV would only say "getLayerShapesRecursively"). Returns the
+    sizes by blob."""
     sizes: dict[str, tuple[int, int] | None] = {}
     for layer in net.layers:
         first = sizes.get(layer.bottoms[0]) if layer.bottoms else None
@@ -365,6 +366,40 @@ def _check_spatial(net: "Net") -> None:
             out = first
         for top in layer.tops:
             sizes[top] = out
+    return sizes
+
+
+def _check_inner_products(net: "Net", channels: Mapping[str, int | None],
+                          sizes: Mapping[str, tuple[int, int] | None]) -> None:
+    """Name the InnerProduct layer whose weights take another number of inputs than its input blob holds per
+    sample (a prototxt and caffemodel that do not belong together; OpenCV would only fail an assertion in its
+    forward pass). The count per sample is certain for a blob whose channels and 4-D size are known, for an
+    InnerProduct's output, and through layers that keep it; anything else is not checked (no false alarms)."""
+    counts: dict[str, int | None] = {}
+    for layer in net.layers:
+        if layer.type == "Input":
+            for top, dims in zip(layer.tops, _declared_shapes(layer)):
+                counts[top] = int(np.prod(dims[1:])) if len(dims) > 1 else None
+            continue
+        first = layer.bottoms[0] if layer.bottoms else None
+        size = sizes.get(first) if first is not None else None
+        known = counts.get(first) if first is not None else None
+        if first is not None and channels.get(first) is not None and size is not None:
+            known = channels[first] * size[0] * size[1]
+        out: int | None = None
+        if layer.type == "InnerProduct":
+            geo = inner_product_geometry(layer)
+            w = layer.blobs[0]
+            takes = int(w.shape[0] if geo.transpose else w.shape[1])
+            if geo.axis == 1 and known is not None and known != takes:
+                raise ModelError(f"layer '{layer.name}': weight shape {tuple(w.shape)} takes {takes} inputs but its "
+                                 f"input '{first}' has {known} values per sample")
+            out = geo.num_output if geo.axis == 1 else None
+        elif layer.type in _SIZE_PRESERVING or (layer.type == "Flatten" and
+                                                int(layer.sub("flatten_param").get("axis", 1)) >= 1):
+            out = known
+        for top in layer.tops:
+            counts[top] = out
 
 
 def _declared_shapes(layer: Layer) -> list[list[int]]:

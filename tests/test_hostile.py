@@ -278,3 +278,24 @@ def test_channel_mismatch_between_weights_and_input(tmp_path, model):
     def mutate(msg):
         msg.layer[0].blobs[0].CopyFrom(io.array_to_blob(np.ones((8, 5, 3, 3), np.float32)))
     _blob_case(tmp_path, model, mutate, "expects 5 input channels but its input 'data' has 3")
+
+
+def test_inner_product_inputs_mismatch_its_input_blob(tmp_path, model):
+    """A caffemodel whose InnerProduct takes another count than its input holds (8x10x10 = 800 per sample):
+    named at load, not an OpenCV assertion from inside its forward pass."""
+    def mutate(msg):
+        msg.layer[1].blobs[0].CopyFrom(io.array_to_blob(np.ones((4, 576), np.float32)))
+    _blob_case(tmp_path, model, mutate, "layer 'fc1': weight shape (4, 576) takes 576 inputs but its input "
+                                        "'conv1' has 800 values per sample")
+
+
+def test_inner_product_after_inner_product_mismatch(tmp_path):
+    """The count after an InnerProduct (its num_output) is checked too, through the layers that keep it."""
+    deploy, weights = write_model(tmp_path, "two_fc", GOOD.replace(
+        'layer { name: "prob"',
+        'layer { name: "drop" type: "Dropout" bottom: "fc1" top: "fc1" }\n'
+        'layer { name: "fc2" type: "InnerProduct" bottom: "fc1" top: "fc2" inner_product_param { num_output: 2 } }\n'
+        'layer { name: "prob"').replace('bottom: "fc1" top: "prob"', 'bottom: "fc2" top: "prob"'),
+        {**good_weights(), "fc2": [np.ones((2, 5), np.float32), np.zeros(2, np.float32)]})
+    run_case(tmp_path, deploy, weights, expect=(3,),
+             message="layer 'fc2': weight shape (2, 5) takes 5 inputs but its input 'fc1' has 4 values per sample")
