@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 TOOLS = Path(__file__).resolve().parent.parent / "tools"
 
 
@@ -70,3 +72,48 @@ def test_the_help_names_every_command():
         assert f"caffe-compress {command} " in text
         proc = subprocess.run([*run, command, "--help"], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0 and proc.stdout.startswith("usage: caffe-compress"), (command, proc.stderr)
+
+
+def test_the_proxies_are_models_opencv_runs_with_trained_like_spectra(tmp_path):
+    """tools/proxies.py writes every stand-in as a pair OpenCV loads and runs to finite outputs, and each
+    ordinary layer's singular values decay as the module says (the property that makes them compressible)."""
+    import cv2
+    import numpy as np
+
+    sys.path.insert(0, str(TOOLS))
+    try:
+        import proxies
+    finally:
+        sys.path.remove(str(TOOLS))
+    from caffe_compress import io
+
+    written = proxies.write_all(tmp_path)
+    assert set(written) == set(proxies.PROXIES)
+    for name, (deploy, weights) in written.items():
+        net = io.load(deploy, weights)
+        cv_net = cv2.dnn.readNetFromCaffe(str(deploy), str(weights))
+        for input_name, shape in net.input_shapes().items():
+            cv_net.setInput(np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32), input_name)
+        outs = cv_net.forward(list(cv_net.getUnconnectedOutLayersNames()))
+        assert outs and all(np.all(np.isfinite(o)) for o in outs), name
+        for layer in net.layers:
+            if layer.type in ("Convolution", "InnerProduct") and layer.params.get("convolution_param", {}).get(
+                    "group", 1) == 1 and min(layer.blobs[0].shape[0], layer.blobs[0][0].size) >= 8:
+                s = np.linalg.svd(layer.blobs[0].reshape(layer.blobs[0].shape[0], -1), compute_uv=False)
+                assert s[7] / s[0] == pytest.approx(8 ** -proxies.DECAY, rel=1e-3), (name, layer.name)
+
+
+def test_the_bench_holds_proxies_to_never_slower_but_not_to_the_zoo_time():
+    sys.path.insert(0, str(TOOLS))
+    try:
+        import bench
+    finally:
+        sys.path.remove(str(TOOLS))
+
+    def row(model, speed, wall):
+        return {"model": model, "tradeoff": 0.95, "ratio": 2.0, "written": True, "speedup_1t": speed,
+                "wall_s": wall, "peak_rss_mb": 100.0}
+
+    budgets = bench.budgets_of([row("vdsr", 1.1, 15.0), row(bench.PROXY + "mtcnn-pnet", 0.9, 45.0)], 4.0)
+    assert not budgets["no_slower_1t"]["ok"] and "mtcnn-pnet" in budgets["no_slower_1t"]["where"]
+    assert budgets["zoo_compress_s"]["value"] == 15.0 and budgets["zoo_compress_s"]["ok"]

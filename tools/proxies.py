@@ -1,0 +1,243 @@
+"""Stand-ins for the held-out corpus' architectures, built in code: the layer graphs of public Caffe models
+the dev zoo lacks, with weights drawn to look trained (each layer's singular values decay as a power law, at a
+He-like scale), not the real ones.
+
+    python tools/proxies.py DIR     # writes DIR/<name>.prototxt and DIR/<name>.caffemodel for each
+
+Issue 11's "Where we stand" found the tool slower than the original, or heavy, on MTCNN's three stages, a
+CIFAR-10 net, a license-plate character classifier, a waifu2x-style image net and an SSD-like 260 x 260
+face-mask detector; UltraFace-style detectors (depthwise-separable, three heads) are in its users' list. The
+bench (tools/bench.py) compresses each of these at every T and holds them to the same never-slower rule as
+the zoo: what they test is the layer types and shapes (PReLU, LeakyReLU, Deconvolution, depthwise 3x3,
+12 x 12 inputs, Permute/Flatten/Concat heads, BatchNorm+Scale), not the accuracy of real weights.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from caffe_compress import io  # noqa: E402
+from caffe_compress.net import Layer, Net  # noqa: E402
+
+DECAY = 1.6  # singular value i (from 1) is i ** -DECAY of the first: trained layers are far from full rank
+
+
+class _Builder:
+    """A Net built layer by layer, with seeded weights."""
+
+    def __init__(self, name: str, inputs: dict[str, tuple[int, ...]], seed: int = 0) -> None:
+        self.name = name
+        self.rng = np.random.default_rng(seed)
+        self.layers = [Layer(n, "Input", (), (n,), {"input_param": {"shape": [{"dim": list(s)}]}})
+                       for n, s in inputs.items()]
+
+    def add(self, name: str, kind: str, bottoms, top: str, params=None, blobs=()) -> str:
+        bottoms = (bottoms,) if isinstance(bottoms, str) else tuple(bottoms)
+        self.layers.append(Layer(name, kind, bottoms, (top,), params or {}, tuple(blobs)))
+        return top
+
+    def weights(self, shape: tuple[int, ...]) -> np.ndarray:
+        """A (T, ...) weight whose (T, rest) matrix has power-law singular values, at a He-like scale."""
+        rows, cols = shape[0], int(np.prod(shape[1:]))
+        m = min(rows, cols)
+        u, _ = np.linalg.qr(self.rng.standard_normal((rows, m)))
+        v, _ = np.linalg.qr(self.rng.standard_normal((cols, m)))
+        w = (u * np.arange(1, m + 1) ** -DECAY) @ v.T
+        w *= np.sqrt(2.0 / cols) / max(float(np.sqrt(np.mean(w * w))), 1e-30)
+        return w.reshape(shape).astype(np.float32)
+
+    def bias(self, n: int) -> np.ndarray:
+        return (self.rng.standard_normal(n) * 0.05).astype(np.float32)
+
+    def conv(self, name: str, bottom: str, cin: int, cout: int, k: int, *, stride: int = 1, pad: int = 0,
+             group: int = 1, bias: bool = True, deconv: bool = False) -> str:
+        shape = (cin, cout // group, k, k) if deconv else (cout, cin // group, k, k)
+        w = self.weights(shape) if group == 1 else \
+            (self.rng.standard_normal(shape) * np.sqrt(2.0 / (k * k))).astype(np.float32)
+        params = {"num_output": cout, "kernel_h": k, "kernel_w": k, "stride": [stride], "pad": [pad],
+                  "group": group, **({} if bias else {"bias_term": False})}
+        return self.add(name, "Deconvolution" if deconv else "Convolution", bottom, name,
+                        {"convolution_param": params}, (w, self.bias(cout)) if bias else (w,))
+
+    def ip(self, name: str, bottom: str, cin: int, cout: int) -> str:
+        return self.add(name, "InnerProduct", bottom, name, {"inner_product_param": {"num_output": cout}},
+                        (self.weights((cout, cin)), self.bias(cout)))
+
+    def act(self, name: str, top: str, kind: str = "ReLU", *, channels: int = 0, slope: float = 0.0) -> str:
+        if kind == "PReLU":
+            return self.add(name, "PReLU", top, top, blobs=(np.full(channels, 0.25, np.float32),))
+        return self.add(name, "ReLU", top, top, {"relu_param": {"negative_slope": slope}} if slope else {})
+
+    def bn(self, name: str, top: str, c: int) -> str:
+        r = self.rng
+        self.add(name, "BatchNorm", top, top, {"batch_norm_param": {"use_global_stats": True}},
+                 ((r.standard_normal(c) * 0.1).astype(np.float32), r.uniform(0.5, 1.5, c).astype(np.float32),
+                  np.ones(1, np.float32)))
+        return self.add(f"{name}_scale", "Scale", top, top, {"scale_param": {"bias_term": True}},
+                        (r.uniform(0.8, 1.2, c).astype(np.float32), (r.standard_normal(c) * 0.1).astype(np.float32)))
+
+    def pool(self, name: str, bottom: str, k: int, s: int, mode: str = "MAX") -> str:
+        return self.add(name, "Pooling", bottom, name,
+                        {"pooling_param": {"pool": mode, "kernel_size": k, "stride": s}})
+
+    def softmax(self, name: str, bottom: str, axis: int = 1) -> str:
+        return self.add(name, "Softmax", bottom, name, {"softmax_param": {"axis": axis}})
+
+    def flat_head(self, name: str, bottom: str, cin: int, cout: int) -> str:
+        """A 3x3 prediction head, channels last and flattened (SSD style)."""
+        self.conv(name, bottom, cin, cout, 3, pad=1)
+        self.add(f"{name}_perm", "Permute", name, f"{name}_perm", {"permute_param": {"order": [0, 2, 3, 1]}})
+        return self.add(f"{name}_flat", "Flatten", f"{name}_perm", f"{name}_flat", {"flatten_param": {"axis": 1}})
+
+    def concat(self, name: str, bottoms, axis: int = 1) -> str:
+        return self.add(name, "Concat", bottoms, name, {"concat_param": {"axis": axis}})
+
+    def net(self) -> Net:
+        return Net(self.name, tuple(self.layers)).check()
+
+
+def mtcnn_pnet() -> Net:
+    b = _Builder("PNet", {"data": (1, 3, 12, 12)})
+    x = b.act("prelu1", b.conv("conv1", "data", 3, 10, 3), "PReLU", channels=10)
+    x = b.pool("pool1", x, 2, 2)
+    x = b.act("prelu2", b.conv("conv2", x, 10, 16, 3), "PReLU", channels=16)
+    x = b.act("prelu3", b.conv("conv3", x, 16, 32, 3), "PReLU", channels=32)
+    b.softmax("prob1", b.conv("conv4-1", x, 32, 2, 1))
+    b.conv("conv4-2", x, 32, 4, 1)
+    return b.net()
+
+
+def mtcnn_rnet() -> Net:
+    b = _Builder("RNet", {"data": (1, 3, 24, 24)})
+    x = b.pool("pool1", b.act("prelu1", b.conv("conv1", "data", 3, 28, 3), "PReLU", channels=28), 3, 2)
+    x = b.pool("pool2", b.act("prelu2", b.conv("conv2", x, 28, 48, 3), "PReLU", channels=48), 3, 2)
+    x = b.act("prelu3", b.conv("conv3", x, 48, 64, 2), "PReLU", channels=64)
+    x = b.act("prelu4", b.ip("conv4", x, 576, 128), "PReLU", channels=128)
+    b.softmax("prob1", b.ip("conv5-1", x, 128, 2))
+    b.ip("conv5-2", x, 128, 4)
+    return b.net()
+
+
+def mtcnn_onet() -> Net:
+    b = _Builder("ONet", {"data": (1, 3, 48, 48)})
+    x = b.pool("pool1", b.act("prelu1", b.conv("conv1", "data", 3, 32, 3), "PReLU", channels=32), 3, 2)
+    x = b.pool("pool2", b.act("prelu2", b.conv("conv2", x, 32, 64, 3), "PReLU", channels=64), 3, 2)
+    x = b.pool("pool3", b.act("prelu3", b.conv("conv3", x, 64, 64, 3), "PReLU", channels=64), 2, 2)
+    x = b.act("prelu4", b.conv("conv4", x, 64, 128, 2), "PReLU", channels=128)
+    x = b.act("prelu5", b.ip("conv5", x, 1152, 256), "PReLU", channels=256)
+    b.softmax("prob1", b.ip("conv6-1", x, 256, 2))
+    b.ip("conv6-2", x, 256, 4)
+    b.ip("conv6-3", x, 256, 10)
+    return b.net()
+
+
+def cifar10_quick() -> Net:
+    b = _Builder("CIFAR10_quick", {"data": (1, 3, 32, 32)})
+    x = b.act("relu1", b.pool("pool1", b.conv("conv1", "data", 3, 32, 5, pad=2), 3, 2))
+    x = b.pool("pool2", b.act("relu2", b.conv("conv2", x, 32, 32, 5, pad=2)), 3, 2, "AVE")
+    x = b.pool("pool3", b.act("relu3", b.conv("conv3", x, 32, 64, 5, pad=2)), 3, 2, "AVE")
+    b.softmax("prob", b.ip("ip2", b.ip("ip1", x, 1024, 64), 64, 10))
+    return b.net()
+
+
+def plate_chars() -> Net:
+    b = _Builder("plate_chars", {"data": (1, 1, 40, 20)})
+    x = b.pool("pool1", b.conv("conv1", "data", 1, 20, 5), 2, 2)
+    x = b.pool("pool2", b.conv("conv2", x, 20, 50, 5), 2, 2)
+    x = b.act("relu1", b.ip("ip1", x, 50 * 7 * 2, 500))
+    b.softmax("prob", b.ip("ip2", x, 500, 65))
+    return b.net()
+
+
+def waifu2x_vgg7(side: int = 142) -> Net:
+    b = _Builder("vgg_7", {"input": (1, 3, side, side)})
+    chans, x = [3, 32, 32, 64, 64, 128, 128, 3], "input"
+    for i in range(7):
+        x = b.conv(f"conv{i + 1}", x, chans[i], chans[i + 1], 3)
+        if i < 6:
+            b.act(f"relu{i + 1}", x, slope=0.1)
+    return b.net()
+
+
+def waifu2x_upconv7(side: int = 142) -> Net:
+    b = _Builder("upconv_7", {"input": (1, 3, side, side)})
+    chans, x = [3, 16, 32, 64, 128, 128, 256], "input"
+    for i in range(6):
+        x = b.act(f"relu{i + 1}", b.conv(f"conv{i + 1}", x, chans[i], chans[i + 1], 3), slope=0.1)
+    b.conv("conv7", x, 256, 3, 4, stride=2, pad=3, deconv=True)
+    return b.net()
+
+
+def facemask_ssd260() -> Net:
+    b = _Builder("facemask", {"data": (1, 3, 260, 260)})
+    chans, x, heads = [3, 32, 64, 64, 64, 128, 128, 64, 64], "data", []
+    for i in range(8):
+        x = b.conv(f"conv2d_{i}", x, chans[i], chans[i + 1], 3, pad=1)
+        b.bn(f"bn_{i}", x, chans[i + 1])
+        b.act(f"relu_{i}", x)
+        if i >= 3:
+            heads.append((x, chans[i + 1]))
+        if i < 7:
+            x = b.pool(f"pool_{i}", x, 2, 2)
+    locs = [b.flat_head(f"loc_{j}", h, c, 16) for j, (h, c) in enumerate(heads)]
+    scores = [b.flat_head(f"cls_{j}", h, c, 8) for j, (h, c) in enumerate(heads)]
+    b.concat("loc_branch_concat", locs)
+    b.add("cls_branch_sigmoid", "Sigmoid", b.concat("cls_concat", scores), "cls_branch_concat")
+    return b.net()
+
+
+def ultraface_slim() -> Net:
+    b = _Builder("ultraface_slim", {"input": (1, 3, 240, 320)})
+    x = b.conv("conv0", "input", 3, 16, 3, stride=2, pad=1, bias=False)
+    b.bn("conv0_bn", x, 16)
+    b.act("conv0_relu", x)
+    heads = []
+    spec = [(16, 32, 2), (32, 32, 1), (32, 64, 2), (64, 64, 1), (64, 64, 1), (64, 128, 2), (128, 128, 1),
+            (128, 128, 1), (128, 256, 2), (256, 256, 1)]
+    for i, (cin, cout, stride) in enumerate(spec):
+        x = b.conv(f"dw{i}", x, cin, cin, 3, stride=stride, pad=1, group=cin, bias=False)
+        b.bn(f"dw{i}_bn", x, cin)
+        b.act(f"dw{i}_relu", x)
+        x = b.conv(f"pw{i}", x, cin, cout, 1, bias=False)
+        b.bn(f"pw{i}_bn", x, cout)
+        b.act(f"pw{i}_relu", x)
+        if i in (4, 7, 9):
+            heads.append((x, cout))
+    scores = b.concat("cls_cat", [b.flat_head(f"cls{j}", h, c, 6) for j, (h, c) in enumerate(heads)])
+    b.concat("boxes", [b.flat_head(f"reg{j}", h, c, 12) for j, (h, c) in enumerate(heads)])
+    b.add("cls_reshape", "Reshape", scores, "cls_reshape", {"reshape_param": {"shape": {"dim": [0, -1, 2]}}})
+    b.softmax("scores", "cls_reshape", axis=2)
+    return b.net()
+
+
+PROXIES: dict[str, Callable[[], Net]] = {
+    "mtcnn-pnet": mtcnn_pnet, "mtcnn-rnet": mtcnn_rnet, "mtcnn-onet": mtcnn_onet,
+    "cifar10-quick": cifar10_quick, "plate-chars": plate_chars, "waifu2x-vgg7": waifu2x_vgg7,
+    "waifu2x-upconv7": waifu2x_upconv7, "facemask-ssd260": facemask_ssd260, "ultraface-slim": ultraface_slim,
+}
+
+
+def write_all(directory: Path, names=None) -> dict[str, tuple[Path, Path]]:
+    """Write each proxy (or those named) as DIR/<name>.prototxt + .caffemodel: {name: (deploy, weights)}."""
+    directory.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name, build in PROXIES.items():
+        if names and name not in names:
+            continue
+        deploy, weights = directory / f"{name}.prototxt", directory / f"{name}.caffemodel"
+        io.write_files(build(), deploy, weights)
+        out[name] = (deploy, weights)
+    return out
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit(__doc__.splitlines()[3].strip())
+    for name, (deploy, _) in write_all(Path(sys.argv[1])).items():
+        print(deploy)
