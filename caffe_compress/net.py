@@ -382,10 +382,8 @@ def _check_inner_products(net: "Net", channels: Mapping[str, int | None],
                 counts[top] = int(np.prod(dims[1:])) if len(dims) > 1 else None
             continue
         first = layer.bottoms[0] if layer.bottoms else None
-        size = sizes.get(first) if first is not None else None
-        known = counts.get(first) if first is not None else None
-        if first is not None and channels.get(first) is not None and size is not None:
-            known = channels[first] * size[0] * size[1]
+        c, hw = channels.get(first), sizes.get(first)
+        known = c * hw[0] * hw[1] if c is not None and hw is not None else counts.get(first)
         out: int | None = None
         if layer.type == "InnerProduct":
             geo = inner_product_geometry(layer)
