@@ -21,7 +21,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from . import export, io, rewrite, timing, validate
-from .memory import peak_rss_mb, release_memory  # noqa: F401 (peak_rss_mb: the pipeline's report, and tools)
+from .memory import map_big_blocks, peak_rss_mb, release_memory  # noqa: F401 (peak_rss_mb: the pipeline's report, and tools)
 from .runner import RUN_CHUNK, OpenCVRunner, blob_sources, compared_blobs
 from .decompose import ConvFactors, LinearFactors, cp_conv, cp_reconstruct, spatial_reconstruct, tucker_reconstruct
 from .errors import ExportError, MissingDependencyError, ModelError, RankError, UsageError, ValidationError, WriteError
@@ -405,6 +405,7 @@ def compress(
     metric : called with {output blob: (N, ...) array} of the original and of the compressed model on the
         validation inputs (``images`` in sorted file order, or the probes); both values are reported.
     """
+    map_big_blocks()
     with _scratch_directory() as scratch, np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # overflow in hostile weights: the checks say it once
         run = _Run(deploy, weights, tradeoff=planner.check_tradeoff(tradeoff), output=output,
