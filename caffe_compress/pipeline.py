@@ -1436,38 +1436,48 @@ class _ClosedLoop:
                 reasons[name] = why
 
     def refine(self) -> None:
-        """From the plan that passed, one layer at a time toward the plan that missed on the rung above:
-        the budget search moves every layer at once, and a class check that allows no changed answer can
-        miss on one layer's account. Each move that lowers the objective's cost is tried, the largest
-        saving first, at most REFINE_ROUNDS new plans; a move that passes is kept, one that misses is tried
-        again half as far -- a miss on the screened share of the inputs counts as one (``optional``: not
-        settled on the rest, which costs up to a whole validation pass for a move that is rarely taken
-        after a narrow miss there). Only when all the moves together would make the plan REFINE_MIN_GAIN cheaper:
-        a round costs a validation pass, and after a search that already ended close, little is left."""
+        """From the plan that passed, one layer at a time toward the plan that missed on the rung above
+        (and, for a layer both keep, toward its cheapest option that fits T's own budget with the plan as it
+        then is: planner.fitting_moves; no move's predicted error goes beyond that budget): the budget search
+        moves every layer at once, and a class check that allows no changed answer can miss on one layer's
+        account. Each move that lowers the objective's cost is tried, the largest saving first, at most
+        REFINE_ROUNDS new plans; a move that passes is kept, one that misses is tried again half as far -- a
+        miss on the screened share of the inputs counts as one (``optional``: not settled on the rest, which
+        costs up to a whole validation pass for a move that is rarely taken after a narrow miss there). Only
+        when all the moves together would make the plan REFINE_MIN_GAIN cheaper: a round costs a validation
+        pass, and after a search that already ended close, little is left."""
         r, state = self.run, self.state
         above = [b for b in state.missed_at if b > state.best_budget]
         if state.best is None or r.ranks or not above:
             return
-        label, spent = min(above), 0
-        target = dict(state.missed_at[label])
+        label, spent, top = min(above), 0, search.budget_ladder(r.tradeoff)[0]
+        tried_fits: set[str] = set()
         best = _chosen_of(state.best[1])
-        every_move = {**best, **dict(planner.cheaper_steps(self.candidates, best, target, r.objective))}
+        target = dict(state.missed_at[label])
+        fits = planner.fitting_moves(self.candidates, best, top, r.objective, r.guard.required)
+        every_move = {**best, **dict(planner.cheaper_steps(self.candidates, best, {**fits, **target}, r.objective))}
         if (planner.objective_cost(self.candidates, every_move, r.objective)
                 > (1 - REFINE_MIN_GAIN) * planner.objective_cost(self.candidates, best, r.objective)):
             return  # (little to gain: not worth the rounds)
         while spent < REFINE_ROUNDS:
             current = _chosen_of(state.best[1])
-            steps = planner.cheaper_steps(self.candidates, current, target, r.objective)
+            # (a kept layer's move is chosen again from each plan that passes, to fit T's budget with it)
+            fits = {name: choice for name, choice in planner.fitting_moves(
+                self.candidates, current, top, r.objective, r.guard.required).items() if name not in tried_fits}
+            steps = planner.cheaper_steps(self.candidates, current, {**fits, **target}, r.objective)
             if not steps:
                 return
             name, choice = steps[0]
-            before = state.rounds
-            passed = self.attempt(label, {**current, name: choice}, optional=True) is True
+            before, move = state.rounds, {**current, name: choice}
+            # (a move beyond T's own budget counts as a miss, without a round)
+            passed = planner.predicted_error(self.candidates, move) <= top and self.attempt(
+                label, move, optional=True) is True
             spent += state.rounds - before  # (no round: a plan judged before, or one of slow layers only)
             if not (passed and state.rounds > before):  # a move that missed: next time half of it
                 middle = planner.halfway(self.candidates, name, current.get(name), choice)
+                tried_fits.add(name)
                 if middle is None:
-                    target.pop(name)
+                    target.pop(name, None)
                 else:
                     target[name] = middle
 

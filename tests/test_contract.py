@@ -587,12 +587,13 @@ def test_misses_that_do_not_follow_the_prediction_send_the_search_to_the_lowest_
     assert _walk(6, following) == [0, 5, 6]  # unchanged when the error follows the prediction
 
 
-def _candidate(layer: str, params: int, ranks=(64, 32, 16, 8, 4)):
+def _candidate(layer: str, params: int, ranks=(64, 32, 16, 8, 4), params_at=None, error=None, **timed):
     from caffe_compress.plan.analyse import Candidate
 
+    params_at = params_at or {r: r * 110 for r in ranks}
+    error = error or {r: 1.0 / r for r in ranks}
     return Candidate(layer, "InnerProduct", "svd", (params // 100, 100), 1, params, params, tuple(ranks),
-                     {r: r * 110 for r in ranks}, {r: r * 110 for r in ranks}, {r: 1.0 / r for r in ranks},
-                     {r: 1.0 / r for r in ranks})
+                     params_at, params_at, error, error, **timed)
 
 
 def _refine(candidates, best, missed, passes):
@@ -622,7 +623,8 @@ def _refine(candidates, best, missed, passes):
                 self.state.best = (None, plan_of(chosen), None)
             return self.state.tried[key]
 
-    loop = Loop(SimpleNamespace(ranks={}, objective="size"), None, None, list(candidates), {}, [], {}, None)
+    run = SimpleNamespace(ranks={}, objective="size", tradeoff=0.95, guard=SimpleNamespace(required=0.0))
+    loop = Loop(run, None, None, list(candidates), {}, [], {}, None)
     loop.state.best, loop.state.best_budget = (None, plan_of(best), None), 1.0
     loop.state.missed_at = {2.0: dict(missed), 0.5: {}}
     loop.refine()
@@ -647,6 +649,50 @@ def test_refinement_moves_one_layer_at_a_time_toward_the_plan_that_missed():
     assert tried[2] == {"big": ("svd", 16), "small": ("svd", 8)}  # half as far: the middle rank of 32, 16, 8
     assert len(tried) == pipeline.REFINE_ROUNDS
     assert kept == {"big": ("svd", 16), "small": ("svd", 8)}
+
+
+def test_a_layer_off_the_planners_hull_is_offered_where_it_fits_the_budget():
+    """choose_ranks prices error alike in every layer: a layer whose saving per unit of error is below the
+    next step of another layer that no longer fits stays whole, although factoring it fits the budget and
+    is cheaper. fitting_moves offers that option (the cheapest that fits), and nothing where none fits or
+    where the option is predicted slower than the speed check allows."""
+    from caffe_compress.plan import analyse
+
+    cands = [_candidate("big", 100_000),
+             _candidate("x", 10_000, ranks=(64,), params_at={64: 9_900}, error={64: 0.14})]
+    chosen, predicted = analyse.choose_ranks(cands, 0.95, budget=0.2)
+    assert chosen == {"big": ("svd", 8)} and predicted == pytest.approx(0.125)  # x kept: the Lagrangian gap
+    moves = analyse.fitting_moves(cands, chosen, 0.2, "size")
+    assert moves == {"x": ("svd", 64)}
+    with_x = {**chosen, **moves}
+    assert analyse.predicted_error(cands, with_x) <= 0.2
+    assert analyse.objective_cost(cands, with_x, "size") < analyse.objective_cost(cands, chosen, "size")
+    assert analyse.fitting_moves(cands, chosen, 0.18, "size") == {}  # 0.125 and 0.14 together exceed 0.18
+    slow = [cands[0], _candidate("x", 10_000, ranks=(64,), params_at={64: 9_900}, error={64: 0.14},
+                                 time_before=1.0, time_at={64: 1.2})]
+    assert analyse.fitting_moves(slow, chosen, 0.2, "size", min_speedup=0.97) == {}
+    assert analyse.fitting_moves(slow, chosen, 0.2, "size") == {"x": ("svd", 64)}  # (--objective size)
+
+
+def test_refinement_tries_a_layer_both_plans_keep_within_the_tradeoffs_budget():
+    """A layer kept by the plan that passed and by the one that missed is moved too, once the moves
+    toward the missed plan are made, to its cheapest option that fits T's own budget with the plan as it
+    then is; no plan tried goes beyond that budget (T = 0.95: the rung 2^-1.5)."""
+    from caffe_compress.plan import analyse
+
+    top = 2 ** -1.5
+    best = {"big": ("svd", 64), "small": ("svd", 64)}
+    missed = {"big": ("svd", 4), "small": ("svd", 8)}
+    cands = [_candidate("big", 100_000), _candidate("small", 10_000),
+             _candidate("x", 10_000, ranks=(64,), params_at={64: 9_900}, error={64: 0.14})]
+    tried, kept = _refine(cands, best, missed, lambda chosen: True)
+    assert tried[2] == {**missed, "x": ("svd", 64)} and kept == tried[2]
+    assert all(analyse.predicted_error(cands, plan) <= top for plan in tried)
+    # x fits beside the plan that passed, but no longer once the other moves are made: never tried
+    cands[2] = _candidate("x", 10_000, ranks=(64,), params_at={64: 9_900}, error={64: 0.3})
+    assert analyse.fitting_moves(cands, best, top, "size") == {"x": ("svd", 64)}
+    tried, kept = _refine(cands, best, missed, lambda chosen: True)
+    assert "x" not in kept and all(analyse.predicted_error(cands, plan) <= top for plan in tried)
 
 
 def test_refinement_is_skipped_when_the_plan_above_is_barely_cheaper():

@@ -9,12 +9,12 @@ search.py    activations, per-layer analysis and gains, the ladder of budgets
 from .analyse import (  # noqa: F401
     CONV_FORMS, FORMS, METHOD_CP, METHOD_KEEP, METHOD_POINTWISE, METHOD_SPATIAL, METHOD_SVD, METHOD_TUCKER,
     MIN_RANK_DIVISOR, Candidate, LayerPlan, Plan, Workspace, analyse_convolution, analyse_inner_product, approximate_weight, build_plan, check_tradeoff,
-    cheaper_steps, choose_ranks, describe_layer, error_budget, halfway, layer_forms, max_rank, sample_patches, predicted_error,
+    cheaper_steps, choose_ranks, describe_layer, error_budget, fitting_moves, halfway, layer_forms, max_rank, sample_patches, predicted_error,
 )
 
 __all__ = [
     "CONV_FORMS", "FORMS", "METHOD_SPATIAL", "METHOD_TUCKER", "layer_forms",
     "METHOD_CP", "METHOD_KEEP", "METHOD_POINTWISE", "METHOD_SVD", "MIN_RANK_DIVISOR", "Candidate", "LayerPlan",
     "Plan", "Workspace", "analyse_convolution", "analyse_inner_product", "approximate_weight", "build_plan",
-    "check_tradeoff", "cheaper_steps", "choose_ranks", "describe_layer", "error_budget", "halfway", "max_rank", "sample_patches", "predicted_error",
+    "check_tradeoff", "cheaper_steps", "choose_ranks", "describe_layer", "error_budget", "fitting_moves", "halfway", "max_rank", "sample_patches", "predicted_error",
 ]
