@@ -286,6 +286,7 @@ class _LoopState:
     excess: float = 1.0  # the last round's worst error / its target (search.excess)
     predicted: float | None = None  # the last round's predicted error (None: no new round)
     missed_at: dict = field(default_factory=dict)  # budget -> the choice that missed there
+    missed_by: dict = field(default_factory=dict)  # budget -> (its predicted error, search.excess of its miss)
     dropped: dict = field(default_factory=dict)  # layer -> why the whole-model speed check dropped it
     unworthy: str = ""  # why the plan that passed was not written (_ClosedLoop.worth_writing)
 
@@ -1394,6 +1395,7 @@ class _ClosedLoop:
             return True
         staged.discard()
         state.missed_at.setdefault(budget, dict(chosen))
+        state.missed_by.setdefault(budget, (plan.predicted_error, state.excess))
         self.missed(verdict, chosen, budget)
         return False
 
@@ -1438,7 +1440,8 @@ class _ClosedLoop:
     def refine(self) -> None:
         """From the plan that passed, one layer at a time toward the plan that missed on the rung above
         (and, for a layer both keep, toward its cheapest option that fits T's own budget with the plan as it
-        then is: planner.fitting_moves; no move's predicted error goes beyond that budget): the budget search
+        then is -- or less, search.fitting_budget, where the miss above measured how far the error went:
+        planner.fitting_moves; no move's predicted error goes beyond T's budget): the budget search
         moves every layer at once, and a class check that allows no changed answer can miss on one layer's
         account. Each move that lowers the objective's cost is tried, the largest saving first, at most
         REFINE_ROUNDS new plans; a move that passes is kept, one that misses is tried again half as far -- a
@@ -1454,7 +1457,8 @@ class _ClosedLoop:
         tried_fits: set[str] = set()
         best = _chosen_of(state.best[1])
         target = dict(state.missed_at[label])
-        fits = planner.fitting_moves(self.candidates, best, top, r.objective, r.guard.required)
+        room = search.fitting_budget(top, *state.missed_by.get(label, (None, 1.0)))
+        fits = planner.fitting_moves(self.candidates, best, room, r.objective, r.guard.required)
         every_move = {**best, **dict(planner.cheaper_steps(self.candidates, best, {**fits, **target}, r.objective))}
         if (planner.objective_cost(self.candidates, every_move, r.objective)
                 > (1 - REFINE_MIN_GAIN) * planner.objective_cost(self.candidates, best, r.objective)):
@@ -1463,7 +1467,7 @@ class _ClosedLoop:
             current = _chosen_of(state.best[1])
             # (a kept layer's move is chosen again from each plan that passes, to fit T's budget with it)
             fits = {name: choice for name, choice in planner.fitting_moves(
-                self.candidates, current, top, r.objective, r.guard.required).items() if name not in tried_fits}
+                self.candidates, current, room, r.objective, r.guard.required).items() if name not in tried_fits}
             steps = planner.cheaper_steps(self.candidates, current, {**fits, **target}, r.objective)
             if not steps:
                 return

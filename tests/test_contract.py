@@ -596,7 +596,7 @@ def _candidate(layer: str, params: int, ranks=(64, 32, 16, 8, 4), params_at=None
                      params_at, params_at, error, error, **timed)
 
 
-def _refine(candidates, best, missed, passes):
+def _refine(candidates, best, missed, passes, missed_by=None):
     """The refinement after a search that passed with ``best`` at budget 1 and missed with ``missed`` on the
     rung above (budget 2); ``passes(chosen)`` is the verdict of a plan. Returns the plans it tried and the
     plan it kept."""
@@ -627,6 +627,7 @@ def _refine(candidates, best, missed, passes):
     loop = Loop(run, None, None, list(candidates), {}, [], {}, None)
     loop.state.best, loop.state.best_budget = (None, plan_of(best), None), 1.0
     loop.state.missed_at = {2.0: dict(missed), 0.5: {}}
+    loop.state.missed_by = {2.0: missed_by} if missed_by else {}
     loop.refine()
     assert analyse.objective_cost(candidates, pipeline._chosen_of(loop.state.best[1]), "size") <= \
         analyse.objective_cost(candidates, best, "size")
@@ -693,6 +694,29 @@ def test_refinement_tries_a_layer_both_plans_keep_within_the_tradeoffs_budget():
     assert analyse.fitting_moves(cands, best, top, "size") == {"x": ("svd", 64)}
     tried, kept = _refine(cands, best, missed, lambda chosen: True)
     assert "x" not in kept and all(analyse.predicted_error(cands, plan) <= top for plan in tried)
+
+
+def test_a_measured_miss_above_bounds_the_moves_of_kept_layers():
+    """Where the plan that missed on the rung above measured how far its error went (an error ratio over
+    its target), a kept layer's move must fit that plan's predicted error over the ratio, not T's budget:
+    VDSR T = 0.5 tried three such moves, predicted near T's budget, after a plan at 0.041 missed its PSNR.
+    A miss without an error ratio (a changed answer) leaves T's budget."""
+    from caffe_compress.plan import analyse, search
+
+    top = 2 ** -1.5
+    assert search.fitting_budget(top, 0.25, 1.0) == top  # a changed answer: no scale measured
+    assert search.fitting_budget(top, None, 3.0) == top
+    assert search.fitting_budget(top, 0.25, 2.0) == pytest.approx(0.125)
+    assert search.fitting_budget(top, 0.5, 1.1) == top  # never beyond T's own budget
+    best = {"big": ("svd", 64), "small": ("svd", 64)}
+    missed = {"big": ("svd", 4), "small": ("svd", 8)}
+    cands = [_candidate("big", 100_000), _candidate("small", 10_000),
+             _candidate("x", 10_000, ranks=(64,), params_at={64: 9_900}, error={64: 0.14})]
+    predicted_missed = analyse.predicted_error(cands, missed)  # 0.28
+    tried, kept = _refine(cands, best, missed, lambda chosen: True, missed_by=(predicted_missed, 1.0))
+    assert "x" in kept  # as in the test above
+    tried, kept = _refine(cands, best, missed, lambda chosen: True, missed_by=(predicted_missed, 2.5))
+    assert all("x" not in plan for plan in tried)  # 0.14 alone exceeds 0.28 / 2.5
 
 
 def test_refinement_is_skipped_when_the_plan_above_is_barely_cheaper():

@@ -788,7 +788,7 @@ def fitting_moves(candidates: Sequence[Candidate], current: Mapping[str, Choice]
     lower hull of cost against error: a layer whose error costs more than the others' (GenderNet's conv3
     when calibrated, gain 1.16 against fc6's 0.35) stays whole at every price, although a plan with it
     factored fits the budget."""
-    cost, layers = _option_cost(candidates, objective)
+    cost, _ = _option_cost(candidates, objective)
     room = budget ** 2 - _error_sq(candidates, current)
     by_layer: dict[str, list[Candidate]] = {}
     for c in candidates:

@@ -462,6 +462,18 @@ def _error_ratio(check) -> float | None:
     return None
 
 
+def fitting_budget(top: float, missed_predicted: float | None, missed_excess: float) -> float:
+    """The predicted error a refinement's move of a kept layer may reach: T's own budget ``top``, or less
+    where the plan that missed on the rung above measured how far its error went -- ``missed_excess`` times
+    its target (search.excess) at ``missed_predicted``: with the error taken to follow the prediction (as
+    rungs_to_skip takes it), a plan passes only below missed_predicted / excess. A miss that measures no
+    error ratio (a changed answer, a similarity: excess 1) says nothing of the scale, so T's budget stays
+    (GenderNet calibrated: plans predicted at 0.29 and 0.25 changed one answer, one at 0.35 passed)."""
+    if missed_predicted is None or not missed_excess > 1.0:
+        return top
+    return min(top, missed_predicted / missed_excess)
+
+
 def rungs_to_skip(excess_ratio: float) -> int:
     """Rungs to skip below a missed one: if the output error falls in proportion to the budget (by sqrt 2
     per rung), the first rung that passes is ceil(2 log2(excess)) down; the search lands one short of it,
