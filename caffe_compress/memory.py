@@ -25,12 +25,18 @@ def peak_rss_mb() -> float:
 def release_memory() -> None:
     """Hand freed heap back to the OS between rounds (glibc keeps it otherwise, and the high-water mark
     creeps up round after round as big blobs are allocated and freed)."""
-    import ctypes
     import gc
 
     gc.collect()
+    _libc_call("malloc_trim", 0)
+
+
+def _libc_call(name: str, *args: int) -> None:
+    """glibc's ``name(*args)``; nothing where the C library is not glibc."""
+    import ctypes
+
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        getattr(ctypes.CDLL("libc.so.6"), name)(*args)
     except (OSError, AttributeError):  # not glibc
         pass
 
@@ -40,12 +46,7 @@ def one_heap() -> None:
     arena each: the analysis threads' own arenas kept ~35 MB of freed patches and factors that malloc_trim
     could not hand back, and GenderNet's peak rose from 329 to 363 MB. For the whole process and for good
     (glibc fixes the arena limit once it is first needed), idempotent; glibc only."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-8, 1)  # M_ARENA_MAX
-    except (OSError, AttributeError):  # not glibc
-        pass
+    _libc_call("mallopt", -8, 1)  # M_ARENA_MAX
 
 
 BIG_BLOCK_BYTES = 8 << 20
@@ -57,9 +58,4 @@ def map_big_blocks() -> None:
     OpenCV nets' and the factors' blobs that a round allocates and frees end up in the heap, which they
     fragment: GenderNet's peak read 385-417 MB with the default, 366-370 MB with this, at 0.2-0.3 s more
     (page faults; `--seed 2`, warm timing cache, 4 runs each). For the whole process, idempotent; glibc only."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, BIG_BLOCK_BYTES)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc
-        pass
+    _libc_call("mallopt", -3, BIG_BLOCK_BYTES)  # M_MMAP_THRESHOLD

@@ -1455,20 +1455,22 @@ class _ClosedLoop:
             return
         label, spent, top = min(above), 0, search.budget_ladder(r.tradeoff)[0]
         tried_fits: set[str] = set()
-        best = _chosen_of(state.best[1])
         target = dict(state.missed_at[label])
         room = search.fitting_budget(top, *state.missed_by.get(label, (None, 1.0)))
-        fits = planner.fitting_moves(self.candidates, best, room, r.objective, r.guard.required)
-        every_move = {**best, **dict(planner.cheaper_steps(self.candidates, best, {**fits, **target}, r.objective))}
-        if (planner.objective_cost(self.candidates, every_move, r.objective)
+
+        def steps_from(current: Mapping[str, tuple]) -> list:
+            # (a kept layer's move is chosen again from each plan that passes, to fit the budget with it)
+            fits = planner.fitting_moves(self.candidates, current, room, r.objective, r.guard.required)
+            fits = {name: choice for name, choice in fits.items() if name not in tried_fits}
+            return planner.cheaper_steps(self.candidates, current, {**fits, **target}, r.objective)
+
+        best = _chosen_of(state.best[1])
+        if (planner.objective_cost(self.candidates, {**best, **dict(steps_from(best))}, r.objective)
                 > (1 - REFINE_MIN_GAIN) * planner.objective_cost(self.candidates, best, r.objective)):
             return  # (little to gain: not worth the rounds)
         while spent < REFINE_ROUNDS:
             current = _chosen_of(state.best[1])
-            # (a kept layer's move is chosen again from each plan that passes, to fit T's budget with it)
-            fits = {name: choice for name, choice in planner.fitting_moves(
-                self.candidates, current, room, r.objective, r.guard.required).items() if name not in tried_fits}
-            steps = planner.cheaper_steps(self.candidates, current, {**fits, **target}, r.objective)
+            steps = steps_from(current)
             if not steps:
                 return
             name, choice = steps[0]

@@ -694,9 +694,7 @@ def choose_ranks(
     budget = error_budget(tradeoff) if budget is None else budget
     totals = totals_of(candidates)
     weights = OBJECTIVE_WEIGHTS[objective]
-    by_layer: dict[str, list[Candidate]] = {}
-    for c in candidates:
-        by_layer.setdefault(c.layer, []).append(c)
+    by_layer = _by_layer(candidates)
 
     def contribution(c: Candidate | None, rank: int | None) -> float:
         return 0.0 if c is None else (c.gain * c.output_error[rank]) ** 2
@@ -731,6 +729,14 @@ def choose_ranks(
             break
     chosen.update(forced)
     return chosen, predicted
+
+
+def _by_layer(candidates: Sequence[Candidate]) -> dict[str, list[Candidate]]:
+    """The candidates (one per exact form) of each layer, in order."""
+    out: dict[str, list[Candidate]] = {}
+    for c in candidates:
+        out.setdefault(c.layer, []).append(c)
+    return out
 
 
 def _error_sq(candidates: Sequence[Candidate], chosen: Mapping[str, Choice]) -> float:
@@ -790,17 +796,13 @@ def fitting_moves(candidates: Sequence[Candidate], current: Mapping[str, Choice]
     factored fits the budget."""
     cost, _ = _option_cost(candidates, objective)
     room = budget ** 2 - _error_sq(candidates, current)
-    by_layer: dict[str, list[Candidate]] = {}
-    for c in candidates:
-        by_layer.setdefault(c.layer, []).append(c)
     moves: dict[str, Choice] = {}
-    for name, cands in by_layer.items():
-        if name in current:
-            continue
+    for name, cands in _by_layer(candidates).items():
         fits = [(cost(name, (c.method, r)), -r, (c.method, r)) for c, r in _options(cands, min_speedup)
                 if c is not None and (c.gain * c.output_error[r]) ** 2 <= room]
-        if fits and min(fits)[0] < cost(name, None):
-            moves[name] = min(fits)[2]
+        cheapest = min(fits, default=None)
+        if name not in current and cheapest is not None and cheapest[0] < cost(name, None):
+            moves[name] = cheapest[2]
     return moves
 
 
