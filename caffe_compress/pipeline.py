@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from . import export, io, rewrite, timing, validate
 from .memory import map_big_blocks, peak_rss_mb, release_memory  # noqa: F401 (peak_rss_mb: the pipeline's report, and tools)
@@ -61,6 +62,12 @@ POLISH_CP_ITERATIONS = 30  # extra sweeps for the rank the planner picks
 FORCED_CP_ITERATIONS = 1000  # a rank given with --rank: run to convergence
 POLISHED_FORMS = (planner.METHOD_CP, planner.METHOD_TUCKER)  # factors refined by iterations: kept once made
 MAX_PROBES = 256
+# BLAS_THREADS: numpy's BLAS runs on one thread for the whole run. OpenBLAS's idle workers spin for ~0.1 s
+# (2^28 cycles) after every multi-threaded call, even a 108 x 2 product, and so take a core from the OpenCV
+# forward pass that follows: GenderNet's written model read 11-13 ms with 2 threads where it runs in 6.5 (the
+# report said 0.86x, "slower"), and the validation passes ran at 9 ms an input instead of 7. The run's numpy
+# work is small products beside OpenCV's passes; the one big layer (fc6's analysis) takes 0.17 s instead of 0.09.
+BLAS_THREADS = 1
 NOTHING_TO_COMPRESS = "nothing to compress within the fidelity contract at this trade-off; try a higher T"
 NOTHING_FASTER = ("nothing written: the plans that met the fidelity contract measured slower than the original in "
                   "OpenCV, and dropping their slowest factorizations left none that meets it (see the layers' reasons)")
@@ -187,7 +194,8 @@ class _Factorizer:
         return new_net, plan
 
     def _big(self, key: tuple) -> bool:
-        """A factorization computed alone, with every BLAS thread (search.ALONE_LAYER_BYTES)."""
+        """A factorization computed alone, after the others: its workspace adds to no other's
+        (search.ALONE_LAYER_BYTES)."""
         return sum(b.nbytes for b in self.net.layer(key[0]).blobs) > search.ALONE_LAYER_BYTES
 
     def draft(self, name: str, method: str, rank: int) -> tuple[Layer, ...]:
@@ -407,7 +415,8 @@ def compress(
         validation inputs (``images`` in sorted file order, or the probes); both values are reported.
     """
     map_big_blocks()
-    with _scratch_directory() as scratch, np.errstate(all="ignore"), warnings.catch_warnings():
+    with _scratch_directory() as scratch, np.errstate(all="ignore"), warnings.catch_warnings(), \
+            threadpool_limits(limits=BLAS_THREADS, user_api="blas"):
         warnings.simplefilter("ignore", RuntimeWarning)  # overflow in hostile weights: the checks say it once
         run = _Run(deploy, weights, tradeoff=planner.check_tradeoff(tradeoff), output=output,
                    ranks=dict(ranks or {}), forms=dict(forms or {}), keep=tuple(keep), validate_output=validate_output,

@@ -141,3 +141,40 @@ def test_rounds_hold_no_earlier_net_and_only_the_polished_factors(tmp_path, monk
     for name, blobs in written.items():
         for a, b in zip(blobs, rebuilt[name]):
             np.testing.assert_array_equal(a, b)
+
+
+def _blas_threads() -> int:
+    from threadpoolctl import threadpool_info
+
+    return max((info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"), default=1)
+
+
+def test_every_opencv_pass_of_a_run_has_blas_on_one_thread(tmp_path, monkeypatch):
+    """OpenBLAS's idle workers spin after each multi-threaded call and take a core from the OpenCV pass that
+    follows (a 2-thread latency read as slow as 1 thread): the whole run keeps numpy's BLAS on one thread,
+    and gives the caller's setting back after."""
+    from threadpoolctl import threadpool_limits
+
+    from caffe_compress import pipeline, timing, validate
+
+    seen = []
+    real_forward, real_once = validate.forward, timing._forward_once
+
+    def forward(*args, **kwargs):
+        seen.append(("validation", _blas_threads()))
+        return real_forward(*args, **kwargs)
+
+    def once(*args, **kwargs):
+        seen.append(("timing", _blas_threads()))
+        return real_once(*args, **kwargs)
+
+    monkeypatch.setattr(validate, "forward", forward)
+    monkeypatch.setattr(timing, "_forward_once", once)
+    deploy, model = small_model(tmp_path)
+    with threadpool_limits(limits=2, user_api="blas"):
+        if _blas_threads() < 2:
+            pytest.skip("numpy's BLAS here has no threads to limit")
+        pipeline.compress(deploy, model, tradeoff=0.95, output=tmp_path / "o", retime=True)
+        assert _blas_threads() == 2
+    assert {kind for kind, _ in seen} == {"validation", "timing"}
+    assert {threads for _, threads in seen} == {1}

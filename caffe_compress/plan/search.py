@@ -181,7 +181,8 @@ def _cp_caps(jobs, layer_inputs: Mapping[str, LayerInput], cp_rank_cap: RankCap 
 
 
 def _big_job(job) -> bool:
-    """A layer analysed alone (after the others), with every BLAS thread (GenderNet's fc6: a 38 MB weight, its SVD workspace)."""
+    """A layer analysed alone, after the others: its workspace adds to no other's (GenderNet's fc6: a 38 MB
+    weight and its SVD's workspace; peak memory)."""
     return sum(b.nbytes for b in job[0].blobs) > ALONE_LAYER_BYTES
 
 
