@@ -289,6 +289,42 @@ def test_image_and_embedding_metrics():
     assert not contract.check_output(contract.OutputSpec("e", "embedding"), emb, collapsed, 0.95)[0].passed
 
 
+def test_map_metrics_are_exact_without_a_float64_copy_of_the_outputs():
+    """PSNR, relative error, the early-miss bounds and the report's agreement on a big map output (an SR
+    net's 256 x 256 map for 64 inputs: 16 MB in float32) give the float64 values, measured a few inputs at a
+    time: a whole float64 copy (32 MB each for the original, the compressed and their difference) put a
+    50 KB SR net's compression at 550 MB."""
+    import tracemalloc
+
+    from caffe_compress import validate
+
+    rng = np.random.default_rng(5)
+    a = rng.uniform(0, 1, (64, 1, 256, 256)).astype(np.float32)
+    b = a + rng.normal(0, 0.03, a.shape).astype(np.float32)  # (30 dB: a miss at any T)
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    mse, ref = float(np.mean((a64 - b64) ** 2)), float(np.sum(a64 * a64))
+    peak_sq = float(a64.max() - a64.min()) ** 2
+    psnr, psnr_48 = 10 * math.log10(peak_sq / mse), 10 * math.log10(peak_sq * a.size / np.sum((a64 - b64)[:48] ** 2))
+    rel = math.sqrt(float(np.sum((a64 - b64) ** 2)) / ref)
+    row_rel = np.linalg.norm((a64 - b64).reshape(64, -1), axis=1) / np.linalg.norm(a64.reshape(64, -1), axis=1)
+    del a64, b64
+    image, dense = contract.OutputSpec("sr", "image"), contract.OutputSpec("sr", "dense")
+    tracemalloc.start()
+    try:
+        got_psnr = contract.check_output(image, a, b, 0.5)[0].value
+        got_rel = contract.check_output(dense, a, b, 0.5)[0].value
+        missed = contract.certain_misses([image], {"sr": a}, {"sr": b[:48]}, 48, 0.5, total=64)
+        agreement = validate.compare_outputs({"sr": a}, {"sr": b})[0]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got_psnr == pytest.approx(psnr, rel=1e-9) and got_rel == pytest.approx(rel, rel=1e-9)
+    assert [c.value for c in missed] == [pytest.approx(psnr_48, rel=1e-9)]  # (at best: the rest unchanged)
+    assert agreement.max_relative_error == pytest.approx(float(row_rel.max()), rel=1e-9)
+    assert agreement.mean_relative_error == pytest.approx(float(row_rel.mean()), rel=1e-9)
+    assert peak < 4 * validate.WORK_BYTES + (1 << 20), peak  # (a few working blocks, not 32 MB copies)
+
+
 def test_targets_loosen_above_095_and_vanish_at_1():
     t95, t99 = contract.targets(0.95), contract.targets(0.99)
     assert contract.targets(0.5) == t95

@@ -39,6 +39,7 @@ import numpy as np
 
 from ..errors import UsageError
 from ..net import Net
+from ..validate import row_blocks
 
 KINDS = ("class", "scores", "boxes", "embedding", "image", "dense")
 NO_LOSS_TRADEOFF = 0.95
@@ -312,9 +313,19 @@ def check_output(spec: OutputSpec, original: np.ndarray, compressed: np.ndarray,
                  min_fidelity: float | None = None, margin: float = 1.0, synthetic: bool = False) -> list[Check]:
     """The metrics of one output. ``outputs``/``specs``: every original output, for paired boxes."""
     t = targets(tradeoff, min_fidelity=min_fidelity, margin=margin, synthetic=synthetic)
+    n = original.shape[0] if original.ndim > 1 else 1
+    if spec.kind == "image":  # (a map per input: measured a few inputs at a time, see _squared_changes)
+        peak = (float(original.max()) - float(original.min())) or 1.0
+        mse = float(np.sum(_squared_changes(original, compressed, n))) / original.size
+        psnr = math.inf if mse == 0 else 10.0 * math.log10(peak * peak / mse)
+        return [Check(spec.name, spec.kind, "PSNR vs the original (dB)", psnr, t["psnr"], True)]
+    pair = spec.kind == "boxes" and spec.pair and outputs is not None and specs is not None and spec.pair in outputs
+    if spec.kind not in ("class", "scores", "embedding") and not pair:
+        diff = float(np.sum(_squared_changes(original, compressed, n)))
+        return [Check(spec.name, spec.kind, "relative error", _root(diff, _sum_of_squares(original, n)),
+                      _error_target(spec, t), False)]
     a = original.astype(np.float64)
     b = compressed.astype(np.float64)
-    n = a.shape[0] if a.ndim > 1 else 1
     if spec.kind == "class":
         pa = _probabilities(a.reshape(n, -1))
         pb = _probabilities(b.reshape(n, -1))
@@ -335,20 +346,13 @@ def check_output(spec: OutputSpec, original: np.ndarray, compressed: np.ndarray,
         d = _capped_logit_change(spec, fa[strongest], fb[strongest])
         return [Check(spec.name, spec.kind, "logit change at the strongest (RMS nats)",
                       float(np.sqrt(np.mean(d * d))) if d.size else 0.0, t["logit"], False)]
-    if spec.kind == "boxes" and spec.pair and outputs is not None and specs is not None and spec.pair in outputs:
+    if pair:
         rows, at_positives = _box_rows(specs[spec.pair], outputs[spec.pair])
         ya, yb = _positions_view(a, rows.shape[1])[rows], _positions_view(b, rows.shape[1])[rows]
         what = f"relative error at {int(rows.sum())} {'positive' if at_positives else 'strongest'} positions"
         return [Check(spec.name, spec.kind, what, _relative(ya, yb), t["boxes"], False)]
-    if spec.kind == "embedding":
-        cos = _cosines(a.reshape(n, -1), b.reshape(n, -1))
-        return [Check(spec.name, spec.kind, "smallest cosine similarity", float(cos.min()), t["cosine"], True)]
-    if spec.kind == "image":
-        peak = float(a.max() - a.min()) or 1.0
-        mse = float(np.mean((a - b) ** 2))
-        psnr = math.inf if mse == 0 else 10.0 * math.log10(peak * peak / mse)
-        return [Check(spec.name, spec.kind, "PSNR vs the original (dB)", psnr, t["psnr"], True)]
-    return [Check(spec.name, spec.kind, "relative error", _relative(a, b), _error_target(spec, t), False)]
+    cos = _cosines(a.reshape(n, -1), b.reshape(n, -1))  # (embedding)
+    return [Check(spec.name, spec.kind, "smallest cosine similarity", float(cos.min()), t["cosine"], True)]
 
 
 def _foreground(spec: OutputSpec, a: np.ndarray, b: np.ndarray):
@@ -410,6 +414,27 @@ def _positions_view(y: np.ndarray, positions: int) -> np.ndarray:
     return y.reshape(y.shape[0], positions, -1)
 
 
+def _squared_changes(a: np.ndarray, b: np.ndarray, count: int) -> np.ndarray:
+    """(count,) per-input sums of squared changes between the first ``count`` inputs of ``a`` and ``b``,
+    in float64, a few inputs at a time (a float64 copy of a whole dense output is not made)."""
+    a2, b2 = a[:count].reshape(count, -1), b[:count].reshape(count, -1)
+    out = np.empty(count)
+    for rows in row_blocks(count, a2.shape[1]):
+        d = a2[rows].astype(np.float64) - b2[rows]
+        out[rows] = np.einsum("ij,ij->i", d, d)
+    return out
+
+
+def _sum_of_squares(a: np.ndarray, count: int) -> float:
+    """The sum of squares of ``a`` (``count`` inputs) in float64, a few inputs at a time."""
+    a2 = a.reshape(count, -1)
+    total = 0.0
+    for rows in row_blocks(count, a2.shape[1]):
+        x = a2[rows].astype(np.float64)
+        total += float(np.einsum("ij,ij->", x, x))
+    return total
+
+
 def _relative(a: np.ndarray, b: np.ndarray) -> float:
     ref = float(np.sum(a * a))
     diff = float(np.sum((a - b) ** 2))
@@ -462,12 +487,19 @@ def certain_misses(specs: Sequence[OutputSpec], original: Mapping[str, np.ndarra
     t = targets(tradeoff, min_fidelity=min_fidelity, margin=margin, synthetic=synthetic)
     lost: list[Check] = []
     for spec in specs:
-        a_all = original[spec.name].astype(np.float64)
-        n_all = a_all.shape[0] if a_all.ndim > 1 else 1
+        raw = original[spec.name]
+        n_all = raw.shape[0] if raw.ndim > 1 else 1
         if n_all != total or partial[spec.name].shape[0] != count:
             continue
-        a, b = a_all[:count], partial[spec.name].astype(np.float64)
         seen = f"after {count} of {n_all} inputs"
+        check = _dense_bound(spec, raw, partial[spec.name], count, t, seen, likely,
+                             paired=bool(spec.pair and spec.pair in original))
+        if check is not None:
+            if not check.passed:
+                lost.append(check)
+            continue
+        a_all = raw.astype(np.float64)
+        a, b = a_all[:count], partial[spec.name].astype(np.float64)
         if spec.kind == "class" and t["class"] is not None:
             confident, flipped = _flips(a_all, b, count)
             best = 1.0 - int(np.sum(flipped)) / max(int(confident.sum()), 1)
@@ -477,33 +509,39 @@ def certain_misses(specs: Sequence[OutputSpec], original: Mapping[str, np.ndarra
             cos = _cosines(a.reshape(count, -1), b.reshape(count, -1))
             check = Check(spec.name, spec.kind, f"smallest cosine similarity ({seen})", float(cos.min()),
                           t["cosine"], True)
-        elif spec.kind == "image" and t["psnr"] is not None:
-            peak = float(a_all.max() - a_all.min()) or 1.0
-            entries = np.full(n_all, a_all[0].size)
-            mse, how = _summed(((a - b) ** 2).reshape(count, -1).sum(axis=1), entries, likely, seen,
-                               a_all.size * peak * peak / 10.0 ** (t["psnr"] / 10.0))
-            mse /= a_all.size
-            best = math.inf if mse == 0 else 10.0 * math.log10(peak * peak / mse)
-            check = Check(spec.name, spec.kind, f"PSNR vs the original, {how[0]}", best, t["psnr"], True)
         elif spec.kind == "scores" and t["jaccard"] is not None:
             check = _scores_bound(spec, a_all, b, count, t, seen, likely)
         elif spec.kind == "boxes" and spec.pair and spec.pair in original and t["boxes"] is not None:
             if original[spec.pair].shape[0] != total:
                 continue
             check = _boxes_bound(spec, specs, original, a_all, b, count, t, seen, likely)
-        elif (spec.kind == "dense" or (spec.kind == "boxes" and not (spec.pair and spec.pair in original))) \
-                and t["relative"] is not None:
-            target = _error_target(spec, t)
-            ref = float(np.sum(a_all * a_all))
-            entries = np.full(n_all, a_all[0].size)
-            diff, how = _summed(((a - b) ** 2).reshape(count, -1).sum(axis=1), entries, likely, seen,
-                                target ** 2 * ref)
-            check = Check(spec.name, spec.kind, f"relative error, {how[1]}", _root(diff, ref), target, False)
         else:
             continue
         if not check.passed:
             lost.append(check)
     return lost
+
+
+def _dense_bound(spec: OutputSpec, a_all: np.ndarray, b: np.ndarray, count: int, t: dict, seen: str,
+                 likely: bool, *, paired: bool) -> Check | None:
+    """certain_misses' bound for a map or dense output (PSNR, relative error: sums of squared changes over
+    every entry, measured a few inputs at a time; boxes without their scores count as dense), or None for
+    the other kinds."""
+    n_all = a_all.shape[0] if a_all.ndim > 1 else 1
+    entries = np.full(n_all, a_all[0].size)
+    if spec.kind == "image" and t["psnr"] is not None:
+        peak = (float(a_all.max()) - float(a_all.min())) or 1.0
+        mse, how = _summed(_squared_changes(a_all, b, count), entries, likely, seen,
+                           a_all.size * peak * peak / 10.0 ** (t["psnr"] / 10.0))
+        mse /= a_all.size
+        best = math.inf if mse == 0 else 10.0 * math.log10(peak * peak / mse)
+        return Check(spec.name, spec.kind, f"PSNR vs the original, {how[0]}", best, t["psnr"], True)
+    if (spec.kind == "dense" or (spec.kind == "boxes" and not paired)) and t["relative"] is not None:
+        target = _error_target(spec, t)
+        ref = _sum_of_squares(a_all, n_all)
+        diff, how = _summed(_squared_changes(a_all, b, count), entries, likely, seen, target ** 2 * ref)
+        return Check(spec.name, spec.kind, f"relative error, {how[1]}", _root(diff, ref), target, False)
+    return None
 
 
 def _summed(per_input: np.ndarray, entries: np.ndarray, likely: bool, seen: str,
