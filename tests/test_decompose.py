@@ -97,3 +97,38 @@ def test_svd_error_falls_with_rank_and_matches_numpy():
         truncated_svd(w, 31)
     with pytest.raises(RankError):
         truncated_svd(w, 0)
+
+
+def test_a_basis_cut_to_its_leading_vectors_gives_the_same_factors_and_errors():
+    w = low_rank_matrix(96, 160, 40, seed=3) + 0.01 * np.random.default_rng(3).standard_normal((96, 160))
+    full = spectral_basis(w)
+    cut = full.leading(24)
+    assert cut.u.shape == (96, 24) and cut.vt.shape == (24, 160) and cut.vt.dtype == np.float32
+    for rank in (1, 8, 24):
+        a, b = full.factors(rank), cut.factors(rank)
+        assert b.relative_error == full.relative_error(rank) == a.relative_error
+        np.testing.assert_allclose(b.second @ b.first, a.second @ a.first, rtol=0, atol=1e-5 * np.abs(w).max())
+    with pytest.raises(RankError):
+        cut.factors(25)
+
+
+def test_the_analysis_keeps_spatial_bases_only_up_to_the_grids_top_rank():
+    """A spatial-SVD basis is kept for the rewrite in float32 and only up to the largest rank its grid can
+    choose (a 512 x 512 3 x 3 kernel's whole float64 basis is 38 MB): every candidate rank still rebuilds."""
+    from caffe_compress.net import Layer
+    from caffe_compress.plan import analyse
+
+    rng = np.random.default_rng(0)
+    kernel = (cp_kernel(64, 48, 3, 3, 20, seed=1) + 0.01 * rng.standard_normal((64, 48, 3, 3))).astype(np.float32)
+    layer = Layer("c", "Convolution", ("x",), ("y",), {"convolution_param": {"num_output": 64, "kernel_size": [3], "bias_term": False}},
+                  (kernel,))
+    patches = rng.standard_normal((512, 48, 3, 3)).astype(np.float32)
+    ws = analyse.Workspace()
+    (cand,) = [analyse.analyse_convolution(layer, patches, (1, 48, 16, 16), (1, 64, 14, 14), analyse.METHOD_SPATIAL,
+                                           min_rank_divisor=1, seed=0, ws=ws, cp_iterations=8)]
+    (basis,) = ws.spatial["c"]
+    assert basis.vt.shape[0] == max(cand.ranks) < min(48 * 3, 64 * 3) and basis.vt.dtype == np.float32
+    for rank in cand.ranks:
+        weight = analyse.approximate_weight(layer, cand, rank, ws)
+        err = np.linalg.norm(weight - kernel) / np.linalg.norm(kernel)
+        assert err == pytest.approx(cand.weight_error[rank], rel=1e-3, abs=1e-6)

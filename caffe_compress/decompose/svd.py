@@ -69,8 +69,17 @@ class SpectralBasis:
             tail = self.frobenius ** 2 - float(np.sum(self.s[:rank] ** 2))
         return float(np.sqrt(max(tail, 0.0)) / self.frobenius)
 
+    def leading(self, count: int) -> "SpectralBasis":
+        """This basis with only its ``count`` leading vectors, float32 copies (the rest's memory is freed):
+        every singular value is kept, so ``relative_error`` stays exact, and ``factors`` cuts ranks up to
+        ``count``, the same factors to float32 rounding."""
+        count = max(1, min(int(count), self.vt.shape[0]))
+        return SpectralBasis(u=np.array(self.u[:, :count], dtype=np.float32),
+                             s=self.s, vt=np.array(self.vt[:count], dtype=np.float32),
+                             frobenius=self.frobenius, complete=self.complete)
+
     def factors(self, rank: int) -> LinearFactors:
-        m = self.s.size
+        m = min(self.s.size, self.vt.shape[0])
         if not 1 <= rank <= m:
             raise RankError(f"rank {rank} out of range 1..{m}")
         root = np.sqrt(self.s[:rank])

@@ -566,11 +566,15 @@ def _tucker_tails(patches: np.ndarray, kernel: np.ndarray, bases, ranks: Sequenc
 def _spatial_errors(layer, data: ConvData, ws: Workspace, low: int, bias: int, forced: int | None):
     t, sg, kh, kw = layer.blobs[0].shape
     g = len(data.kernels)
-    bases = ws.spatial[layer.name] = [spatial_basis(k) for k in data.kernels]
+    bases = [spatial_basis(k) for k in data.kernels]
     group_ranks = _grid_below_break_even(METHOD_SPATIAL, layer.blobs[0].shape, g, bias, low,
                                          min(sg * kh, t // g * kw), fine=True, forced=forced)
-    return _summed_tails(data, group_ranks, [
+    errors = _summed_tails(data, group_ranks, [
         _spatial_tails(gp, basis, (sg, kh, kw), group_ranks) for gp, basis in zip(data.group_patches, bases)])
+    # kept for the rewrite up to the grid's top rank, in float32 (the factors' precision): a 512 x 512 3 x 3
+    # kernel's whole basis is 38 MB, and a ResNet-style net has a dozen of them
+    ws.spatial[layer.name] = [b.leading(max(group_ranks, default=1)) for b in bases]
+    return errors
 
 
 def _spatial_tails(patches: np.ndarray, basis, in_shape: tuple[int, int, int], ranks: Sequence[int]) -> dict:
