@@ -18,7 +18,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from .memory import release_memory
+from .memory import heap_for_passes, release_memory
 from .net import Layer, Net
 
 log = logging.getLogger(__name__)
@@ -52,14 +52,16 @@ class Latency:
 
 @contextmanager
 def _threads(count: int):
-    """OpenCV with ``count`` threads for the block, the previous setting restored after."""
+    """OpenCV with ``count`` threads for the block, the previous setting restored after, and the passes'
+    temporaries kept in the heap between runs (memory.heap_for_passes: mapped, each run faulted them in)."""
     from .validate import cv2_module
 
     cv2 = cv2_module()
     previous = cv2.getNumThreads()
     cv2.setNumThreads(int(count))
     try:
-        yield
+        with heap_for_passes():
+            yield
     finally:
         cv2.setNumThreads(previous)
 

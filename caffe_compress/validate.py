@@ -16,6 +16,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from .errors import MissingDependencyError, UsageError, ValidationError
+from .memory import heap_for_passes
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +73,10 @@ def forward(cv_net, inputs: Mapping[str, np.ndarray], outputs: Sequence[str], *,
     """Run the net; returns {blob name: array} for the requested blobs."""
     cv2 = cv2_module()
     try:
-        for name, value in inputs.items():
-            cv_net.setInput(np.ascontiguousarray(value, dtype=np.float32), name)
-        values = cv_net.forward(list(outputs))
+        with heap_for_passes():  # (the pass's temporaries: see memory.heap_for_passes)
+            for name, value in inputs.items():
+                cv_net.setInput(np.ascontiguousarray(value, dtype=np.float32), name)
+            values = cv_net.forward(list(outputs))
     except cv2.error as exc:
         raise error(f"{what}: OpenCV forward pass failed: {_cv_message(exc)}") from None
     return {name: np.array(v, dtype=np.float32, copy=True) for name, v in zip(outputs, values)}
