@@ -64,9 +64,29 @@ def map_big_blocks() -> None:
     M_MMAP_THRESHOLD). glibc's default threshold rises with every big block freed, up to 32 MiB, so the
     OpenCV nets' and the factors' blobs that a round allocates and frees end up in the heap, which they
     fragment: GenderNet's peak read 385-417 MB with the default, 366-370 MB with this, at 0.2-0.3 s more
-    (page faults; `--seed 2`, warm timing cache, 4 runs each). For the whole process, idempotent; glibc only."""
-    _libc_call("mallopt", _M_MMAP_THRESHOLD, BIG_BLOCK_BYTES)
+    (page faults; `--seed 2`, warm timing cache, 4 runs each). For the process until big_blocks_mapped's
+    block ends (for good when called alone), idempotent; glibc only."""
+    _set_thresholds(BIG_BLOCK_BYTES, DEFAULT_TRIM_BYTES)
     _policy["mapped"] = True
+
+
+@contextmanager
+def big_blocks_mapped():
+    """map_big_blocks for the block (a compression); after it, blocks up to 32 MiB come from the heap and stay
+    there (M_MMAP_THRESHOLD 32 MiB, M_TRIM_THRESHOLD 64 MiB), where glibc's own policy settles once big blocks
+    have been freed -- glibc cannot go back to that adaptive policy once a threshold is set -- so the OpenCV
+    passes a program runs after compress() are not slowed (heap_for_passes)."""
+    map_big_blocks()
+    try:
+        yield
+    finally:
+        _policy["mapped"] = False
+        _set_thresholds(PASS_BLOCK_BYTES, PASS_TRIM_BYTES)
+
+
+def _set_thresholds(mmap_bytes: int, trim_bytes: int) -> None:
+    _libc_call("mallopt", _M_MMAP_THRESHOLD, mmap_bytes)
+    _libc_call("mallopt", _M_TRIM_THRESHOLD, trim_bytes)
 
 
 @contextmanager
@@ -81,13 +101,11 @@ def heap_for_passes():
         yield
         return
     if _policy["depth"] == 0:
-        _libc_call("mallopt", _M_MMAP_THRESHOLD, PASS_BLOCK_BYTES)
-        _libc_call("mallopt", _M_TRIM_THRESHOLD, PASS_TRIM_BYTES)
+        _set_thresholds(PASS_BLOCK_BYTES, PASS_TRIM_BYTES)
     _policy["depth"] += 1
     try:
         yield
     finally:
         _policy["depth"] -= 1
-        if _policy["depth"] == 0:
-            _libc_call("mallopt", _M_MMAP_THRESHOLD, BIG_BLOCK_BYTES)
-            _libc_call("mallopt", _M_TRIM_THRESHOLD, DEFAULT_TRIM_BYTES)
+        if _policy["depth"] == 0 and _policy["mapped"]:
+            _set_thresholds(BIG_BLOCK_BYTES, DEFAULT_TRIM_BYTES)

@@ -22,7 +22,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from . import export, io, rewrite, timing, validate
-from .memory import map_big_blocks, peak_rss_mb, release_memory  # noqa: F401 (peak_rss_mb: the pipeline's report, and tools)
+from .memory import big_blocks_mapped, peak_rss_mb, release_memory  # noqa: F401 (peak_rss_mb: the pipeline's report, and tools)
 from .runner import RUN_CHUNK, OpenCVRunner, blob_sources, compared_blobs
 from .decompose import ConvFactors, LinearFactors, cp_conv, cp_reconstruct, spatial_reconstruct, tucker_reconstruct
 from .errors import ExportError, MissingDependencyError, ModelError, RankError, UsageError, ValidationError, WriteError
@@ -414,9 +414,8 @@ def compress(
     metric : called with {output blob: (N, ...) array} of the original and of the compressed model on the
         validation inputs (``images`` in sorted file order, or the probes); both values are reported.
     """
-    map_big_blocks()
-    with _scratch_directory() as scratch, np.errstate(all="ignore"), warnings.catch_warnings(), \
-            threadpool_limits(limits=BLAS_THREADS, user_api="blas"):
+    with big_blocks_mapped(), _scratch_directory() as scratch, np.errstate(all="ignore"), \
+            warnings.catch_warnings(), threadpool_limits(limits=BLAS_THREADS, user_api="blas"):
         warnings.simplefilter("ignore", RuntimeWarning)  # overflow in hostile weights: the checks say it once
         run = _Run(deploy, weights, tradeoff=planner.check_tradeoff(tradeoff), output=output,
                    ranks=dict(ranks or {}), forms=dict(forms or {}), keep=tuple(keep), validate_output=validate_output,
