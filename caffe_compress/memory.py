@@ -107,5 +107,5 @@ def heap_for_passes():
         yield
     finally:
         _policy["depth"] -= 1
-        if _policy["depth"] == 0 and _policy["mapped"]:
+        if _policy["depth"] == 0 and _policy["mapped"]:  # (still inside the compression)
             _set_thresholds(BIG_BLOCK_BYTES, DEFAULT_TRIM_BYTES)

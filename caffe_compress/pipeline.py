@@ -65,8 +65,9 @@ MAX_PROBES = 256
 # BLAS_THREADS: numpy's BLAS runs on one thread for the whole run. OpenBLAS's idle workers spin for ~0.1 s
 # (2^28 cycles) after every multi-threaded call, even a 108 x 2 product, and so take a core from the OpenCV
 # forward pass that follows: GenderNet's written model read 11-13 ms with 2 threads where it runs in 6.5 (the
-# report said 0.86x, "slower"), and the validation passes ran at 9 ms an input instead of 7. The run's numpy
-# work is small products beside OpenCV's passes; the one big layer (fc6's analysis) takes 0.17 s instead of 0.09.
+# report said 0.86x, "slower"), and the validation passes ran slower too (`validate` 3.1-3.2 s -> 2.9 s). The
+# run's numpy work is small products beside OpenCV's passes; the one big layer (fc6's analysis) takes 0.17 s
+# instead of 0.09.
 BLAS_THREADS = 1
 NOTHING_TO_COMPRESS = "nothing to compress within the fidelity contract at this trade-off; try a higher T"
 NOTHING_FASTER = ("nothing written: the plans that met the fidelity contract measured slower than the original in "

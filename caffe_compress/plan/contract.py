@@ -315,9 +315,7 @@ def check_output(spec: OutputSpec, original: np.ndarray, compressed: np.ndarray,
     t = targets(tradeoff, min_fidelity=min_fidelity, margin=margin, synthetic=synthetic)
     n = original.shape[0] if original.ndim > 1 else 1
     if spec.kind == "image":  # (a map per input: measured a few inputs at a time, see _squared_changes)
-        peak = (float(original.max()) - float(original.min())) or 1.0
-        mse = float(np.sum(_squared_changes(original, compressed, n))) / original.size
-        psnr = math.inf if mse == 0 else 10.0 * math.log10(peak * peak / mse)
+        psnr = _psnr_db(original, float(np.sum(_squared_changes(original, compressed, n))))
         return [Check(spec.name, spec.kind, "PSNR vs the original (dB)", psnr, t["psnr"], True)]
     pair = spec.kind == "boxes" and spec.pair and outputs is not None and specs is not None and spec.pair in outputs
     if spec.kind not in ("class", "scores", "embedding") and not pair:
@@ -425,6 +423,17 @@ def _squared_changes(a: np.ndarray, b: np.ndarray, count: int) -> np.ndarray:
     return out
 
 
+def _peak(a: np.ndarray) -> float:
+    """An image output's peak-to-peak range (1 for a constant one): PSNR's reference."""
+    return (float(a.max()) - float(a.min())) or 1.0
+
+
+def _psnr_db(a: np.ndarray, squared_changes: float) -> float:
+    """PSNR (dB) of a change to the output ``a`` summing to ``squared_changes`` over all its entries."""
+    mse = squared_changes / a.size
+    return math.inf if mse == 0 else 10.0 * math.log10(_peak(a) ** 2 / mse)
+
+
 def _sum_of_squares(a: np.ndarray, count: int) -> float:
     """The sum of squares of ``a`` (``count`` inputs) in float64, a few inputs at a time."""
     a2 = a.reshape(count, -1)
@@ -530,12 +539,11 @@ def _dense_bound(spec: OutputSpec, a_all: np.ndarray, b: np.ndarray, count: int,
     n_all = a_all.shape[0] if a_all.ndim > 1 else 1
     entries = np.full(n_all, a_all[0].size)
     if spec.kind == "image" and t["psnr"] is not None:
-        peak = (float(a_all.max()) - float(a_all.min())) or 1.0
-        mse, how = _summed(_squared_changes(a_all, b, count), entries, likely, seen,
-                           a_all.size * peak * peak / 10.0 ** (t["psnr"] / 10.0))
-        mse /= a_all.size
-        best = math.inf if mse == 0 else 10.0 * math.log10(peak * peak / mse)
-        return Check(spec.name, spec.kind, f"PSNR vs the original, {how[0]}", best, t["psnr"], True)
+        peak = _peak(a_all)
+        changes, how = _summed(_squared_changes(a_all, b, count), entries, likely, seen,
+                               a_all.size * peak * peak / 10.0 ** (t["psnr"] / 10.0))
+        return Check(spec.name, spec.kind, f"PSNR vs the original, {how[0]}", _psnr_db(a_all, changes), t["psnr"],
+                     True)
     if (spec.kind == "dense" or (spec.kind == "boxes" and not paired)) and t["relative"] is not None:
         target = _error_target(spec, t)
         ref = _sum_of_squares(a_all, n_all)
