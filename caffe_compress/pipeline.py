@@ -179,7 +179,7 @@ class _Factorizer:
         # the workspace holds, made again in milliseconds: kept, they would add up round after round (GenderNet's
         # fc6 at rank 357: 28 MB, held while a later round's plan without it ran in OpenCV).
         new = [key for key in keys if key[1] in POLISHED_FORMS and key not in self.cache]
-        self.cache.update(zip(new, search.side_by_side(lambda key: self._factor(*key), new, big=self._big,
+        self.cache.update(zip(new, search.side_by_side(lambda key: self._factor(*key), new, weight=self._bytes,
                                                        announce=announce)))
         for key in keys:
             if key[1] in POLISHED_FORMS:
@@ -194,10 +194,9 @@ class _Factorizer:
             replace(lp, weight_error=errors[lp.layer]) if lp.layer in errors else lp for lp in plan.layers))
         return new_net, plan
 
-    def _big(self, key: tuple) -> bool:
-        """A factorization computed alone, after the others: its workspace adds to no other's
-        (search.ALONE_LAYER_BYTES)."""
-        return sum(b.nbytes for b in self.net.layer(key[0]).blobs) > search.ALONE_LAYER_BYTES
+    def _bytes(self, key: tuple) -> int:
+        """The layer's weight bytes (factorizations computed at once: see search.side_by_side)."""
+        return sum(b.nbytes for b in self.net.layer(key[0]).blobs)
 
     def draft(self, name: str, method: str, rank: int) -> tuple[Layer, ...]:
         """The factored layers from the planning factors as they are (no polishing): for timing."""

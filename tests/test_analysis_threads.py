@@ -1,6 +1,8 @@
 """The layers are analysed side by side on worker threads: the same candidates as one layer at a time, the
-CP caps (OpenCV timings) asked before any analysis runs, a big layer alone after the others."""
+CP caps (OpenCV timings) asked before any analysis runs, layers analysed at once only while their weights
+allow (fc1 never beside conv2), and never a core idle while one waits."""
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -25,13 +27,18 @@ def _analysis(tmp_path, monkeypatch, workers: int, events: list):
                                             {l.name: first_input[l.name] for l, _ in decomposable}, out_sources,
                                             seed=0)
     monkeypatch.setattr(search, "ANALYSIS_WORKERS", workers)
-    monkeypatch.setattr(search, "ALONE_LAYER_BYTES", 40_000)  # fc1 (64 x 800 floats, 205 kB) is analysed alone
+    # at once at most fc1's 205 kB (64 x 800 floats) + 10 kB: conv2 (18.6 kB) never beside fc1, the others may
+    monkeypatch.setattr(search, "BESIDE_BYTES", 10_000)
     for name in ("analyse_convolution", "analyse_inner_product"):
         real = getattr(search, name)
 
         def traced(layer, *args, _real=real, **kwargs):
             events.append(("analyse", layer.name, threading.current_thread().name))
-            return _real(layer, *args, **kwargs)
+            if layer.name in ("conv2", "fc1"):  # (long enough that big jobs would overlap without the rule)
+                time.sleep(0.05)
+            out = _real(layer, *args, **kwargs)
+            events.append(("end", layer.name, threading.current_thread().name))
+            return out
 
         monkeypatch.setattr(search, name, traced)
 
@@ -68,9 +75,15 @@ def test_layers_analysed_side_by_side_give_what_one_at_a_time_gives(tmp_path, mo
     runs = [e for e in two if e[0] == "analyse"]
     assert caps and max(caps) < min(i for i, e in enumerate(two) if e[0] == "analyse")
     threads = {name: {t for _, n, t in runs if n == name} for name in ("conv1", "conv2", "fc1", "fc2")}
-    assert all(t.startswith("analyse") for name in ("conv1", "conv2", "fc2") for t in threads[name])
-    assert threads["fc1"] == {threading.main_thread().name}  # the big layer: alone, after the others
-    assert [e[1] for e in runs][-1] == "fc1"
+    assert all(t.startswith("analyse") for name in ("conv1", "conv2", "fc1", "fc2") for t in threads[name])
+    assert len(set().union(*threads.values())) == 2
+    running, beside_fc1 = {name: 0 for name in threads}, set()
+    for kind, name, _ in two[max(caps) + 1:]:
+        running[name] += (kind == "analyse") - (kind == "end")
+        assert not (running["fc1"] and running["conv2"])  # together: more than fc1's weight + 10 kB
+        if running["fc1"] and kind == "analyse" and name != "fc1":
+            beside_fc1.add(name)
+    assert beside_fc1  # the other core works meanwhile
 
 
 def _written(tmp_path, monkeypatch, workers: int, threads: list):

@@ -8,8 +8,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Callable, Hashable, Mapping, Sequence
 
@@ -21,7 +21,7 @@ from ..memory import one_heap
 from ..runner import Source, blob_sources
 from ..net import Layer, Net, conv_geometry
 from .analyse import (
-    METHOD_CP, METHOD_SVD, METHOD_TUCKER, MIN_RANK_DIVISOR, PATCH_SAMPLES, Candidate, RankCap, Workspace, conv_data,
+    METHOD_CP, METHOD_SVD, METHOD_TUCKER, MIN_RANK_DIVISOR, PATCH_SAMPLES, Candidate, ConvData, RankCap, Workspace, conv_data,
     analyse_convolution, cp_grid,
     analyse_inner_product, approximate_weight, error_budget, layer_forms, sample_patches, totals_of,
 )
@@ -38,7 +38,7 @@ ACTIVATION_BYTES = 64 << 20  # activations held at once while probing (samples r
 GAIN_SAMPLES = 4  # planning samples a sensitivity trial runs (the gain is a ratio: a few samples settle it)
 MAX_ROUNDS = 12  # distinct plans the closed loop writes and measures at most
 ANALYSIS_WORKERS = min(os.cpu_count() or 1, 4)  # layers analysed side by side
-ALONE_LAYER_BYTES = 8 << 20  # a layer with more weight bytes is analysed alone (its workspace: peak memory)
+BESIDE_BYTES = 8 << 20  # layers analysed at once hold at most the heaviest one's weight bytes plus this (peak memory)
 HALF_RUNG_ERROR = 2.0 ** 0.25  # an error ratio of half a rung of the budget ladder (sqrt 2 a rung)
 MIN_BUDGET_EXPONENT = -7  # the smallest budget tried is 2^-7 (a 0.8% predicted output change)
 
@@ -114,9 +114,10 @@ def analyse_layers(decomposable: Sequence[tuple[Layer, str]], layer_inputs: Mapp
     one; a forced rank without a form means the layer's primary form), and the reasons of those left alone.
     ``cp_rank_cap``: the largest CP rank of a layer worth analysing (see analyse.RankCap).
 
-    The layers are analysed side by side on the machine's cores (ANALYSIS_WORKERS, BLAS one thread each: the
-    small kernels' ALS is per-call overhead, one core each), a big layer alone after them; each layer's result
-    is its own, whatever ran beside it. The CP caps time OpenCV first, one layer after the other.
+    The layers' forms are analysed side by side on the machine's cores (ANALYSIS_WORKERS, BLAS one thread
+    each: the small kernels' ALS is per-call overhead, one core each), the most work first (_task_work), as many at
+    once as their weights allow (side_by_side); each form's result is its own, whatever ran beside it. The CP caps time OpenCV
+    first, one layer after the other.
     A forced rank that would not reduce the layer's parameters is dropped from ``ranks``.
     """
     jobs = []
@@ -129,31 +130,46 @@ def analyse_layers(decomposable: Sequence[tuple[Layer, str]], layer_inputs: Mapp
         jobs.append((layer, method, methods, forced))
     caps = _cp_caps(jobs, layer_inputs, cp_rank_cap)  # (OpenCV timings: nothing else runs meanwhile)
     fixed_cap = (lambda layer, _ranks: caps.get(layer.name)) if caps else None
+    prepared: dict[str, ConvData] = {}
+    lock = threading.Lock()  # (the layer's prepared patches, made once for its forms; the timings)
 
-    def analyse(job) -> list[Candidate] | str:
-        layer, method, methods, forced = job
+    def analyse(task) -> Candidate | str:
+        layer, method, form, forced = task
         start = time.perf_counter()
         data = layer_inputs[layer.name]
         if method == METHOD_SVD:
-            cands = [analyse_inner_product(layer, data.rows, min_rank_divisor=MIN_RANK_DIVISOR, ws=ws,
-                                           forced_rank=forced)]
+            cand = analyse_inner_product(layer, data.rows, min_rank_divisor=MIN_RANK_DIVISOR, ws=ws, forced_rank=forced)
         elif data.patches is None:
             return f"input is {len(data.shape)}-D; only 2-D convolutions are decomposed"
         else:
-            prepared = conv_data(layer, data.patches)
-            cands = [analyse_convolution(layer, data.patches, data.shape, conv_out_shape(layer, data.shape), m,
-                                         min_rank_divisor=MIN_RANK_DIVISOR, seed=seed, ws=ws,
-                                         cp_iterations=CP_ITERATIONS, forced_rank=forced, data=prepared,
-                                         cp_rank_cap=fixed_cap)
-                     for m in methods]
-        timings[f"analyse/{layer.name}"] = time.perf_counter() - start
-        return cands
+            with lock:
+                if layer.name not in prepared:
+                    prepared[layer.name] = conv_data(layer, data.patches)
+            cand = analyse_convolution(layer, data.patches, data.shape, conv_out_shape(layer, data.shape), form,
+                                       min_rank_divisor=MIN_RANK_DIVISOR, seed=seed, ws=ws, cp_iterations=CP_ITERATIONS,
+                                       forced_rank=forced, data=prepared[layer.name], cp_rank_cap=fixed_cap)
+        with lock:
+            timings[f"analyse/{layer.name}"] = timings.get(f"analyse/{layer.name}", 0.0) + time.perf_counter() - start
+        return cand
 
+    # One task a form, the most work first (a layer's CP grid is most of its analysis): the workers finish
+    # together instead of one waiting on a big layer's forms one after the other.
+    tasks = sorted(((layer, method, form, forced) for layer, method, methods, forced in jobs
+                    for form in (methods if method != METHOD_SVD else (METHOD_SVD,))),
+                   key=lambda task: -_task_work(task, caps))
+    announced: set[str] = set()
+
+    def announce(task) -> None:  # (one line a layer, as its first task's result is awaited)
+        if task[0].name not in announced:
+            announced.add(task[0].name)
+            say(f"analysing {task[0].name}")
+
+    done = dict(zip(((t[0].name, t[2]) for t in tasks), side_by_side(analyse, tasks, weight=_job_bytes, announce=announce)))
     candidates, skipped = [], {}
-    done = side_by_side(analyse, jobs, big=_big_job, announce=lambda job: say(f"analysing {job[0].name}"))
-    for (layer, _, _, forced), cands in zip(jobs, done):
-        if isinstance(cands, str):
-            skipped[layer.name] = cands
+    for layer, method, methods, forced in jobs:
+        cands = [done[(layer.name, form)] for form in (methods if method != METHOD_SVD else (METHOD_SVD,))]
+        if isinstance(cands[0], str):
+            skipped[layer.name] = cands[0]
             continue
         cands = [c for c in cands if c.ranks]
         if not cands:
@@ -180,37 +196,105 @@ def _cp_caps(jobs, layer_inputs: Mapping[str, LayerInput], cp_rank_cap: RankCap 
     return caps
 
 
-def _big_job(job) -> bool:
-    """A layer analysed alone, after the others: its workspace adds to no other's (GenderNet's fc6: a 38 MB
-    weight and its SVD's workspace; peak memory)."""
-    return sum(b.nbytes for b in job[0].blobs) > ALONE_LAYER_BYTES
+def _task_work(task, caps: Mapping[str, int | None]) -> float:
+    """A rough measure of an analysis task's work, to start the biggest first: an ALS sweep per CP rank (a
+    kernel-sized product per component), one SVD-like pass over the weight for the other forms."""
+    layer, method, form, forced = task
+    size = float(layer.blobs[0].size)
+    if form != METHOD_CP:
+        return size * min(layer.blobs[0].shape[0], size / layer.blobs[0].shape[0])
+    top = forced or caps.get(layer.name) or max(cp_grid(layer, min_rank_divisor=MIN_RANK_DIVISOR), default=1)
+    return size * top * CP_ITERATIONS
 
 
-def side_by_side(work: Callable, jobs: Sequence, *, big: Callable, announce: Callable) -> list:
-    """[work(job) for job in jobs]: the jobs ``big`` says no to on ANALYSIS_WORKERS threads with BLAS limited
-    to one thread each (numpy releases the GIL in its kernels), then the others one at a time (a big layer's
-    workspace then adds to nothing else's). ``announce(job)`` runs on this thread as a job's result is awaited
-    (in the pool) or as it starts (alone)."""
-    results: dict[int, object] = {}
-    pooled = [i for i, job in enumerate(jobs) if not big(job)]
-    if len(pooled) > 1 and ANALYSIS_WORKERS > 1:
-        one_heap()
-        with threadpool_limits(limits=1, user_api="blas"), \
-                ThreadPoolExecutor(max_workers=ANALYSIS_WORKERS, thread_name_prefix="analyse") as pool:
-            futures = {i: pool.submit(work, jobs[i]) for i in pooled}
-            try:
-                for i, future in futures.items():
-                    announce(jobs[i])
-                    results[i] = future.result()
-            except BaseException:
-                for future in futures.values():
-                    future.cancel()
-                raise
-    for i, job in enumerate(jobs):
-        if i not in results:
+def _job_bytes(job) -> int:
+    """A layer's weight bytes: side_by_side keeps the sum of those analysed at once near the heaviest one's
+    (GenderNet's fc6: a 38 MB weight and its SVD's workspace; peak memory)."""
+    return sum(b.nbytes for b in job[0].blobs)
+
+
+def side_by_side(work: Callable, jobs: Sequence, *, weight: Callable, announce: Callable) -> list:
+    """[work(job) for job in jobs] on ANALYSIS_WORKERS threads with BLAS limited to one thread each (numpy
+    releases the GIL in its kernels), started in the order given when they fit: the jobs running at once hold
+    weights (``weight(job)``, bytes) that add up to at most the heaviest job's plus BESIDE_BYTES. A job's
+    workspace grows with its weight, so the peak stays near the heaviest job's own, while no core waits on a
+    big layer alone (GenderNet's fc6: 0.2 s of a 1.2 s analysis with a core idle; VGG-16's thirteen 9 MB
+    convolutions one at a time). ``announce(job)`` runs on this thread as a job's result is awaited, in the
+    order given. The first error a job raises is raised here, once the jobs running then have ended."""
+    if len(jobs) < 2 or ANALYSIS_WORKERS < 2:
+        results = []
+        for job in jobs:
             announce(job)
-            results[i] = work(job)
-    return [results[i] for i in range(len(jobs))]
+            results.append(work(job))
+        return results
+    one_heap()
+    queue = _Queue(jobs, [int(weight(job)) for job in jobs])
+    with threadpool_limits(limits=1, user_api="blas"):
+        threads = [threading.Thread(target=queue.serve, args=(work,), name=f"analyse_{i}", daemon=True)
+                   for i in range(min(ANALYSIS_WORKERS, len(jobs)))]
+        for thread in threads:
+            thread.start()
+        try:
+            for i, job in enumerate(jobs):
+                announce(job)
+                queue.wait_for(i)
+        finally:
+            queue.stop()
+            for thread in threads:
+                thread.join()
+    return [queue.results[i] for i in range(len(jobs))]
+
+
+class _Queue:
+    """side_by_side's jobs: a free worker takes the first pending job that fits beside those running, and
+    leaves its result or the first error."""
+
+    def __init__(self, jobs: Sequence, weights: Sequence[int]) -> None:
+        self.jobs, self.weights, self.pending = jobs, weights, list(range(len(jobs)))
+        self.budget = max(weights) + BESIDE_BYTES
+        self.running, self.held, self.stopped = 0, 0, False
+        self.results: dict[int, object] = {}
+        self.error: BaseException | None = None
+        self.cond = threading.Condition()
+
+    def take(self) -> int | None:
+        with self.cond:
+            while True:
+                if self.stopped or self.error is not None or not self.pending:
+                    return None
+                fits = next((p for p, i in enumerate(self.pending)
+                             if not self.running or self.held + self.weights[i] <= self.budget), None)
+                if fits is not None:
+                    i = self.pending.pop(fits)
+                    self.running, self.held = self.running + 1, self.held + self.weights[i]
+                    return i
+                self.cond.wait()
+
+    def serve(self, work: Callable) -> None:
+        while (i := self.take()) is not None:
+            try:
+                result, error = work(self.jobs[i]), None
+            except BaseException as exc:  # (raised on the caller's thread)
+                result, error = None, exc
+            with self.cond:
+                if error is None:
+                    self.results[i] = result
+                elif self.error is None:
+                    self.error = error
+                self.running, self.held = self.running - 1, self.held - self.weights[i]
+                self.cond.notify_all()
+
+    def wait_for(self, i: int) -> None:
+        with self.cond:
+            while i not in self.results and self.error is None:
+                self.cond.wait()
+        if self.error is not None:
+            raise self.error
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopped = True
+            self.cond.notify_all()
 
 
 def relative_output_error(original: Mapping, other: Mapping) -> float:
