@@ -77,13 +77,16 @@ def test_layers_analysed_side_by_side_give_what_one_at_a_time_gives(tmp_path, mo
     threads = {name: {t for _, n, t in runs if n == name} for name in ("conv1", "conv2", "fc1", "fc2")}
     assert all(t.startswith("analyse") for name in ("conv1", "conv2", "fc1", "fc2") for t in threads[name])
     assert len(set().union(*threads.values())) == 2
-    running, beside_fc1 = {name: 0 for name in threads}, set()
+    running, beside_heavy, order = {name: 0 for name in threads}, False, []
     for kind, name, _ in two[max(caps) + 1:]:
         running[name] += (kind == "analyse") - (kind == "end")
         assert not (running["fc1"] and running["conv2"])  # together: more than fc1's weight + 10 kB
-        if running["fc1"] and kind == "analyse" and name != "fc1":
-            beside_fc1.add(name)
-    assert beside_fc1  # the other core works meanwhile
+        beside_heavy |= kind == "analyse" and sum(running.values()) > 1 and bool(running["fc1"] or running["conv2"])
+        order += [name] if kind == "analyse" else []
+    assert beside_heavy  # (conv2's forms side by side: within the budget)
+    # the layers over 10 kB last: what they keep is not held while the others run
+    first_heavy = min(order.index("conv2"), order.index("fc1"))
+    assert set(order[:first_heavy]) == {"conv1", "fc2"} and set(order[first_heavy:]) == {"conv2", "fc1"}
 
 
 def _written(tmp_path, monkeypatch, workers: int, threads: list):
@@ -191,3 +194,45 @@ def test_every_opencv_pass_of_a_run_has_blas_on_one_thread(tmp_path, monkeypatch
         assert _blas_threads() == 2
     assert {kind for kind, _ in seen} == {"validation", "timing"}
     assert {threads for _, threads in seen} == {1}
+
+
+def test_side_by_side_keeps_the_order_raises_a_jobs_error_and_holds_the_weight_budget(monkeypatch):
+    """The scheduler alone: results in the jobs' order, announced in that order on the caller's thread; jobs
+    at once never hold more than the heaviest one's weight + BESIDE_BYTES; a job's error is raised to the
+    caller (and no job starts after it)."""
+    from caffe_compress.plan import search
+
+    monkeypatch.setattr(search, "ANALYSIS_WORKERS", 2)
+    monkeypatch.setattr(search, "BESIDE_BYTES", 10)
+    weights = {"a": 100, "b": 95, "c": 5, "d": 5, "e": 60, "f": 40}  # at once: at most 110
+    lock, held, peak, said = threading.Lock(), [0], [0], []
+
+    def work(job):
+        with lock:
+            held[0] += weights[job]
+            peak[0] = max(peak[0], held[0])
+        time.sleep(0.2 if job == "a" else 0.02)  # (the heaviest runs long: the other worker starts beside it)
+        with lock:
+            held[0] -= weights[job]
+        return job.upper()
+
+    def announce(job):
+        said.append((job, threading.current_thread().name))
+
+    jobs = list(weights)
+    assert search.side_by_side(work, jobs, weight=weights.get, announce=announce) == [j.upper() for j in jobs]
+    assert said == [(j, threading.main_thread().name) for j in jobs]
+    assert 100 < peak[0] <= 110  # a small job beside the heaviest, never two heavy ones
+
+    started = []
+
+    def failing(job):
+        started.append(job)
+        if job == "b":
+            raise ValueError("job b failed")
+        time.sleep(0.05)
+        return job
+
+    with pytest.raises(ValueError, match="job b failed"):
+        search.side_by_side(failing, jobs, weight=lambda job: 1, announce=lambda job: None)
+    assert "f" not in started  # (a, b started; c maybe beside a; nothing after the error)

@@ -6,10 +6,13 @@ He-like scale), not the real ones.
 
 Issue 11's "Where we stand" found the tool slower than the original, or heavy, on MTCNN's three stages, a
 CIFAR-10 net, a license-plate character classifier, a waifu2x-style image net and an SSD-like 260 x 260
-face-mask detector; UltraFace-style detectors (depthwise-separable, three heads) are in its users' list. The
+face-mask detector; UltraFace-style detectors (depthwise-separable, three heads) are in its users' list, and
+so are embedders (SphereFace-20), classifiers of the common families (SqueezeNet 1.1, ResNet-18) and
+super-resolution beyond the zoo's (FSRCNN). The
 bench (tools/bench.py) compresses each of these at every T and holds them to the same never-slower rule as
 the zoo: what they test is the layer types and shapes (PReLU, LeakyReLU, Deconvolution, depthwise 3x3,
-12 x 12 inputs, Permute/Flatten/Concat heads, BatchNorm+Scale), not the accuracy of real weights.
+12 x 12 inputs, Permute/Flatten/Concat heads, BatchNorm+Scale, residual Eltwise sums, fire modules, a strided
+Deconvolution), not the accuracy of real weights.
 """
 from __future__ import annotations
 
@@ -216,10 +219,91 @@ def ultraface_slim() -> Net:
     return b.net()
 
 
+def squeezenet11() -> Net:
+    """SqueezeNet 1.1: fire modules (a 1x1 squeeze, then 1x1 and 3x3 expands joined by Concat), a 1x1
+    classifier and global average pooling."""
+    b = _Builder("squeezenet1_1", {"data": (1, 3, 227, 227)})
+    x = b.pool("pool1", b.act("relu_conv1", b.conv("conv1", "data", 3, 64, 3, stride=2)), 3, 2)
+
+    def fire(i: int, x: str, cin: int, squeeze: int, expand: int) -> str:
+        s = b.act(f"fire{i}_relu_squeeze1x1", b.conv(f"fire{i}_squeeze1x1", x, cin, squeeze, 1))
+        e1 = b.act(f"fire{i}_relu_expand1x1", b.conv(f"fire{i}_expand1x1", s, squeeze, expand, 1))
+        e3 = b.act(f"fire{i}_relu_expand3x3", b.conv(f"fire{i}_expand3x3", s, squeeze, expand, 3, pad=1))
+        return b.concat(f"fire{i}_concat", [e1, e3])
+
+    x = fire(3, fire(2, x, 64, 16, 64), 128, 16, 64)
+    x = fire(5, fire(4, b.pool("pool3", x, 3, 2), 128, 32, 128), 256, 32, 128)
+    x = b.pool("pool5", x, 3, 2)
+    for i, (cin, squeeze, expand) in enumerate([(256, 48, 192), (384, 48, 192), (384, 64, 256), (512, 64, 256)]):
+        x = fire(6 + i, x, cin, squeeze, expand)
+    x = b.act("relu_conv10", b.conv("conv10", x, 512, 1000, 1))
+    x = b.add("pool10", "Pooling", x, "pool10", {"pooling_param": {"pool": "AVE", "global_pooling": True}})
+    b.softmax("prob", x)
+    return b.net()
+
+
+def resnet18() -> Net:
+    """ResNet-18: 3x3 convolutions without bias, each followed by BatchNorm + Scale, residual Eltwise sums,
+    1x1 strided projections, a global average pool and a 1000-way InnerProduct."""
+    b = _Builder("ResNet-18", {"data": (1, 3, 224, 224)})
+    x = b.conv("conv1", "data", 3, 64, 7, stride=2, pad=3, bias=False)
+    b.bn("bn_conv1", x, 64)
+    x = b.pool("pool1", b.act("conv1_relu", x), 3, 2)
+    cin = 64
+    for stage, (c, stride) in enumerate([(64, 1), (128, 2), (256, 2), (512, 2)]):
+        for block in range(2):
+            s, n = stride if block == 0 else 1, f"res{stage + 2}{'ab'[block]}"
+            y = b.conv(f"{n}_branch2a", x, cin, c, 3, stride=s, pad=1, bias=False)
+            b.bn(f"bn{n}_branch2a", y, c)
+            y = b.conv(f"{n}_branch2b", b.act(f"{n}_branch2a_relu", y), c, c, 3, pad=1, bias=False)
+            b.bn(f"bn{n}_branch2b", y, c)
+            shortcut = x
+            if s != 1 or cin != c:
+                shortcut = b.conv(f"{n}_branch1", x, cin, c, 1, stride=s, bias=False)
+                b.bn(f"bn{n}_branch1", shortcut, c)
+            x = b.act(f"{n}_relu", b.add(n, "Eltwise", [shortcut, y], n))
+            cin = c
+    x = b.add("pool5", "Pooling", x, "pool5", {"pooling_param": {"pool": "AVE", "global_pooling": True}})
+    b.softmax("prob", b.ip("fc1000", x, 512, 1000))
+    return b.net()
+
+
+def sphereface20() -> Net:
+    """SphereFace-20, a face embedder: strided 3x3 convolutions with PReLU, residual units without
+    BatchNorm, and a 512-d InnerProduct feature as the output."""
+    b = _Builder("SpherefaceNet-20", {"data": (1, 3, 112, 96)})
+    x, cin = "data", 3
+    for stage, (c, units) in enumerate([(64, 1), (128, 2), (256, 4), (512, 1)]):
+        x = b.act(f"relu{stage + 1}_1", b.conv(f"conv{stage + 1}_1", x, cin, c, 3, stride=2, pad=1), "PReLU",
+                  channels=c)
+        for u in range(units):
+            n1, n2 = f"conv{stage + 1}_{2 * u + 2}", f"conv{stage + 1}_{2 * u + 3}"
+            y = b.act(f"relu{stage + 1}_{2 * u + 2}", b.conv(n1, x, c, c, 3, pad=1), "PReLU", channels=c)
+            y = b.act(f"relu{stage + 1}_{2 * u + 3}", b.conv(n2, y, c, c, 3, pad=1), "PReLU", channels=c)
+            x = b.add(f"res{stage + 1}_{2 * u + 3}", "Eltwise", [x, y], f"res{stage + 1}_{2 * u + 3}")
+        cin = c
+    b.ip("fc5", x, 512 * 7 * 6, 512)
+    return b.net()
+
+
+def fsrcnn(side: int = 96) -> Net:
+    """FSRCNN (x3): a 5x5 feature layer, a 1x1 shrink, four 3x3 mapping layers, a 1x1 expand (PReLU after
+    each) and a 9x9 stride-3 Deconvolution; Y in [0, 1]."""
+    b = _Builder("FSRCNN", {"data": (1, 1, side, side)})
+    x = b.act("prelu1", b.conv("conv1", "data", 1, 56, 5, pad=2), "PReLU", channels=56)
+    x = b.act("prelu2", b.conv("conv2", x, 56, 12, 1), "PReLU", channels=12)
+    for i in range(4):
+        x = b.act(f"prelu{3 + i}", b.conv(f"conv{3 + i}", x, 12, 12, 3, pad=1), "PReLU", channels=12)
+    x = b.act("prelu7", b.conv("conv7", x, 12, 56, 1), "PReLU", channels=56)
+    b.conv("conv8", x, 56, 1, 9, stride=3, pad=4, deconv=True)
+    return b.net()
+
+
 PROXIES: dict[str, Callable[[], Net]] = {
     "mtcnn-pnet": mtcnn_pnet, "mtcnn-rnet": mtcnn_rnet, "mtcnn-onet": mtcnn_onet,
     "cifar10-quick": cifar10_quick, "plate-chars": plate_chars, "waifu2x-vgg7": waifu2x_vgg7,
     "waifu2x-upconv7": waifu2x_upconv7, "facemask-ssd260": facemask_ssd260, "ultraface-slim": ultraface_slim,
+    "squeezenet1.1": squeezenet11, "resnet18": resnet18, "sphereface20": sphereface20, "fsrcnn": fsrcnn,
 }
 
 
