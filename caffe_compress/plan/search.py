@@ -21,8 +21,8 @@ from ..memory import one_heap
 from ..runner import Source, blob_sources
 from ..net import Layer, Net, conv_geometry
 from .analyse import (
-    METHOD_CP, METHOD_SVD, METHOD_TUCKER, MIN_RANK_DIVISOR, PATCH_SAMPLES, Candidate, ConvData, RankCap, Workspace, conv_data,
-    analyse_convolution, cp_grid,
+    METHOD_CP, METHOD_SVD, METHOD_TUCKER, MIN_RANK_DIVISOR, PATCH_SAMPLES, Candidate, ConvData, RankCap, Workspace,
+    conv_data, analyse_convolution, cp_grid,
     analyse_inner_product, approximate_weight, error_budget, layer_forms, sample_patches, totals_of,
 )
 
@@ -115,9 +115,9 @@ def analyse_layers(decomposable: Sequence[tuple[Layer, str]], layer_inputs: Mapp
     ``cp_rank_cap``: the largest CP rank of a layer worth analysing (see analyse.RankCap).
 
     The layers' forms are analysed side by side on the machine's cores (ANALYSIS_WORKERS, BLAS one thread
-    each: the small kernels' ALS is per-call overhead, one core each), the most work first (_task_work), as many at
-    once as their weights allow (side_by_side); each form's result is its own, whatever ran beside it. The CP caps time OpenCV
-    first, one layer after the other.
+    each: the small kernels' ALS is per-call overhead, one core each), the most work first (_task_work), as
+    many at once as their weights allow (side_by_side); each form's result is its own, whatever ran beside it.
+    The CP caps time OpenCV first, one layer after the other.
     A forced rank that would not reduce the layer's parameters is dropped from ``ranks``.
     """
     jobs = []
@@ -166,7 +166,8 @@ def analyse_layers(decomposable: Sequence[tuple[Layer, str]], layer_inputs: Mapp
             announced.add(task[0].name)
             say(f"analysing {task[0].name}")
 
-    done = dict(zip(((t[0].name, t[2]) for t in tasks), side_by_side(analyse, tasks, weight=_job_bytes, announce=announce)))
+    results = side_by_side(analyse, tasks, weight=_job_bytes, announce=announce)
+    done = {(task[0].name, task[2]): result for task, result in zip(tasks, results)}
     candidates, skipped = [], {}
     for layer, method, methods, forced in jobs:
         cands = [done[(layer.name, form)] for form in (methods if method != METHOD_SVD else (METHOD_SVD,))]
@@ -220,8 +221,8 @@ def side_by_side(work: Callable, jobs: Sequence, *, weight: Callable, announce: 
     releases the GIL in its kernels), started in the order given when they fit: the jobs running at once hold
     weights (``weight(job)``, bytes) that add up to at most the heaviest job's plus BESIDE_BYTES. A job's
     workspace grows with its weight, so the peak stays near the heaviest job's own, while no core waits on a
-    big layer alone (GenderNet's fc6: 0.2 s of a 1.2 s analysis with a core idle; VGG-16's thirteen 9 MB
-    convolutions one at a time). ``announce(job)`` runs on this thread as a job's result is awaited, in the
+    big layer alone (GenderNet's fc6: 0.2 s of a 1.2 s analysis with a core idle; a VGG-16-shaped net's five
+    9.4 MB convolutions one at a time). ``announce(job)`` runs on this thread as a job's result is awaited, in the
     order given. The first error a job raises is raised here, once the jobs running then have ended."""
     if len(jobs) < 2 or ANALYSIS_WORKERS < 2:
         results = []
