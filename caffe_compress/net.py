@@ -57,6 +57,10 @@ class Layer:
     def param_count(self) -> int:
         return int(sum(b.size for b in self.blobs))
 
+    @property
+    def weight_bytes(self) -> int:
+        return int(sum(b.nbytes for b in self.blobs))
+
     def sub(self, key: str) -> dict:
         """The ``key`` sub-message (e.g. ``convolution_param``), or {}."""
         value = self.params.get(key)

@@ -196,7 +196,7 @@ class _Factorizer:
 
     def _bytes(self, key: tuple) -> int:
         """The layer's weight bytes (factorizations computed at once: see search.side_by_side)."""
-        return sum(b.nbytes for b in self.net.layer(key[0]).blobs)
+        return self.net.layer(key[0]).weight_bytes
 
     def draft(self, name: str, method: str, rank: int) -> tuple[Layer, ...]:
         """The factored layers from the planning factors as they are (no polishing): for timing."""

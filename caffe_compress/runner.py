@@ -163,7 +163,7 @@ class OpenCVRunner:
         return cv_net
 
     def load(self, net: Net, *, what: str, error=ValidationError):
-        if sum(b.nbytes for layer in net.layers for b in layer.blobs) <= MEMORY_LOAD_BYTES:
+        if sum(layer.weight_bytes for layer in net.layers) <= MEMORY_LOAD_BYTES:
             # (a timing's one-layer net: writing two scratch files cost 10x what serialising it does)
             weights = b"".join(io.caffemodel_chunks(net))
             return validate.load_opencv_net(io.prototxt_bytes(net), weights, what=what, error=error)

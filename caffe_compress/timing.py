@@ -112,7 +112,7 @@ def big_net(net: Net) -> bool:
 
 def big_layers(layers: Sequence[Layer]) -> bool:
     """Whether ``layers`` hold more than BIG_LAYER_BYTES of weights (a trial net that weighs on the peak)."""
-    return sum(b.nbytes for layer in layers for b in layer.blobs) > BIG_LAYER_BYTES
+    return sum(layer.weight_bytes for layer in layers) > BIG_LAYER_BYTES
 
 
 def default_threads() -> int:

@@ -315,7 +315,7 @@ def check_output(spec: OutputSpec, original: np.ndarray, compressed: np.ndarray,
     t = targets(tradeoff, min_fidelity=min_fidelity, margin=margin, synthetic=synthetic)
     n = original.shape[0] if original.ndim > 1 else 1
     if spec.kind == "image":  # (a map per input: measured a few inputs at a time, see _squared_changes)
-        psnr = _psnr_db(original, float(np.sum(_squared_changes(original, compressed, n))))
+        psnr = _psnr_db(_peak(original), float(np.sum(_squared_changes(original, compressed, n))), original.size)
         return [Check(spec.name, spec.kind, "PSNR vs the original (dB)", psnr, t["psnr"], True)]
     pair = spec.kind == "boxes" and spec.pair and outputs is not None and specs is not None and spec.pair in outputs
     if spec.kind not in ("class", "scores", "embedding") and not pair:
@@ -428,10 +428,11 @@ def _peak(a: np.ndarray) -> float:
     return (float(a.max()) - float(a.min())) or 1.0
 
 
-def _psnr_db(a: np.ndarray, squared_changes: float) -> float:
-    """PSNR (dB) of a change to the output ``a`` summing to ``squared_changes`` over all its entries."""
-    mse = squared_changes / a.size
-    return math.inf if mse == 0 else 10.0 * math.log10(_peak(a) ** 2 / mse)
+def _psnr_db(peak: float, squared_changes: float, size: int) -> float:
+    """PSNR (dB) of a change summing to ``squared_changes`` over an output of ``size`` entries and range
+    ``peak`` (_peak)."""
+    mse = squared_changes / size
+    return math.inf if mse == 0 else 10.0 * math.log10(peak * peak / mse)
 
 
 def _sum_of_squares(a: np.ndarray, count: int) -> float:
@@ -542,8 +543,8 @@ def _dense_bound(spec: OutputSpec, a_all: np.ndarray, b: np.ndarray, count: int,
         peak = _peak(a_all)
         changes, how = _summed(_squared_changes(a_all, b, count), entries, likely, seen,
                                a_all.size * peak * peak / 10.0 ** (t["psnr"] / 10.0))
-        return Check(spec.name, spec.kind, f"PSNR vs the original, {how[0]}", _psnr_db(a_all, changes), t["psnr"],
-                     True)
+        best = _psnr_db(peak, changes, a_all.size)
+        return Check(spec.name, spec.kind, f"PSNR vs the original, {how[0]}", best, t["psnr"], True)
     if (spec.kind == "dense" or (spec.kind == "boxes" and not paired)) and t["relative"] is not None:
         target = _error_target(spec, t)
         ref = _sum_of_squares(a_all, n_all)

@@ -156,8 +156,7 @@ def analyse_layers(decomposable: Sequence[tuple[Layer, str]], layer_inputs: Mapp
     # together instead of one waiting on a big layer's forms one after the other. The layers of more than
     # BESIDE_BYTES go last: what they keep (GenderNet's fc6: a 38 MB basis) is then not held while the others
     # run (started first, it raised a calibrated run's peak from 322 to 339 MB).
-    tasks = sorted(((layer, method, form, forced) for layer, method, methods, forced in jobs
-                    for form in (methods if method != METHOD_SVD else (METHOD_SVD,))),
+    tasks = sorted(((layer, method, form, forced) for layer, method, methods, forced in jobs for form in methods),
                    key=lambda task: (_job_bytes(task) > BESIDE_BYTES, -_task_work(task, caps)))
     announced: set[str] = set()
 
@@ -170,7 +169,7 @@ def analyse_layers(decomposable: Sequence[tuple[Layer, str]], layer_inputs: Mapp
     done = {(task[0].name, task[2]): result for task, result in zip(tasks, results)}
     candidates, skipped = [], {}
     for layer, method, methods, forced in jobs:
-        cands = [done[(layer.name, form)] for form in (methods if method != METHOD_SVD else (METHOD_SVD,))]
+        cands = [done[(layer.name, form)] for form in methods]
         if isinstance(cands[0], str):
             skipped[layer.name] = cands[0]
             continue
@@ -213,7 +212,7 @@ def _task_work(task, caps: Mapping[str, int | None]) -> float:
 def _job_bytes(job) -> int:
     """A layer's weight bytes: side_by_side keeps the sum of those analysed at once near the heaviest one's
     (GenderNet's fc6: a 38 MB weight and its SVD's workspace; peak memory)."""
-    return sum(b.nbytes for b in job[0].blobs)
+    return job[0].weight_bytes
 
 
 def side_by_side(work: Callable, jobs: Sequence, *, weight: Callable, announce: Callable) -> list:
