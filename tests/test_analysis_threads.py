@@ -1,6 +1,7 @@
 """The layers are analysed side by side on worker threads: the same candidates as one layer at a time, the
 CP caps (OpenCV timings) asked before any analysis runs, layers analysed at once only while their weights
-allow (fc1 never beside conv2), and never a core idle while one waits."""
+allow (fc1 never beside conv2), never a core idle while one waits, and a convolution's patches dropped
+once its last form is analysed."""
 import threading
 import time
 
@@ -34,6 +35,8 @@ def _analysis(tmp_path, monkeypatch, workers: int, events: list):
 
         def traced(layer, *args, _real=real, **kwargs):
             events.append(("analyse", layer.name, threading.current_thread().name))
+            if layer.name.startswith("conv"):  # (its patches are still there for each of its forms)
+                assert args[0] is not None
             if layer.name in ("conv2", "fc1"):  # (long enough that big jobs would overlap without the rule)
                 time.sleep(0.05)
             out = _real(layer, *args, **kwargs)
@@ -50,6 +53,10 @@ def _analysis(tmp_path, monkeypatch, workers: int, events: list):
     candidates, skipped = search.analyse_layers(decomposable, layer_inputs, ranks={}, forms={},
                                                 ws=planner.Workspace(), seed=0, timings={}, say=said.append,
                                                 cp_rank_cap=cap)
+    # each convolution's patches are dropped once its forms are analysed (peak memory); InnerProduct rows stay
+    # (the sensitivity trials of the plain head use them)
+    assert all(layer_inputs[name].patches is None for name in ("conv1", "conv2"))
+    assert all(layer_inputs[name].rows is not None for name in ("fc1", "fc2"))
     return candidates, skipped, said
 
 
@@ -236,3 +243,35 @@ def test_side_by_side_keeps_the_order_raises_a_jobs_error_and_holds_the_weight_b
     with pytest.raises(ValueError, match="job b failed"):
         search.side_by_side(failing, jobs, weight=lambda job: 1, announce=lambda job: None)
     assert "f" not in started  # (a, b started; c maybe beside a; nothing after the error)
+
+
+def test_recording_in_chunks_never_holds_two_copies_of_the_patches(tmp_path, monkeypatch):
+    """The layer inputs recorded over several chunks are joined one layer at a time, each layer's chunks released
+    as it is joined: the recording's peak is the patches once plus one layer's, not twice the patches."""
+    import tracemalloc
+
+    from caffe_compress.plan import analyse as planner, search
+
+    deploy, model = small_model(tmp_path)
+    net = io.load(deploy, model)
+    first_input, out_sources = blob_sources(net)
+    names = ("conv1", "conv2", "fc1", "fc2")
+    cv = OpenCVRunner(tmp_path)
+    x = np.random.default_rng(3).standard_normal((64, 3, 24, 24)).astype(np.float32)
+    monkeypatch.setattr(search, "ACTIVATION_BYTES", 8 * 3 * 24 * 24 * 4 * 4)  # a few samples a chunk
+
+    def run(m, f, s):
+        return cv.run(m, f, s)
+
+    sources = {name: first_input[name] for name in names}
+    run(net, {"data": x[:1]}, [*sources.values(), *out_sources])  # (OpenCV's first load outside the trace)
+    tracemalloc.start()
+    try:
+        layer_inputs, outputs = search.collect_inputs(run, net, {"data": x}, sources, out_sources, seed=0)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    kept = [v.patches if v.patches is not None else v.rows for v in layer_inputs.values()] + list(outputs.values())
+    total, largest = sum(a.nbytes for a in kept), max(a.nbytes for a in kept)
+    assert layer_inputs["conv1"].patches.shape[0] == planner.PATCH_SAMPLES  # (several chunks' patches joined)
+    assert peak < total + 1.5 * largest, (peak, total, largest)

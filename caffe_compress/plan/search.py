@@ -10,8 +10,9 @@ import math
 import os
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, replace
-from typing import Callable, Hashable, Mapping, Sequence
+from typing import Callable, Hashable, Mapping, MutableMapping, Sequence
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -97,17 +98,21 @@ def collect_inputs(run: Run, net: Net, inputs: Mapping[str, np.ndarray], sources
             out_parts[o].append(part[o])
         del part
     layer_inputs = {}
-    for name, parts in pieces.items():
+    for name in list(pieces):
+        # each layer's chunks are released as they are joined: a second copy of every layer's patches is never
+        # held at once (OpenPose-sized nets record 1.5 GB of them)
+        parts = pieces.pop(name)
         layer = net.layer(name)
-        joined = np.concatenate(parts, axis=0)
+        joined = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+        del parts
         if layer.type == "Convolution" and len(shapes[name]) == 4:
             layer_inputs[name] = LayerInput(shapes[name], patches=joined)
         else:
             layer_inputs[name] = LayerInput(shapes[name], rows=joined)
-    return layer_inputs, {o: np.concatenate(v, axis=0) for o, v in out_parts.items()}
+    return layer_inputs, {o: np.concatenate(out_parts.pop(o), axis=0) for o in list(out_parts)}
 
 
-def analyse_layers(decomposable: Sequence[tuple[Layer, str]], layer_inputs: Mapping[str, LayerInput], *,
+def analyse_layers(decomposable: Sequence[tuple[Layer, str]], layer_inputs: MutableMapping[str, LayerInput], *,
                    ranks: dict[str, int], forms: Mapping[str, str], ws: Workspace, seed: int, timings: dict,
                    say: Say, cp_rank_cap: RankCap | None = None) -> tuple[list[Candidate], dict[str, str]]:
     """Candidates for every decomposable layer in each of its exact forms (``forms`` restricts a layer to
@@ -118,7 +123,9 @@ def analyse_layers(decomposable: Sequence[tuple[Layer, str]], layer_inputs: Mapp
     each: the small kernels' ALS is per-call overhead, one core each), the most work first (_task_work), as
     many at once as their weights allow (side_by_side); each form's result is its own, whatever ran beside it.
     The CP caps time OpenCV first, one layer after the other.
-    A forced rank that would not reduce the layer's parameters is dropped from ``ranks``.
+    A forced rank that would not reduce the layer's parameters is dropped from ``ranks``. A convolution's
+    patches are dropped from ``layer_inputs`` once its last form is analysed (peak memory: an OpenPose-sized
+    net records 1.5 GB of them, 7x its weights).
     """
     jobs = []
     for layer, method in decomposable:
@@ -131,7 +138,8 @@ def analyse_layers(decomposable: Sequence[tuple[Layer, str]], layer_inputs: Mapp
     caps = _cp_caps(jobs, layer_inputs, cp_rank_cap)  # (OpenCV timings: nothing else runs meanwhile)
     fixed_cap = (lambda layer, _ranks: caps.get(layer.name)) if caps else None
     prepared: dict[str, ConvData] = {}
-    lock = threading.Lock()  # (the layer's prepared patches, made once for its forms; the timings)
+    left = Counter(layer.name for layer, _, methods, _ in jobs for _ in methods)  # forms not yet analysed
+    lock = threading.Lock()  # (the layer's prepared patches, made once for its forms; the timings; left)
 
     def analyse(task) -> Candidate | str:
         layer, method, form, forced = task
@@ -150,6 +158,10 @@ def analyse_layers(decomposable: Sequence[tuple[Layer, str]], layer_inputs: Mapp
                                        forced_rank=forced, data=prepared[layer.name], cp_rank_cap=fixed_cap)
         with lock:
             timings[f"analyse/{layer.name}"] = timings.get(f"analyse/{layer.name}", 0.0) + time.perf_counter() - start
+            left[layer.name] -= 1
+            if not left[layer.name] and data.patches is not None:  # its last form: the patches are not needed again
+                prepared.pop(layer.name, None)
+                layer_inputs[layer.name] = replace(data, patches=None)
         return cand
 
     # One task a form, the most work first (a layer's CP grid is most of its analysis): the workers finish
