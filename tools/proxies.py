@@ -7,12 +7,13 @@ He-like scale), not the real ones.
 Issue 11's "Where we stand" found the tool slower than the original, or heavy, on MTCNN's three stages, a
 CIFAR-10 net, a license-plate character classifier, a waifu2x-style image net and an SSD-like 260 x 260
 face-mask detector; UltraFace-style detectors (depthwise-separable, three heads) are in its users' list, and
-so are embedders (SphereFace-20), classifiers of the common families (SqueezeNet 1.1, ResNet-18) and
-super-resolution beyond the zoo's (FSRCNN). The
+so are embedders (SphereFace-20), classifiers of the common families (SqueezeNet 1.1, ResNet-18, GoogLeNet),
+super-resolution beyond the zoo's (FSRCNN) and the detector of OpenCV's own samples (MobileNet-SSD). The
 bench (tools/bench.py) compresses each of these at every T and holds them to the same never-slower rule as
 the zoo: what they test is the layer types and shapes (PReLU, LeakyReLU, Deconvolution, depthwise 3x3,
 12 x 12 inputs, Permute/Flatten/Concat heads, BatchNorm+Scale, residual Eltwise sums, fire modules, a strided
-Deconvolution), not the accuracy of real weights.
+Deconvolution, LRN, inception Concats, PriorBox + DetectionOutput behind depthwise-separable pairs), not the
+accuracy of real weights.
 """
 from __future__ import annotations
 
@@ -299,11 +300,106 @@ def fsrcnn(side: int = 96) -> Net:
     return b.net()
 
 
+def _prior_box(b: _Builder, feature: str, min_size: float, max_size: float, ratios) -> str:
+    p = {"min_size": [min_size], "aspect_ratio": [float(a) for a in ratios], "flip": True, "clip": False,
+         "variance": [0.1, 0.1, 0.2, 0.2], "offset": 0.5, **({"max_size": [max_size]} if max_size else {})}
+    return b.add(f"{feature}_mbox_priorbox", "PriorBox", [feature, "data"], f"{feature}_mbox_priorbox",
+                 {"prior_box_param": p})
+
+
+def mobilenet_ssd() -> Net:
+    """MobileNet-SSD (300 x 300, 21 classes): MobileNet v1's depthwise 3x3 + pointwise 1x1 pairs (BatchNorm
+    folded into biases), four extra 1x1/3x3 stride-2 pairs, 1x1 box and class heads on six maps, PriorBox,
+    Reshape + Softmax + Flatten, and a DetectionOutput."""
+    b = _Builder("MobileNet-SSD", {"data": (1, 3, 300, 300)})
+    x = b.act("conv0/relu", b.conv("conv0", "data", 3, 32, 3, stride=2, pad=1))
+    spec = [(32, 64, 1), (64, 128, 2), (128, 128, 1), (128, 256, 2), (256, 256, 1), (256, 512, 2)] + \
+        [(512, 512, 1)] * 5 + [(512, 1024, 2), (1024, 1024, 1)]
+    maps = []
+    for i, (cin, cout, stride) in enumerate(spec, 1):
+        x = b.act(f"conv{i}/dw/relu", b.conv(f"conv{i}/dw", x, cin, cin, 3, stride=stride, pad=1, group=cin))
+        x = b.act(f"conv{i}/relu", b.conv(f"conv{i}", x, cin, cout, 1))
+        if i in (11, 13):
+            maps.append((x, cout))
+    cin = 1024
+    for i, (mid, cout) in enumerate([(256, 512), (128, 256), (128, 256), (64, 128)], 14):
+        x = b.act(f"conv{i}_1/relu", b.conv(f"conv{i}_1", x, cin, mid, 1))
+        x = b.act(f"conv{i}_2/relu", b.conv(f"conv{i}_2", x, mid, cout, 3, stride=2, pad=1))
+        maps.append((x, cout))
+        cin = cout
+    sizes = [(60.0, 0.0, (2,)), (105.0, 150.0, (2, 3)), (150.0, 195.0, (2, 3)), (195.0, 240.0, (2, 3)),
+             (240.0, 285.0, (2, 3)), (285.0, 300.0, (2, 3))]
+    heads: dict[str, list[str]] = {"loc": [], "conf": []}
+    priors = []
+    for (feature, c), (low, high, ratios) in zip(maps, sizes):
+        boxes = 1 + bool(high) + 2 * len(ratios)
+        for kind, per_box in (("loc", 4), ("conf", 21)):
+            name = f"{feature}_mbox_{kind}"
+            b.conv(name, feature, c, boxes * per_box, 1)
+            b.add(f"{name}_perm", "Permute", name, f"{name}_perm", {"permute_param": {"order": [0, 2, 3, 1]}})
+            heads[kind].append(b.add(f"{name}_flat", "Flatten", f"{name}_perm", f"{name}_flat",
+                                     {"flatten_param": {"axis": 1}}))
+        priors.append(_prior_box(b, feature, low, high, ratios))
+    b.concat("mbox_loc", heads["loc"])
+    b.add("mbox_conf_reshape", "Reshape", b.concat("mbox_conf", heads["conf"]), "mbox_conf_reshape",
+          {"reshape_param": {"shape": {"dim": [0, -1, 21]}}})
+    b.add("mbox_conf_flatten", "Flatten", b.softmax("mbox_conf_softmax", "mbox_conf_reshape", axis=2),
+          "mbox_conf_flatten", {"flatten_param": {"axis": 1}})
+    b.concat("mbox_priorbox", priors, axis=2)
+    b.add("detection_out", "DetectionOutput", ["mbox_loc", "mbox_conf_flatten", "mbox_priorbox"], "detection_out",
+          {"detection_output_param": {"num_classes": 21, "share_location": True, "background_label_id": 0,
+                                      "nms_param": {"nms_threshold": 0.45, "top_k": 100}, "code_type": "CENTER_SIZE",
+                                      "keep_top_k": 100, "confidence_threshold": 0.25}})
+    return b.net()
+
+
+def _lrn(b: _Builder, name: str, bottom: str) -> str:
+    return b.add(name, "LRN", bottom, name, {"lrn_param": {"local_size": 5, "alpha": 1e-4, "beta": 0.75}})
+
+
+def googlenet() -> Net:
+    """GoogLeNet (BVLC): LRN, nine inception modules (1x1, 1x1 -> 3x3, 1x1 -> 5x5, 3x3 max pool -> 1x1,
+    joined by Concat), a 7x7 average pool, Dropout and a 1000-way InnerProduct."""
+    b = _Builder("GoogleNet", {"data": (1, 3, 224, 224)})
+    x = b.act("conv1/relu_7x7", b.conv("conv1/7x7_s2", "data", 3, 64, 7, stride=2, pad=3))
+    x = _lrn(b, "pool1/norm1", b.pool("pool1/3x3_s2", x, 3, 2))
+    x = b.act("conv2/relu_3x3_reduce", b.conv("conv2/3x3_reduce", x, 64, 64, 1))
+    x = b.act("conv2/relu_3x3", b.conv("conv2/3x3", x, 64, 192, 3, pad=1))
+    x = b.pool("pool2/3x3_s2", _lrn(b, "conv2/norm2", x), 3, 2)
+
+    def inception(name: str, x: str, cin: int, c1, c3r, c3, c5r, c5, proj) -> tuple[str, int]:
+        def unit(suffix: str, bottom: str, cin: int, cout: int, k: int) -> str:
+            return b.act(f"{name}/relu_{suffix}", b.conv(f"{name}/{suffix}", bottom, cin, cout, k, pad=k // 2))
+
+        pool = b.add(f"{name}/pool", "Pooling", x, f"{name}/pool",
+                     {"pooling_param": {"pool": "MAX", "kernel_size": 3, "stride": 1, "pad": 1}})
+        branches = [unit("1x1", x, cin, c1, 1), unit("3x3", unit("3x3_reduce", x, cin, c3r, 1), c3r, c3, 3),
+                    unit("5x5", unit("5x5_reduce", x, cin, c5r, 1), c5r, c5, 5), unit("pool_proj", pool, cin, proj, 1)]
+        return b.concat(f"{name}/output", branches), c1 + c3 + c5 + proj
+
+    c = 192
+    for name, cfg in [("3a", (64, 96, 128, 16, 32, 32)), ("3b", (128, 128, 192, 32, 96, 64)), ("pool3", None),
+                      ("4a", (192, 96, 208, 16, 48, 64)), ("4b", (160, 112, 224, 24, 64, 64)),
+                      ("4c", (128, 128, 256, 24, 64, 64)), ("4d", (112, 144, 288, 32, 64, 64)),
+                      ("4e", (256, 160, 320, 32, 128, 128)), ("pool4", None), ("5a", (256, 160, 320, 32, 128, 128)),
+                      ("5b", (384, 192, 384, 48, 128, 128))]:
+        if cfg is None:
+            x = b.pool(f"{name}/3x3_s2", x, 3, 2)
+        else:
+            x, c = inception(f"inception_{name}", x, c, *cfg)
+    x = b.add("pool5/7x7_s1", "Pooling", x, "pool5/7x7_s1",
+              {"pooling_param": {"pool": "AVE", "kernel_size": 7, "stride": 1}})
+    x = b.add("pool5/drop_7x7_s1", "Dropout", x, x, {"dropout_param": {"dropout_ratio": 0.4}})
+    b.softmax("prob", b.ip("loss3/classifier", x, c, 1000))
+    return b.net()
+
+
 PROXIES: dict[str, Callable[[], Net]] = {
     "mtcnn-pnet": mtcnn_pnet, "mtcnn-rnet": mtcnn_rnet, "mtcnn-onet": mtcnn_onet,
     "cifar10-quick": cifar10_quick, "plate-chars": plate_chars, "waifu2x-vgg7": waifu2x_vgg7,
     "waifu2x-upconv7": waifu2x_upconv7, "facemask-ssd260": facemask_ssd260, "ultraface-slim": ultraface_slim,
     "squeezenet1.1": squeezenet11, "resnet18": resnet18, "sphereface20": sphereface20, "fsrcnn": fsrcnn,
+    "mobilenet-ssd": mobilenet_ssd, "googlenet": googlenet,
 }
 
 
