@@ -1265,6 +1265,8 @@ class _ClosedLoop:
         default = None
         try:
             self.search(ladder)
+            if self.unpredicted():
+                self.search(ladder)
             if state.best is not None:
                 self.refine()
             self.confirm(ladder)
@@ -1298,6 +1300,21 @@ class _ClosedLoop:
         except BaseException:
             state.discard()
             raise
+
+    def unpredicted(self) -> bool:
+        """Whether to search again with conservative gains: every plan missed, down to the lowest rung, while
+        some layer's measured gain is below 1 (its error predicted to fade before the outputs). The gains
+        measured on the planning inputs then did not predict the contract -- a softmax saturated on them
+        hides a layer's change there (a gain of 1e-80), and every rung plans the same cuts -- so the
+        search runs once more with each gain at least 1 (a layer's whole error reaches the outputs: the
+        assumption where a gain is not measured) rather than say that nothing can be gained."""
+        r, state = self.run, self.state
+        if state.best is not None or r.ranks or not state.misses or all(c.gain >= 1.0 for c in self.candidates):
+            return False
+        self.candidates = [replace(c, gain=max(c.gain, 1.0)) for c in self.candidates]
+        r.say("the measured sensitivities did not predict the misses: planning again with each layer's whole "
+              "error reaching the outputs")
+        return True
 
     def confirm(self, ladder: Sequence[float]) -> None:
         """Judge the chosen plan on the validation inputs its screened round did not see; when it misses

@@ -517,3 +517,68 @@ def test_a_fully_convolutional_net_is_timed_at_its_declared_size_when_a_forward_
     run.reference_ms = 1e-3 if reference_ms else None  # a later run on the same cache: the same size
     assert pipeline._Run._latency_feed(run, net, SimpleNamespace(validation={"data": probes}))["data"].shape == \
         feed["data"].shape
+
+
+def _decaying_small_model(tmp_path):
+    """test_tradeoff's small net with a compressible fc1 (singular values ~ 1/i): moderate ranks meet the contract
+    at T = 0.99, the lowest do not."""
+    from nets import write_model
+    from test_tradeoff import SMALL_NET
+
+    rng = np.random.default_rng(11)
+
+    def he(*shape):
+        return (rng.standard_normal(shape) * np.sqrt(2.0 / int(np.prod(shape[1:])))).astype(np.float32)
+
+    u, _ = np.linalg.qr(rng.standard_normal((64, 64)))
+    v, _ = np.linalg.qr(rng.standard_normal((800, 64)))
+    fc1 = (u * np.arange(1, 65) ** -1.0) @ v.T
+    fc1 = (fc1 * np.sqrt(2.0 / 800) / np.sqrt(np.mean(fc1 * fc1))).astype(np.float32)
+    return write_model(tmp_path, "decaying", SMALL_NET, {
+        "conv1": [he(16, 3, 5, 5), np.zeros(16, np.float32)], "conv2": [he(32, 16, 3, 3), np.full(32, 0.01, np.float32)],
+        "fc1": [fc1, np.zeros(64, np.float32)], "fc2": [he(10, 64), np.zeros(10, np.float32)]})
+
+
+def test_gains_that_do_not_predict_the_misses_are_replaced_by_conservative_ones(tmp_path, monkeypatch):
+    """A softmax saturated on the planning inputs hides every layer's change there (gains of 1e-80): each rung
+    then plans the same deepest cuts, which miss. The search runs again with every gain at least 1 instead of
+    writing nothing, and finds the plan real gains find."""
+    from dataclasses import replace
+
+    from caffe_compress import pipeline
+    from caffe_compress.plan import search
+
+    deploy, model = _decaying_small_model(tmp_path)
+    real = search.measure_gains
+    monkeypatch.setattr(search, "measure_gains", lambda *a, **k: [replace(c, gain=1e-80) for c in real(*a, **k)])
+    report = pipeline.compress(deploy, model, tradeoff=0.99, output=tmp_path / "o", seed=0, objective="size",
+                               progress=None)
+    assert report.output_caffemodel and all(c.passed for c in report.contract)
+    ranks = {lp.layer: lp.rank for lp in report.layers}
+    assert ranks["fc1"] is not None and ranks["fc1"] > 8  # (a moderate rank, not the grid's lowest)
+    assert report.rounds > 1
+
+
+@pytest.mark.parametrize("gains,passed,forced,again", [
+    ((1e-80, 0.5), False, {}, True),  # nothing passed, measured gains below 1: search again
+    ((1.0, 1.3), False, {}, False),  # the gains are already conservative: nothing new to plan
+    ((1e-80, 0.5), True, {}, False),  # a plan passed: the gains steered
+    ((1e-80, 0.5), False, {"fc1": 4}, False),  # the user's ranks
+])
+def test_the_conservative_search_runs_only_when_nothing_passed_on_gains_below_1(gains, passed, forced, again):
+    from types import SimpleNamespace
+
+    from caffe_compress import pipeline
+    from caffe_compress.plan.analyse import Candidate
+
+    said = []
+    run = SimpleNamespace(ranks=forced, say=said.append)
+    cands = [Candidate(f"l{i}", "InnerProduct", "svd", (4, 4), 1, 16, 16, (2,), {2: 8}, {2: 8}, {2: 0.1}, {2: 0.1},
+                       gain=g) for i, g in enumerate(gains)]
+    loop = pipeline._ClosedLoop(run, None, None, cands, {}, [], {}, None)
+    loop.state.misses.append("a miss")
+    loop.state.best = ("staged", None, None) if passed else None
+    assert loop.unpredicted() == again
+    assert [c.gain for c in loop.candidates] == ([max(g, 1.0) for g in gains] if again else list(gains))
+    assert bool(said) == again
+    assert not loop.unpredicted() or not again  # (once: the gains are then all at least 1)
