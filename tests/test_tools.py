@@ -117,3 +117,20 @@ def test_the_bench_holds_proxies_to_never_slower_but_not_to_the_zoo_time():
     budgets = bench.budgets_of([row("vdsr", 1.1, 15.0), row(bench.PROXY + "mtcnn-pnet", 0.9, 45.0)], 4.0)
     assert not budgets["no_slower_1t"]["ok"] and "mtcnn-pnet" in budgets["no_slower_1t"]["where"]
     assert budgets["zoo_compress_s"]["value"] == 15.0 and budgets["zoo_compress_s"]["ok"]
+
+
+def test_the_large_proxies_have_the_published_models_layer_shapes(monkeypatch):
+    """tools/proxies.py --large builds OpenPose (COCO: 52.31M parameters, its 209 MB) and CaffeNet (AlexNet's
+    60,965,224) as graphs Net.check accepts (weights drawn as zeros here: drawing them takes 30 s)."""
+    import numpy as np
+
+    sys.path.insert(0, str(TOOLS))
+    try:
+        import proxies
+    finally:
+        sys.path.remove(str(TOOLS))
+    monkeypatch.setattr(proxies._Builder, "weights", lambda self, shape: np.zeros(shape, np.float32))
+    counts = {name: sum(b.size for layer in build().layers for b in layer.blobs)
+              for name, build in proxies.LARGE.items()}
+    assert counts == {"openpose": 52_311_446, "caffenet": 60_965_224}
+    assert not set(proxies.LARGE) & set(proxies.PROXIES)  # (the bench's stand-ins stay the quick ones)

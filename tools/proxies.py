@@ -2,7 +2,8 @@
 the dev zoo lacks, with weights drawn to look trained (each layer's singular values decay as a power law, at a
 He-like scale), not the real ones.
 
-    python tools/proxies.py DIR     # writes DIR/<name>.prototxt and DIR/<name>.caffemodel for each
+    python tools/proxies.py DIR [--large]    # writes DIR/<name>.prototxt and DIR/<name>.caffemodel for each
+                                             # (--large: OpenPose and CaffeNet, not in the bench)
 
 Issue 11's "Where we stand" found the tool slower than the original, or heavy, on MTCNN's three stages, a
 CIFAR-10 net, a license-plate character classifier, a waifu2x-style image net and an SSD-like 260 x 260
@@ -394,6 +395,53 @@ def googlenet() -> Net:
     return b.net()
 
 
+def openpose() -> Net:
+    """OpenPose (COCO, 368 x 368): VGG-19's first ten 3x3 convolutions, two CPM layers, then six stages of two
+    branches (part affinity fields 38, heatmaps 19: 3x3 then 7x7 convolutions of 128 outputs) joined by Concat
+    -- 209 MB, whose 7x7 layers' 1,024 sampled patches take 7x their weights (too slow for the bench: LARGE)."""
+    b = _Builder("OpenPose - BODY_25", {"image": (1, 3, 368, 368)})
+    x, cin = "image", 3
+    for s, (c, n) in enumerate([(64, 2), (128, 2), (256, 4), (512, 2)], 1):
+        for i in range(1, n + 1):
+            x = b.act(f"relu{s}_{i}", b.conv(f"conv{s}_{i}", x, cin, c, 3, pad=1))
+            cin = c
+        if s < 4:
+            x = b.pool(f"pool{s}_stage1", x, 2, 2)
+    x = b.act("relu4_3_CPM", b.conv("conv4_3_CPM", x, 512, 256, 3, pad=1))
+    feat = b.act("relu4_4_CPM", b.conv("conv4_4_CPM", x, 256, 128, 3, pad=1))
+    prev = feat
+    for st in range(1, 7):
+        outs = []
+        for br, nout in ((1, 38), (2, 19)):
+            y, c = (feat, 128) if st == 1 else (prev, 185)
+            k, reps, wide = (3, 3, 512) if st == 1 else (7, 5, 128)
+            for i in range(1, reps + 1):
+                y = b.act(f"Mrelu{i}_stage{st}_L{br}", b.conv(f"Mconv{i}_stage{st}_L{br}", y, c, 128, k, pad=k // 2))
+                c = 128
+            y = b.act(f"Mrelu{reps + 1}_stage{st}_L{br}", b.conv(f"Mconv{reps + 1}_stage{st}_L{br}", y, 128, wide, 1))
+            outs.append(b.conv(f"Mconv{reps + 2}_stage{st}_L{br}", y, wide, nout, 1))
+        prev = b.concat(f"concat_stage{st + 1}" if st < 6 else "net_output",
+                        [outs[1], outs[0]] if st == 6 else [outs[0], outs[1], feat])
+    return b.net()
+
+
+def caffenet() -> Net:
+    """CaffeNet (227 x 227): 11x11 stride-4, grouped (2) 5x5 and 3x3 convolutions, LRN, fc6 9216 -> 4096, fc7
+    4096 -> 4096 -- 244 MB (LARGE). Its random weights on 0..255 probes saturate the softmax: the gains measured
+    there are ~1e-80, the case of the search's second pass on conservative gains."""
+    b = _Builder("CaffeNet", {"data": (1, 3, 227, 227)})
+    x = b.act("relu1", b.conv("conv1", "data", 3, 96, 11, stride=4))
+    x = _lrn(b, "norm1", b.pool("pool1", x, 3, 2))
+    x = b.act("relu2", b.conv("conv2", x, 96, 256, 5, pad=2, group=2))
+    x = _lrn(b, "norm2", b.pool("pool2", x, 3, 2))
+    x = b.act("relu3", b.conv("conv3", x, 256, 384, 3, pad=1))
+    x = b.act("relu4", b.conv("conv4", x, 384, 384, 3, pad=1, group=2))
+    x = b.pool("pool5", b.act("relu5", b.conv("conv5", x, 384, 256, 3, pad=1, group=2)), 3, 2)
+    x = b.act("relu7", b.ip("fc7", b.act("relu6", b.ip("fc6", x, 9216, 4096)), 4096, 4096))
+    b.softmax("prob", b.ip("fc8", x, 4096, 1000))
+    return b.net()
+
+
 PROXIES: dict[str, Callable[[], Net]] = {
     "mtcnn-pnet": mtcnn_pnet, "mtcnn-rnet": mtcnn_rnet, "mtcnn-onet": mtcnn_onet,
     "cifar10-quick": cifar10_quick, "plate-chars": plate_chars, "waifu2x-vgg7": waifu2x_vgg7,
@@ -401,13 +449,16 @@ PROXIES: dict[str, Callable[[], Net]] = {
     "squeezenet1.1": squeezenet11, "resnet18": resnet18, "sphereface20": sphereface20, "fsrcnn": fsrcnn,
     "mobilenet-ssd": mobilenet_ssd, "googlenet": googlenet,
 }
+# Big ones for ad hoc measurements of memory and of the search (not in the bench: 20-110 s a run).
+LARGE: dict[str, Callable[[], Net]] = {"openpose": openpose, "caffenet": caffenet}
 
 
-def write_all(directory: Path, names=None) -> dict[str, tuple[Path, Path]]:
-    """Write each proxy (or those named) as DIR/<name>.prototxt + .caffemodel: {name: (deploy, weights)}."""
+def write_all(directory: Path, names=None, *, large: bool = False) -> dict[str, tuple[Path, Path]]:
+    """Write each proxy (or those named; ``large``: the LARGE ones instead) as DIR/<name>.prototxt +
+    .caffemodel: {name: (deploy, weights)}."""
     directory.mkdir(parents=True, exist_ok=True)
     out = {}
-    for name, build in PROXIES.items():
+    for name, build in (LARGE if large else PROXIES).items():
         if names and name not in names:
             continue
         deploy, weights = directory / f"{name}.prototxt", directory / f"{name}.caffemodel"
@@ -417,7 +468,9 @@ def write_all(directory: Path, names=None) -> dict[str, tuple[Path, Path]]:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit(__doc__.splitlines()[3].strip())
-    for name, (deploy, _) in write_all(Path(sys.argv[1])).items():
+    args = sys.argv[1:]
+    large = "--large" in args
+    if len(args) != 1 + large or args[0] == "--large":
+        sys.exit("usage: python tools/proxies.py DIR [--large]")
+    for name, (deploy, _) in write_all(Path(args[0]), large=large).items():
         print(deploy)
