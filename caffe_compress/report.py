@@ -251,11 +251,14 @@ def _contract_lines(report: Report) -> list[str]:
             lines.append(f"  (with {c.counted} counted inputs this target allows no changed answer: whether a plan "
                          "near it passes depends on which inputs were drawn (--seed); more inputs, real ones with "
                          "--images/--calibration, decide it better)")
+    kinds = {c.output: c.kind for c in report.contract}
     for v in report.validation:
+        # (top-1 is a class output's figure: the arg-max of a box, score or image map is one position of it, and
+        # its "agreement" -- 0% on an edge map, 87% on SSD box offsets -- says nothing; the JSON keeps it)
+        top1 = f"top-1 agreement {100 * v.top1_agreement:.1f}%, " if kinds.get(v.name, "class") == "class" else ""
         lines.append(
-            f"validation ({report.validation_inputs}) output '{v.name}': top-1 agreement "
-            f"{100 * v.top1_agreement:.1f}%, relative error mean {v.mean_relative_error:.2e} "
-            f"max {v.max_relative_error:.2e}, cosine {v.cosine_similarity:.6f}"
+            f"validation ({report.validation_inputs}) output '{v.name}': {top1}relative error mean "
+            f"{v.mean_relative_error:.2e} max {v.max_relative_error:.2e}, cosine {v.cosine_similarity:.6f}"
         )
     if not report.validation and report.written:
         lines.append("validation: skipped (--no-validate)")

@@ -444,6 +444,9 @@ def test_the_latency_of_a_net_timed_on_probes_smaller_than_declared_says_so(tmp_
         in text
     same = dict(report.latency_ms, input_shapes={"data": [1, 1, 160, 160]})
     assert report_text._latency_input(same) == ""
+    # an image output's validation line has no top-1 figure (the arg-max of a map is one pixel of it)
+    assert {c.kind for c in report.contract} & {"image", "dense"}
+    assert "output 'out': relative error mean" in text and "top-1" not in text
 
 
 def test_a_big_plan_that_reads_slower_is_set_against_the_original_timed_again(tmp_path, monkeypatch):
