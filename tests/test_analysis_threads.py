@@ -260,14 +260,11 @@ def test_recording_in_chunks_never_holds_two_copies_of_the_patches(tmp_path, mon
     x = np.random.default_rng(3).standard_normal((64, 3, 24, 24)).astype(np.float32)
     monkeypatch.setattr(search, "ACTIVATION_BYTES", 8 * 3 * 24 * 24 * 4 * 4)  # a few samples a chunk
 
-    def run(m, f, s):
-        return cv.run(m, f, s)
-
     sources = {name: first_input[name] for name in names}
-    run(net, {"data": x[:1]}, [*sources.values(), *out_sources])  # (OpenCV's first load outside the trace)
+    cv.run(net, {"data": x[:1]}, [*sources.values(), *out_sources])  # (OpenCV's first load outside the trace)
     tracemalloc.start()
     try:
-        layer_inputs, outputs = search.collect_inputs(run, net, {"data": x}, sources, out_sources, seed=0)
+        layer_inputs, outputs = search.collect_inputs(cv.run, net, {"data": x}, sources, out_sources, seed=0)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

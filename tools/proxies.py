@@ -94,9 +94,9 @@ class _Builder:
     def softmax(self, name: str, bottom: str, axis: int = 1) -> str:
         return self.add(name, "Softmax", bottom, name, {"softmax_param": {"axis": axis}})
 
-    def flat_head(self, name: str, bottom: str, cin: int, cout: int) -> str:
-        """A 3x3 prediction head, channels last and flattened (SSD style)."""
-        self.conv(name, bottom, cin, cout, 3, pad=1)
+    def flat_head(self, name: str, bottom: str, cin: int, cout: int, k: int = 3) -> str:
+        """A k x k prediction head, channels last and flattened (SSD style)."""
+        self.conv(name, bottom, cin, cout, k, pad=k // 2)
         self.add(f"{name}_perm", "Permute", name, f"{name}_perm", {"permute_param": {"order": [0, 2, 3, 1]}})
         return self.add(f"{name}_flat", "Flatten", f"{name}_perm", f"{name}_flat", {"flatten_param": {"axis": 1}})
 
@@ -335,11 +335,7 @@ def mobilenet_ssd() -> Net:
     for (feature, c), (low, high, ratios) in zip(maps, sizes):
         boxes = 1 + bool(high) + 2 * len(ratios)
         for kind, per_box in (("loc", 4), ("conf", 21)):
-            name = f"{feature}_mbox_{kind}"
-            b.conv(name, feature, c, boxes * per_box, 1)
-            b.add(f"{name}_perm", "Permute", name, f"{name}_perm", {"permute_param": {"order": [0, 2, 3, 1]}})
-            heads[kind].append(b.add(f"{name}_flat", "Flatten", f"{name}_perm", f"{name}_flat",
-                                     {"flatten_param": {"axis": 1}}))
+            heads[kind].append(b.flat_head(f"{feature}_mbox_{kind}", feature, c, boxes * per_box, k=1))
         priors.append(_prior_box(b, feature, low, high, ratios))
     b.concat("mbox_loc", heads["loc"])
     b.add("mbox_conf_reshape", "Reshape", b.concat("mbox_conf", heads["conf"]), "mbox_conf_reshape",
